@@ -1,0 +1,137 @@
+"""The training loop: ``train(config, commands)`` yields typed progress events.
+
+Setup (model, data, LoRA, optimiser, caches) lives in ``trainer.session``; checkpoints,
+sampling and export are named functions. What is left here is the loop itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+
+from trainer.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.config import StudioConfig, save_toml
+from trainer.errors import CheckpointError, TrainingError
+from trainer.events import (CheckpointSaved, Event, Notice, RunCommands, RunFinished, RunStarted, SamplesMade,
+                            StepProgress)
+from trainer.export import export_lora
+from trainer.losses import diffusion_loss, prediction_target, sample_noise, sample_timesteps
+from trainer.sampling import make_samples
+from trainer.session import Session, open_session
+
+EMA_DECAY = 0.9  # smoothing of the loss curve shown to the user
+
+
+def training_step(session: Session) -> torch.Tensor:
+    """One forward/backward over one batch; returns the (detached) loss."""
+    model, cfg = session.model, session.config
+    epoch, refs = session.next_batch()
+    latents = session.latents_for(refs)
+    captions = [session.training_set.caption_for(ref, epoch, cfg.train.seed) for ref in refs]
+    noise = sample_noise(latents, cfg.train.noise_offset, session.noise_generator)
+    timesteps = sample_timesteps(len(refs), model.noise_scheduler.config.num_train_timesteps,
+                                 session.noise_generator, latents.device)
+    noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+    with session.accelerator.autocast():
+        with torch.set_grad_enabled("text_encoder" in session.plan.modules):
+            text = session.text_embeddings_for(captions)
+        prediction = model.unet(noisy, timesteps, text).sample
+        target = prediction_target(model.noise_scheduler, latents, noise, timesteps)
+        loss = diffusion_loss(prediction, target, model.noise_scheduler, timesteps, cfg.train.min_snr_gamma)
+    session.accelerator.backward(loss / cfg.optim.grad_accum)
+    return loss.detach()
+
+
+def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator[Event]:
+    """Run (or resume) the training ``config`` describes, yielding progress as it goes."""
+    commands = commands or RunCommands()
+    notices: list[Notice] = []
+    session = open_session(config, lambda level, text: notices.append(Notice(level, text)))
+    yield from notices
+    notices.clear()
+    is_main = session.accelerator.is_main_process
+    if is_main:
+        session.run_dir.mkdir(parents=True, exist_ok=True)
+        save_toml(config, session.run_dir / "config.toml")
+        (session.run_dir / "dataset-report.txt").write_text(session.lint.summary_text(), encoding="utf-8")
+    yield Notice("info", "Preparing latents and text embeddings…")
+    session.warm_caches(lambda level, text: notices.append(Notice(level, text)))
+    yield from notices
+    start_step = resume_if_asked(session)
+    yield RunStarted(session.total_steps, start_step, len(session.training_set.items), config.train.batch_size,
+                     session.run_dir, str(session.device), sum(p.numel() for g in session.optimizer.param_groups for p in g["params"]))
+
+    params = [p for group in session.optimizer.param_groups for p in group["params"]]
+    step, stopped, started = start_step, False, time.perf_counter()
+    saved_step = start_step
+    while step < session.total_steps and not stopped:
+        # One optimiser step = grad_accum batches; gradients are synchronised by accelerate (DDP).
+        losses = [training_step(session) for _ in range(config.optim.grad_accum)]
+        if config.optim.max_grad_norm:
+            session.accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
+        session.optimizer.step()
+        session.lr_scheduler.step()
+        session.optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        loss = float(torch.stack(losses).mean())  # the one host sync per step
+        if not math.isfinite(loss):
+            raise TrainingError(f"The loss became {loss} at step {step}; the weights are unusable from here.",
+                                hint="Lower the learning rate, or use fp32/bf16 precision; the last checkpoint was kept.")
+        session.loss_ema = loss if session.loss_ema is None else EMA_DECAY * session.loss_ema + (1 - EMA_DECAY) * loss
+        elapsed = time.perf_counter() - started
+        rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
+        yield StepProgress(step, session.total_steps, session.batch_cursor // max(session.batches_per_epoch, 1), loss,
+                           session.loss_ema, session.lr_scheduler.get_last_lr()[0], rate,
+                           (session.total_steps - step) / rate if rate else float("inf"))
+
+        stopped = commands.stop_requested
+        every = config.output
+        if is_main and (commands.take_sample_request() or (every.sample_every and step % every.sample_every == 0)):
+            yield make_samples(session, step)
+        if commands.take_save_request() or (every.save_every and step % every.save_every == 0):
+            yield save_run_checkpoint(session, step)
+            saved_step = step
+
+    if saved_step != step:
+        yield save_run_checkpoint(session, step)  # a stopped or finished run can always be resumed
+    session.accelerator.wait_for_everyone()
+    if is_main:
+        output, extras = export_lora(session, step)
+        yield RunFinished(step, output, output.stat().st_size, stopped_early=step < session.total_steps,
+                          extra_outputs=tuple(extras))
+    session.accelerator.end_training()
+
+
+def save_run_checkpoint(session: Session, step: int) -> CheckpointSaved:
+    state = session.resume_state()  # collective-free: every process holds the same LoRA weights
+    path = session.run_dir / "checkpoints" / f"step-{step:06d}"
+    if session.accelerator.is_main_process:
+        path = save_checkpoint(session.run_dir / "checkpoints", step, state, session.config.output.keep_last)
+    session.accelerator.wait_for_everyone()
+    return CheckpointSaved(step, path)
+
+
+def resume_if_asked(session: Session) -> int:
+    """Restore the checkpoint ``output.resume`` names ('auto' = latest of this output); returns its step."""
+    wanted = session.config.output.resume
+    if not wanted:
+        return 0
+    if wanted == "auto":
+        found = list_checkpoints(session.run_dir / "checkpoints")
+        if not found:
+            return 0  # nothing to resume: a fresh run
+        path = found[-1].path
+    else:
+        from pathlib import Path
+
+        path = Path(wanted)
+        if not path.is_dir():
+            raise CheckpointError(f"No checkpoint folder at {path}.",
+                                  hint="Use --resume auto, or the path of a step-NNNNNN folder inside the run's checkpoints.")
+    step, state = load_checkpoint(path)
+    session.restore(state, path)
+    return step

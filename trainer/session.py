@@ -1,0 +1,255 @@
+"""Everything a training run holds, set up once: model, data, LoRA, optimiser, caches, RNG.
+
+``open_session`` turns a validated config into a ready ``Session``; the loop in
+``trainer.loop`` then only calls its small methods. Resume state (what a checkpoint saves and
+restores) is gathered here too, so the loop never touches RNGs or optimiser internals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from trainer import lora as lora_mod
+from trainer.caching import LatentCache, TextEmbeddingCache
+from trainer.config import StudioConfig, check_resolution_multiple, config_to_dict
+from trainer.dataset import LintReport, TrainingSet, lint_dataset, scan_dataset
+from trainer.errors import CheckpointError, TrainingError
+from trainer.models import BaseModel, load_base_model
+from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.text import count_tokens, encode_text, tokenize
+
+SUPPORTED_FAMILIES = ("sd1",)
+Notify = Callable[[str, str], None]  # (level, text)
+
+
+def run_dir_for(output: str | Path) -> Path:
+    """Where a run keeps checkpoints, samples, caches and logs: ``out/name.safetensors`` -> ``out/name_run``."""
+    output = Path(output)
+    return output.parent / f"{output.stem}_run"
+
+
+def choose_precision(config: StudioConfig, device: torch.device) -> str:
+    """accelerate's mixed_precision: fp16/bf16 only where they pay off (CUDA), fp32 elsewhere."""
+    precision = config.train.precision
+    if precision == "auto":
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision]
+
+
+def _accelerator(config: StudioConfig) -> Accelerator:
+    wanted = config.train.device
+    cpu = wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available())
+    probe = torch.device("cpu" if cpu else ("cuda" if wanted == "auto" else wanted))
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=choose_precision(config, probe),
+        gradient_accumulation_steps=1,  # accumulation is done by the loop (it knows the step count)
+    )
+
+
+@dataclass
+class Session:
+    config: StudioConfig
+    accelerator: Accelerator
+    model: BaseModel
+    training_set: TrainingSet
+    lint: LintReport
+    plan: lora_mod.LoraPlan
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    latent_cache: LatentCache | None
+    text_cache: TextEmbeddingCache | None
+    run_dir: Path
+    resolution: int
+    total_steps: int
+    batches_per_epoch: int
+    fingerprint: str
+    noise_generator: torch.Generator
+    batch_cursor: int = 0  # batches consumed by this process so far (drives data order on resume)
+    loss_ema: float | None = None
+    _epoch_cache: dict[int, list] = field(default_factory=dict)
+
+    # --- data ------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def next_batch(self) -> tuple[int, list]:
+        """(epoch, refs) of the next batch of this process, in a fixed seeded order."""
+        procs, rank = self.accelerator.num_processes, self.accelerator.process_index
+        position = self.batch_cursor * procs + rank
+        epoch, index = divmod(position, self.batches_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: self.training_set.epoch_batches(epoch, self.config.train.batch_size, self.config.train.seed)}
+        self.batch_cursor += 1
+        return epoch, self._epoch_cache[epoch][index]
+
+    def latents_for(self, refs: list) -> torch.Tensor:
+        tensors = []
+        for ref in refs:
+            item = self.training_set.items[ref.item_index]
+            load = lambda ref=ref: self.training_set.load_pixels(ref)[0]  # noqa: E731
+            if self.latent_cache is not None:
+                tensors.append(self.latent_cache.get(item.sha256, ref.bucket, ref.flip, load))
+            else:
+                from trainer.caching import encode_latents
+
+                with torch.no_grad():
+                    tensors.append(encode_latents(self.model.vae, load().unsqueeze(0))[0])
+        return torch.stack(tensors).to(self.device, non_blocking=True)
+
+    def text_embeddings_for(self, captions: list[str]) -> torch.Tensor:
+        if self.text_cache is not None:
+            return self.text_cache.get_batch(captions).to(self.device, non_blocking=True)
+        ids = tokenize(self.model.tokenizer, captions)
+        return encode_text(self.model.text_encoder, ids, self.config.model.clip_skip)
+
+    def warm_caches(self, notify: Notify) -> None:
+        """Encode every (image, bucket, flip) the run will see before the first step."""
+        if self.latent_cache is None:
+            return
+        seen = set()
+        for ref in self.training_set.all_refs():
+            item = self.training_set.items[ref.item_index]
+            key = (item.sha256, ref.bucket, ref.flip)
+            if key not in seen:
+                seen.add(key)
+                self.latents_for([ref])
+        notify("info", f"Latents ready for {len(seen)} image variants ({self.latent_cache.encoded} newly encoded).")
+        if self.text_cache is not None:
+            captions = sorted({self.training_set.caption_for(ref, 0, self.config.train.seed) for ref in self.training_set.all_refs()})
+            self.text_cache.get_batch(captions)
+
+    # --- resume ----------------------------------------------------------------------------------
+
+    def resume_state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where the run is now."""
+        components = {name: self.accelerator.unwrap_model(m) for name, m in self.trainable_models().items()}
+        return {
+            "fingerprint": self.fingerprint,
+            "lora": {name: {k: v for k, v in lora_mod.lora_state(m).items()} for name, m in components.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "batch_cursor": self.batch_cursor,
+            "loss_ema": self.loss_ema,
+            "noise_generator": self.noise_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "numpy_rng": list(np.random.get_state()),
+        }
+
+    def restore(self, state: dict[str, Any], source: Path) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"The checkpoint {source} was made with a different config or dataset.",
+                hint="Resume with the same settings and images, or start a new run with another --output.",
+            )
+        for name, model in self.trainable_models().items():
+            lora_mod.load_lora_state(self.accelerator.unwrap_model(model), state["lora"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.batch_cursor = int(state["batch_cursor"])
+        self.loss_ema = state["loss_ema"]
+        self.noise_generator.set_state(state["noise_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np_state = state["numpy_rng"]
+        np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+    def trainable_models(self) -> dict[str, torch.nn.Module]:
+        models = {"unet": self.model.unet}
+        if "text_encoder" in self.plan.modules:
+            models["text_encoder"] = self.model.text_encoder
+        return models
+
+
+def open_session(config: StudioConfig, notify: Notify) -> Session:
+    """Load, check and wire everything for ``config``; raises StudioError subclasses on bad input."""
+    accelerator = _accelerator(config)
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    np.random.seed(config.train.seed % 2**32)
+
+    model = load_base_model(config.model, dtype=torch.float32, supported=SUPPORTED_FAMILIES)
+    resolution = config.data.resolution or model.native_resolution
+    check_resolution_multiple(resolution, model.resolution_multiple)
+
+    scan = scan_dataset(config.data)
+    training_set = TrainingSet(scan, config.data, resolution, bucket_step=model.resolution_multiple)
+    batches_per_epoch = training_set.steps_per_epoch(config.train.batch_size)
+    per_step = config.optim.grad_accum * accelerator.num_processes
+    total_steps = config.train.steps or config.train.epochs * math.ceil(batches_per_epoch / per_step)
+    lint = lint_dataset(scan, config.data, resolution, lambda c: count_tokens(model.tokenizer, c),
+                        epochs=config.train.epochs, batch_size=config.train.batch_size, steps=config.train.steps)
+    for issue in lint.issues:
+        if issue.severity != "info":
+            notify("warning", f"{issue.path.name if issue.path else 'dataset'}: {issue.message}")
+    if not training_set.items:
+        raise TrainingError("No usable images are left after skipping the unreadable ones.",
+                            hint="Fix or replace the files the dataset report lists.")
+
+    # Frozen weights in the compute dtype; LoRA weights are created in fp32 afterwards.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    model.unet.to(accelerator.device, dtype=weight_dtype)
+    model.text_encoder.to(accelerator.device, dtype=weight_dtype)
+    model.vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow; it runs once per image
+
+    plan = lora_mod.plan_lora(config.network, model.unet, {"text_encoder": model.text_encoder})
+    lora_mod.inject_lora(model.unet, plan.modules["unet"], config.network)
+    param_groups = [{"params": lora_mod.lora_parameters(model.unet), "lr": config.optim.lr}]
+    if "text_encoder" in plan.modules:
+        lora_mod.inject_lora(model.text_encoder, plan.modules["text_encoder"], config.network)
+        param_groups.append({"params": lora_mod.lora_parameters(model.text_encoder), "lr": config.effective_te_lr})
+    if config.train.grad_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if "text_encoder" in plan.modules:
+            model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    optimizer = build_optimizer(config, param_groups, accelerator.device, lambda text: notify("warning", text))
+    lr_scheduler = build_lr_scheduler(config, optimizer, total_steps)
+    trainables = [model.unet] + ([model.text_encoder] if "text_encoder" in plan.modules else [])
+    prepared = accelerator.prepare(*trainables, optimizer)
+    model.unet = prepared[0]
+    if "text_encoder" in plan.modules:
+        model.text_encoder = prepared[1]
+    optimizer = prepared[-1]
+
+    run_dir = run_dir_for(config.output.output)
+    latent_cache = LatentCache(model.vae, run_dir / "cache") if config.train.cache_latents else None
+    text_cache = None
+    if config.train.cache_text and "text_encoder" not in plan.modules and training_set.is_caption_static:
+        text_cache = TextEmbeddingCache(
+            lambda captions: encode_text(model.text_encoder, tokenize(model.tokenizer, captions), config.model.clip_skip)
+        )
+    noise_generator = torch.Generator().manual_seed(config.train.seed + accelerator.process_index)
+    return Session(
+        config=config, accelerator=accelerator, model=model, training_set=training_set, lint=lint, plan=plan,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, latent_cache=latent_cache, text_cache=text_cache,
+        run_dir=run_dir, resolution=resolution, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
+        fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
+    )
+
+
+def run_fingerprint(config: StudioConfig, training_set: TrainingSet) -> str:
+    """Identity of what a checkpoint's weights depend on: training settings and dataset content."""
+    settings = config_to_dict(config)
+    settings.pop("output")
+    for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing"):
+        settings["train"].pop(volatile)
+    data = [(i.sha256, i.caption, i.repeats) for i in training_set.items]
+    blob = json.dumps({"settings": settings, "data": data}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
