@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -44,6 +45,11 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s")
         key = f"{prefix}"
         tensors[key] = obj.detach().to("cpu").contiguous().clone()
         return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        tensors[prefix] = torch.from_numpy(np.ascontiguousarray(obj).copy())
+        return {"__ndarray__": prefix}
+    if isinstance(obj, np.generic):
+        return obj.item()
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
             return {k: flatten_state(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
@@ -62,6 +68,8 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
         if "__items__" in obj:
             return {k: unflatten_state(v, tensors) for k, v in obj["__items__"]}
         if "__tuple__" in obj:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from trainer.events import SamplesMade
+from trainer.models import inference_pipeline
 
 
 def sample_prompts(session) -> tuple[str, ...]:
@@ -19,16 +21,10 @@ def sample_prompts(session) -> tuple[str, ...]:
 
 def make_samples(session, step: int) -> SamplesMade:
     """Render each sample prompt with the LoRA as it is now and save PNGs under ``run_dir/samples``."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    model, cfg = session.model, session.config
+    cfg = session.config
     unwrap = session.accelerator.unwrap_model
-    unet, text_encoder = unwrap(model.unet), unwrap(model.text_encoder)
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(model.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    unet, text_encoder = unwrap(session.model.unet), unwrap(session.model.text_encoder)
+    pipe = inference_pipeline(replace(session.model, unet=unet, text_encoder=text_encoder), "dpmpp_2m")
     pipe.set_progress_bar_config(disable=True)
     folder = session.run_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,8 @@ from accelerate import Accelerator
 from trainer import lora as lora_mod
 from trainer.caching import LatentCache, TextEmbeddingCache
 from trainer.config import StudioConfig, check_resolution_multiple, config_to_dict
-from trainer.dataset import LintReport, TrainingSet, lint_dataset, scan_dataset
-from trainer.errors import CheckpointError, TrainingError
+from trainer.dataset import DatasetScan, LintReport, SampleRef, TrainingSet, lint_dataset, scan_dataset
+from trainer.errors import CheckpointError
 from trainer.models import BaseModel, load_base_model
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.text import count_tokens, encode_text, tokenize
@@ -65,6 +66,7 @@ class Session:
     config: StudioConfig
     accelerator: Accelerator
     model: BaseModel
+    scan: DatasetScan
     training_set: TrainingSet
     lint: LintReport
     plan: lora_mod.LoraPlan
@@ -80,6 +82,7 @@ class Session:
     noise_generator: torch.Generator
     batch_cursor: int = 0  # batches consumed by this process so far (drives data order on resume)
     loss_ema: float | None = None
+    started_at: float = field(default_factory=time.time)
     _epoch_cache: dict[int, list] = field(default_factory=dict)
 
     # --- data ------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ class Session:
     def latents_for(self, refs: list) -> torch.Tensor:
         tensors = []
         for ref in refs:
-            item = self.training_set.items[ref.item_index]
+            item = self.training_set.items[ref.index]
             load = lambda ref=ref: self.training_set.load_pixels(ref)[0]  # noqa: E731
             if self.latent_cache is not None:
                 tensors.append(self.latent_cache.get(item.sha256, ref.bucket, ref.flip, load))
@@ -119,20 +122,16 @@ class Session:
         return encode_text(self.model.text_encoder, ids, self.config.model.clip_skip)
 
     def warm_caches(self, notify: Notify) -> None:
-        """Encode every (image, bucket, flip) the run will see before the first step."""
-        if self.latent_cache is None:
-            return
-        seen = set()
-        for ref in self.training_set.all_refs():
-            item = self.training_set.items[ref.item_index]
-            key = (item.sha256, ref.bucket, ref.flip)
-            if key not in seen:
-                seen.add(key)
-                self.latents_for([ref])
-        notify("info", f"Latents ready for {len(seen)} image variants ({self.latent_cache.encoded} newly encoded).")
+        """Encode every (image, bucket, flip) the run will see, and every static caption, up front."""
+        if self.latent_cache is not None:
+            flips = (False, True) if self.config.data.flip else (False,)
+            for index, bucket in enumerate(self.training_set.item_buckets):
+                for flip in flips:
+                    self.latents_for([SampleRef(index, bucket, flip, slot=0)])
+            notify("info", f"Latents ready for {len(self.training_set.items) * len(flips)} image variants "
+                           f"({self.latent_cache.encoded} newly encoded).")
         if self.text_cache is not None:
-            captions = sorted({self.training_set.caption_for(ref, 0, self.config.train.seed) for ref in self.training_set.all_refs()})
-            self.text_cache.get_batch(captions)
+            self.text_cache.get_batch(sorted({item.caption for item in self.training_set.items}))
 
     # --- resume ----------------------------------------------------------------------------------
 
@@ -149,7 +148,7 @@ class Session:
             "noise_generator": self.noise_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
-            "numpy_rng": list(np.random.get_state()),
+            "numpy_rng": np.random.get_state(),
         }
 
     def restore(self, state: dict[str, Any], source: Path) -> None:
@@ -167,8 +166,7 @@ class Session:
         self.noise_generator.set_state(state["noise_generator"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        np_state = state["numpy_rng"]
-        np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+        np.random.set_state(state["numpy_rng"])
 
     def trainable_models(self) -> dict[str, torch.nn.Module]:
         models = {"unet": self.model.unet}
@@ -194,13 +192,11 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     per_step = config.optim.grad_accum * accelerator.num_processes
     total_steps = config.train.steps or config.train.epochs * math.ceil(batches_per_epoch / per_step)
     lint = lint_dataset(scan, config.data, resolution, lambda c: count_tokens(model.tokenizer, c),
-                        epochs=config.train.epochs, batch_size=config.train.batch_size, steps=config.train.steps)
+                        epochs=config.train.epochs, batch_size=config.train.batch_size, steps=config.train.steps,
+                        bucket_step=model.resolution_multiple)
     for issue in lint.issues:
         if issue.severity != "info":
             notify("warning", f"{issue.path.name if issue.path else 'dataset'}: {issue.message}")
-    if not training_set.items:
-        raise TrainingError("No usable images are left after skipping the unreadable ones.",
-                            hint="Fix or replace the files the dataset report lists.")
 
     # Frozen weights in the compute dtype; LoRA weights are created in fp32 afterwards.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -219,6 +215,8 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         if "text_encoder" in plan.modules:
             model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    for trainable in (model.unet, model.text_encoder):
+        trainable.train()  # LoRA dropout is active in train mode; the frozen layers have none
     optimizer = build_optimizer(config, param_groups, accelerator.device, lambda text: notify("warning", text))
     lr_scheduler = build_lr_scheduler(config, optimizer, total_steps)
     trainables = [model.unet] + ([model.text_encoder] if "text_encoder" in plan.modules else [])
@@ -237,7 +235,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         )
     noise_generator = torch.Generator().manual_seed(config.train.seed + accelerator.process_index)
     return Session(
-        config=config, accelerator=accelerator, model=model, training_set=training_set, lint=lint, plan=plan,
+        config=config, accelerator=accelerator, model=model, scan=scan, training_set=training_set, lint=lint, plan=plan,
         optimizer=optimizer, lr_scheduler=lr_scheduler, latent_cache=latent_cache, text_cache=text_cache,
         run_dir=run_dir, resolution=resolution, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
         fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
