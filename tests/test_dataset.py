@@ -289,7 +289,16 @@ def test_summary_text_reads_like_a_report(image_folder: Path) -> None:
     assert "÷ batch 2" in text and "= 10 steps" in text
     assert "64×64: 9" in text
     assert 'Trigger "zxq": in 9 of 9' in text
-    assert "duplicate" not in text and "exact copy of img00.png" in text  # messages, not codes
+    assert "img99.png is an exact copy of img00.png" in text
+
+
+def test_summary_groups_repeated_problems(tmp_path: Path) -> None:
+    for i in range(6):
+        picture(tmp_path / f"p{i}.png", seed=i)
+    text = lint(scan_dataset(data(tmp_path)), data(tmp_path)).summary_text()
+    assert "0 errors, 6 warnings" in text
+    assert "p0.png has no caption file" in text and "(+5 more like this: p1.png, p2.png, p3.png, …)" in text
+    assert "p4.png has no caption" not in text
 
 
 def test_nothing_usable_is_an_error_row_not_a_crash(tmp_path: Path) -> None:

@@ -305,12 +305,12 @@ def _with_trigger(caption: str, trigger: str) -> str:
 def make_buckets(resolution: int, step: int, min_side: int, max_side: int) -> list[Bucket]:
     """kohya-style aspect buckets: for each width, the tallest height that fits the pixel budget.
 
-    Every side is a multiple of ``step`` (8 x the VAE factor, so latents stay whole), within
-    [min_side, max_side] (widened when the resolution itself lies outside it), and
-    w x h <= resolution². Taking the tallest height per width (rather
-    than every pair) keeps each bucket's area near the budget: an image never trains at a small
-    size just because its aspect ratio happened to match a small bucket. Where two buckets share
-    an aspect ratio the larger is kept. The square ``resolution`` bucket is always present.
+    Every side is a multiple of ``step`` (the VAE factor x the UNet's 8x downsampling, 64 for
+    SD, so every feature map divides evenly), within [min_side, max_side] (widened when the
+    resolution itself lies outside it), and w x h <= resolution². Taking the tallest height per
+    width rather than every pair keeps each bucket's area near the budget: an image never trains
+    at a small size just because its aspect ratio happened to match a small bucket. Where two
+    buckets share an aspect ratio the larger is kept; the square bucket is always present.
     """
     if step < 1 or resolution < step:
         raise ValueError(f"resolution ({resolution}) must be at least the bucket step ({step})")
@@ -503,8 +503,9 @@ class StepsPlan:
     total_steps: int
 
     def text(self) -> str:
-        per_epoch = (f"{self.images} images × repeats = {self.samples_per_epoch} samples per epoch "
-                     f"÷ batch {self.batch_size} → {self.steps_per_epoch} steps per epoch")
+        samples = (f"{self.images} images per epoch" if self.samples_per_epoch == self.images else
+                   f"{self.images} images × repeats = {self.samples_per_epoch} samples per epoch")
+        per_epoch = f"{samples} ÷ batch {self.batch_size} → {self.steps_per_epoch} steps per epoch"
         if self.epochs.is_integer():
             return f"{per_epoch} × {int(self.epochs)} epochs = {self.total_steps} steps"
         return f"{per_epoch}; {self.total_steps} steps = {self.epochs:.2f} epochs"
@@ -545,11 +546,19 @@ class LintReport:
         errors, warnings = self.count("error"), self.count("warning")
         lines.append(f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
                      + (":" if self.issues else ""))
-        for issue in self.issues[:max_issues]:
-            where = f"{issue.path.name}: " if issue.path is not None else ""
-            lines.append(f"  {issue.severity:<7} {where}{issue.message} {issue.fix}")
-        if len(self.issues) > max_issues:
-            lines.append(f"  … and {len(self.issues) - max_issues} more")
+        # One line per kind of problem: 200 missing captions are one thing to fix, not 200.
+        groups: dict[tuple[str, str], list[DatasetIssue]] = {}
+        for issue in self.issues:
+            groups.setdefault((issue.severity, issue.code), []).append(issue)
+        for (severity, _), group in list(groups.items())[:max_issues]:
+            first, rest = group[0], group[1:]
+            line = f"  {severity:<7} {first.message} {first.fix}"
+            if rest:
+                names = ", ".join(i.path.name for i in rest[:3] if i.path is not None)
+                line += f" (+{len(rest)} more like this: {names}{', …' if len(rest) > 3 else ''})"
+            lines.append(line)
+        if len(groups) > max_issues:
+            lines.append(f"  … and {len(groups) - max_issues} more kinds of problem")
         return "\n".join(lines)
 
 
