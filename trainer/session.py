@@ -200,9 +200,10 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
 
     # Frozen weights in the compute dtype; LoRA weights are created in fp32 afterwards.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    model.unet.to(accelerator.device, dtype=weight_dtype)
-    model.text_encoder.to(accelerator.device, dtype=weight_dtype)
-    model.vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow; it runs once per image
+    for module, dtype in ((model.unet, weight_dtype), (model.text_encoder, weight_dtype),
+                          (model.vae, torch.float32)):  # fp16 VAEs overflow; it runs once per image
+        if module.device != accelerator.device or module.dtype != dtype:
+            module.to(accelerator.device, dtype=dtype)
 
     plan = lora_mod.plan_lora(config.network, model.unet, {"text_encoder": model.text_encoder})
     lora_mod.inject_lora(model.unet, plan.modules["unet"], config.network)
