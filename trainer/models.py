@@ -422,7 +422,7 @@ def _require_supported(family: Family, supported: Collection[str], source: str) 
     if family not in supported:
         can = ", ".join(FAMILY_LABELS.get(f, f) for f in supported)
         raise ModelLoadError(f"{FAMILY_LABELS[family]} models are not supported for training yet ({source}).",
-                             hint=f"Use a {can} base model.")
+                             hint=f"Use an {can} base model.")
 
 
 def _resolve_prediction_type(cfg: ModelConfig, scheduler_config: Mapping[str, Any],
