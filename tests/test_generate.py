@@ -1,0 +1,345 @@
+"""Generation with several LoRA files: exact mixing, any file style, refusals, images with infotext.
+
+Every expected weight is computed here from the tensors the test wrote, never through the code
+under test; the "effective weight" of a layer is read by pushing the identity through its live
+forward, so it covers whatever peft/diffusers actually run (unfused adapters or fused weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError, LoraFileError
+from trainer.formats import ExportInfo, LoraModule, build_metadata, save_kohya_lora, save_peft_lora
+from trainer.generate import (
+    BlockWeights,
+    GenerationRequest,
+    Generator,
+    LoraSpec,
+    block_multipliers,
+    parse_block_weights,
+    parse_lora_arg,
+    save_images,
+)
+from trainer.infotext import parse_infotext, read_png_infotext
+from trainer.kohya_names import kohya_module_name
+from trainer.lora import module_in_out, text_encoder_target_modules, unet_target_modules
+from trainer.models import load_base_model
+
+SIZE = dict(width=64, height=64, steps=2)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def load_model(folder: Path):
+    return load_base_model(ModelConfig(base=str(folder)))
+
+
+def lora_layers(model) -> dict[str, tuple[str, str]]:
+    """kohya name -> (component, path) of every layer the test LoRAs touch (UNet "full" + TE attn/MLP)."""
+    layers = {}
+    for component, module, paths in (
+        ("unet", model.unet, unet_target_modules(model.unet, "full")),
+        ("text_encoder", model.text_encoder, text_encoder_target_modules(model.text_encoder, True)),
+    ):
+        for path in paths:
+            layers[kohya_module_name(component, path, "sd1")] = (component, path)
+    return layers
+
+
+def random_modules(model, rank: int, alpha: float, seed: int, *, only: str = "") -> list[LoraModule]:
+    generator = torch.Generator().manual_seed(seed)
+    modules = []
+    for name, (component, path) in lora_layers(model).items():
+        if only and component != only:
+            continue
+        layer = getattr(model, component).get_submodule(path)
+        in_features, out_features = module_in_out(layer)
+        tail = (1, 1) if isinstance(layer, torch.nn.Conv2d) else ()
+        down = torch.randn(rank, in_features, *tail, generator=generator) * 0.3
+        up = torch.randn(out_features, rank, *tail, generator=generator) * 0.3
+        modules.append(LoraModule(name, down, up, alpha))
+    return modules
+
+
+def write_kohya(path: Path, modules: list[LoraModule], **info) -> Path:
+    meta = build_metadata(ExportInfo(family="sd1", output_name=path.stem, rank=modules[0].rank,
+                                     alpha=modules[0].alpha, **info))
+    save_kohya_lora(modules, meta, path, dtype="fp32")
+    return path
+
+
+def component_module(model, component: str, path: str) -> torch.nn.Module:
+    return getattr(model, component).get_submodule(path)
+
+
+def effective_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The weight a layer's forward actually applies (identity in, bias out)."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    with torch.no_grad():
+        if isinstance(base, torch.nn.Linear):
+            out = layer(torch.eye(base.in_features))
+            return (out - (base.bias if base.bias is not None else 0)).T
+        channels = base.in_channels
+        out = layer(torch.eye(channels).reshape(channels, channels, 1, 1))[:, :, 0, 0]
+        return (out - (base.bias if base.bias is not None else 0)).T.reshape(base.weight.shape)
+
+
+def delta(module: LoraModule) -> torch.Tensor:
+    """scale·B·A from the tensors the test wrote (independent of the code under test)."""
+    up, down = module.up.double().flatten(1), module.down.double().flatten(1)
+    return ((module.alpha / down.shape[0]) * up @ down).float().reshape(module.up.shape[0], *module.down.shape[1:])
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def two_loras(tmp_path_factory, tiny_sd1_dir):
+    folder = tmp_path_factory.mktemp("loras")
+    model = load_model(tiny_sd1_dir)
+    first = random_modules(model, rank=4, alpha=2.0, seed=1)  # alpha != rank: scale 0.5
+    second = random_modules(model, rank=2, alpha=8.0, seed=2)  # scale 4
+    return (write_kohya(folder / "first.safetensors", first), first,
+            write_kohya(folder / "second.safetensors", second), second)
+
+
+# --- mixing --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["adapters", "fused"])
+def test_two_loras_mix_exactly(tiny_sd1_dir, two_loras, fuse: bool) -> None:
+    first_path, first, second_path, second = two_loras
+    model = load_model(tiny_sd1_dir)
+    layers = lora_layers(model)
+    base = {name: component_module(model, *where).weight.detach().clone() for name, where in layers.items()}
+    generator = Generator(model, fuse=fuse)
+    specs = (LoraSpec(first_path, 0.7), LoraSpec(second_path, 0.3))
+    generator.prepare(GenerationRequest("x", loras=specs))
+
+    generator.apply(specs)
+    for a, b in zip(first, second):
+        expected = base[a.name] + 0.7 * delta(a) + 0.3 * delta(b)
+        got = effective_weight(component_module(model, *layers[a.name]))
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5, msg=a.name)
+
+    generator.apply((LoraSpec(first_path, -1.0), LoraSpec(second_path, 0.0)))  # negative weights too
+    for a in first:
+        got = effective_weight(component_module(model, *layers[a.name]))
+        torch.testing.assert_close(got, base[a.name] - delta(a), atol=2e-5, rtol=1e-5, msg=a.name)
+
+    generator.apply((LoraSpec(first_path, 0.0), LoraSpec(second_path, 0.0)))
+    for name, where in layers.items():
+        torch.testing.assert_close(effective_weight(component_module(model, *where)), base[name], atol=2e-6, rtol=0)
+
+
+def test_weight_zero_renders_the_base_image_and_switching_never_reloads(tiny_sd1_dir, two_loras, monkeypatch) -> None:
+    first_path, _, second_path, _ = two_loras
+    generator = Generator(load_model(tiny_sd1_dir))
+    plain = generator.generate(GenerationRequest("a cat", seed=3, **SIZE))[0]
+
+    import trainer.generate as generate_module
+    reads = []
+    real_read = generate_module.read_lora_file
+    monkeypatch.setattr(generate_module, "read_lora_file", lambda path: reads.append(path) or real_read(path))
+    unet = generator.pipe.unet
+    zero = generator.generate(GenerationRequest("a cat", seed=3, loras=(LoraSpec(first_path, 0.0),), **SIZE))[0]
+    strong = generator.generate(GenerationRequest("a cat", seed=3, loras=(LoraSpec(first_path, 1.5),), **SIZE))[0]
+    off = generator.generate(GenerationRequest("a cat", seed=3, loras=(LoraSpec(first_path, 1.5, enabled=False),),
+                                               **SIZE))[0]
+    assert np.array_equal(pixels(zero.image), pixels(plain.image))
+    assert np.array_equal(pixels(off.image), pixels(plain.image))
+    assert np.abs(pixels(strong.image) - pixels(plain.image)).mean() > 1.0
+    assert reads == [first_path] and generator.pipe.unet is unet  # weights changed, nothing reloaded
+
+
+def test_alpha_other_than_rank_gives_the_right_strength(tiny_sd1_dir, tmp_path) -> None:
+    """α=1 with r=4 must apply 0.25·B·A (kohya's α/r), not B·A."""
+    model = load_model(tiny_sd1_dir)
+    modules = random_modules(model, rank=4, alpha=1.0, seed=5)
+    path = write_kohya(tmp_path / "alpha1.safetensors", modules)
+    layers = lora_layers(model)
+    base = {m.name: component_module(model, *layers[m.name]).weight.detach().clone() for m in modules}
+    generator = Generator(model)
+    spec = LoraSpec(path, 1.0)
+    generator.prepare(GenerationRequest("x", loras=(spec,)))
+    generator.apply((spec,))
+    for module in modules:
+        bare = (module.up.flatten(1) @ module.down.flatten(1)).reshape(base[module.name].shape)
+        got = effective_weight(component_module(model, *layers[module.name]))
+        torch.testing.assert_close(got, base[module.name] + 0.25 * bare, atol=2e-5, rtol=1e-5)
+
+
+def test_peft_and_kohya_files_of_one_adapter_give_identical_outputs(tiny_sd1_dir, tmp_path) -> None:
+    model = load_model(tiny_sd1_dir)
+    modules = random_modules(model, rank=4, alpha=2.0, seed=8)
+    kohya = write_kohya(tmp_path / "style.safetensors", modules)
+    peft = tmp_path / "style.peft.safetensors"
+    save_peft_lora(modules, peft, dtype="fp32")
+    assert not any(".lora_down." in key for key in json.loads(peft.read_bytes()[8:8 + int.from_bytes(
+        peft.read_bytes()[:8], "little")]))  # really the other key style
+    generator = Generator(model, fuse=False)
+    outputs = []
+    for path in (kohya, peft):
+        request = GenerationRequest("a house", seed=4, loras=(LoraSpec(path, 0.8),), **SIZE)
+        outputs.append(generator.generate(request)[0])
+        layer = component_module(model, "unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")
+        outputs.append(effective_weight(layer))
+    assert np.array_equal(pixels(outputs[0].image), pixels(outputs[2].image))
+    torch.testing.assert_close(outputs[1], outputs[3], atol=1e-6, rtol=0)
+
+
+# --- text-encoder/UNet split and block weights ---------------------------------------------------
+
+
+def test_te_unet_split_and_block_weights(tiny_sd1_dir, two_loras) -> None:
+    first_path, first, _, _ = two_loras
+    model = load_model(tiny_sd1_dir)
+    layers = lora_layers(model)
+    base = {name: component_module(model, *where).weight.detach().clone() for name, where in layers.items()}
+    generator = Generator(model)
+    blocks = BlockWeights(down=0.0, mid=1.0, up=0.5)
+    spec = LoraSpec(first_path, 0.8, te_weight=0.0, blocks=blocks)
+    generator.prepare(GenerationRequest("x", loras=(spec,)))
+    generator.apply((spec,))
+    expected_factor = {"down_blocks": 0.0, "mid_block": 0.8, "up_blocks": 0.4, "text_encoder": 0.0}
+    for module in first:
+        component, path = layers[module.name]
+        factor = expected_factor["text_encoder" if component == "text_encoder" else path.split(".")[0]]
+        got = effective_weight(component_module(model, component, path))
+        torch.testing.assert_close(got, base[module.name] + factor * delta(module), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("down=0,mid=1,up=0.5", BlockWeights(0.0, 1.0, 0.5)),
+    ("OUTALL", BlockWeights(vector=(1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1))),
+    ("1,0,1,0.5,0.25", BlockWeights(vector=(1, 0, 1, 0.5, 0.25))),
+])
+def test_parse_block_weights(text: str, expected: BlockWeights) -> None:
+    assert parse_block_weights(text) == expected
+
+
+def test_lbw_vector_maps_to_the_tiny_unets_transformers(tiny_sd1_dir) -> None:
+    unet = load_model(tiny_sd1_dir).unet  # transformers: down 0.0 | mid | up 1.0, 1.1 -> 5 LBW values
+    multiplier = block_multipliers(unet, parse_block_weights("1,0.1,0.2,0.3,0.4"))
+    assert multiplier("down_blocks.0.attentions.0.proj_in") == 0.1
+    assert multiplier("mid_block.attentions.0.transformer_blocks.0.attn2.to_k") == 0.2
+    assert multiplier("up_blocks.1.attentions.1.proj_out") == 0.4
+    assert multiplier("up_blocks.1.resnets.0.conv1") == 0.3  # a LoCon resnet follows its layer's transformer
+    assert multiplier("conv_in") == 1.0
+    with pytest.raises(ConfigError, match="need 5 values"):
+        block_multipliers(unet, parse_block_weights("OUTALL"))
+
+
+# --- refusals and reports ------------------------------------------------------------------------
+
+
+def test_lora_for_another_family_is_refused_and_nothing_is_loaded(tiny_sd1_dir, tmp_path) -> None:
+    sdxl = tmp_path / "xl.safetensors"
+    save_kohya_lora([LoraModule("lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
+                                torch.randn(4, 1280), torch.randn(1280, 4), 4.0)], {}, sdxl, dtype="fp32")
+    misfit = tmp_path / "sd15-real.safetensors"  # an SD1.5-sized LoRA: family fits, shapes do not
+    save_kohya_lora([LoraModule("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+                                torch.randn(4, 768), torch.randn(320, 4), 4.0)], {}, misfit, dtype="fp32")
+    generator = Generator(load_model(tiny_sd1_dir))
+    with pytest.raises(LoraFileError, match="made for SDXL but the loaded model is SD 1.x"):
+        generator.prepare(GenerationRequest("x", loras=(LoraSpec(sdxl),)))
+    with pytest.raises(LoraFileError, match=r"does not fit this model: .*attn2_to_k is 768 -> 320 .* 32 -> 32"):
+        generator.prepare(GenerationRequest("x", loras=(LoraSpec(misfit),)))
+    assert generator.pipe.get_list_adapters() == {}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_pickle_is_refused(tiny_sd1_dir, tmp_path, suffix: str) -> None:
+    path = tmp_path / f"evil{suffix}"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, path)
+    generator = Generator(load_model(tiny_sd1_dir))
+    with pytest.raises(LoraFileError, match="pickle") as error:
+        generator.prepare(GenerationRequest("x", loras=(LoraSpec(path),)))
+    assert "safetensors" in str(error.value)
+
+
+def test_keys_that_match_nothing_are_reported(tiny_sd1_dir, tmp_path) -> None:
+    model = load_model(tiny_sd1_dir)
+    modules = random_modules(model, rank=2, alpha=2.0, seed=3, only="unet")
+    ghost = LoraModule("lora_unet_down_blocks_3_attentions_0_proj_in", torch.randn(2, 64, 1, 1), torch.randn(64, 2, 1, 1), 2.0)
+    path = write_kohya(tmp_path / "extra.safetensors", [*modules, ghost])
+    generator = Generator(model)
+    notes = generator.prepare(GenerationRequest("x <lora:missing:1>", loras=(LoraSpec(path),)))
+    assert generator.report(path).unmatched == (ghost.name,)
+    assert generator.report(path).layers == len(modules)
+    assert any(f"1 of {len(modules) + 1} layers match nothing" in n and ghost.name in n for n in notes)
+    assert any("<lora:missing>" in n for n in notes)
+    only_ghost = write_kohya(tmp_path / "ghost.safetensors", [ghost])
+    with pytest.raises(LoraFileError, match="None of the 1 layers"):
+        generator.prepare(GenerationRequest("x", loras=(LoraSpec(only_ghost),)))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(width=60), "width 60 is not a multiple of 8"),
+    (dict(height=100), "Use 96 or 104"),
+])
+def test_size_must_fit_the_model(tiny_sd1_dir, fields: dict, message: str) -> None:
+    generator = Generator(load_model(tiny_sd1_dir))
+    with pytest.raises(ConfigError, match=message):
+        generator.generate(GenerationRequest("x", **{**SIZE, **fields}))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(steps=0), "steps must be at least 1"),
+    (dict(batch_count=0), "batch count"),
+    (dict(scheduler="Euler a Karras"), "no Karras schedule"),
+    (dict(loras=(LoraSpec("a.safetensors"), LoraSpec("./a.safetensors"))), "listed twice"),
+])
+def test_request_is_validated(fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        GenerationRequest("x", **fields)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("mychar.safetensors:0.8", LoraSpec("mychar.safetensors", 0.8)),
+    ("mychar.safetensors", LoraSpec("mychar.safetensors", 1.0)),
+    ("dir/a.safetensors:-0.5", LoraSpec("dir/a.safetensors", -0.5)),
+    ("C:/loras/a.safetensors:1:0.2:0.9", LoraSpec("C:/loras/a.safetensors", 1.0, 0.2, 0.9)),
+])
+def test_parse_lora_arg(text: str, expected: LoraSpec) -> None:
+    assert parse_lora_arg(text) == expected
+
+
+# --- images and infotext -------------------------------------------------------------------------
+
+
+def test_batch_with_comparison_writes_a1111_pngs(tiny_sd1_dir, two_loras, tmp_path) -> None:
+    first_path, _, second_path, _ = two_loras
+    generator = Generator(load_model(tiny_sd1_dir))
+    request = GenerationRequest("zxq girl reading", negative_prompt="blurry", seed=7, batch_count=2, cfg_scale=6.5,
+                                scheduler="Euler a", compare_without_loras=True,
+                                loras=(LoraSpec(first_path, 0.8), LoraSpec(second_path, 0.4, 0.2, 0.6)), **SIZE)
+    images = generator.generate(request)
+    assert [(i.seed, i.loras_on) for i in images] == [(7, True), (7, False), (8, True), (8, False)]
+    plain = generator.generate(GenerationRequest("zxq girl reading", negative_prompt="blurry", seed=8, cfg_scale=6.5,
+                                                 scheduler="Euler a", **SIZE))[0]
+    assert np.array_equal(pixels(images[3].image), pixels(plain.image))  # "off" is the plain model, same seed
+    assert not np.array_equal(pixels(images[2].image), pixels(plain.image))
+
+    paths = save_images(images, tmp_path / "out")
+    assert [p.name for p in paths] == ["00000-7.png", "00001-7-nolora.png", "00002-8.png", "00003-8-nolora.png"]
+    info = parse_infotext(read_png_infotext(paths[2]))
+    assert info.prompt == "zxq girl reading <lora:first:0.8> <lora:second:0.2:0.6>"
+    assert (info.negative_prompt, info.seed, info.steps, info.cfg_scale) == ("blurry", 8, 2, 6.5)
+    assert (info.sampler, info.width, info.height, info.model) == ("Euler a", 64, 64, "tiny-sd1")
+    assert set(info.lora_hashes) == {"first", "second"} and all(len(h) == 12 for h in info.lora_hashes.values())
+    off = parse_infotext(read_png_infotext(paths[3]))
+    assert off.prompt == "zxq girl reading" and off.lora_hashes == {}
+    with safe_open(str(first_path), "pt") as fh:
+        assert info.lora_hashes["first"] == fh.metadata()["sshs_model_hash"][:12]  # A1111's LoRA hash
+    assert save_images(images[:1], tmp_path / "out")[0].name == "00004-7.png"  # numbering continues

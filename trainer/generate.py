@@ -1,0 +1,703 @@
+"""txt2img with any number of LoRA files mixed in: W = W0 + Σ wᵢ·(αᵢ/rᵢ)·BᵢAᵢ.
+
+A ``Generator`` holds one loaded base model and its diffusers pipeline for as long as the user
+keeps it; LoRA files come and go as peft adapters on that pipeline (``load_lora_weights`` with
+an adapter name per file, ``set_adapters`` for the weights), so changing a weight or adding a
+file never reloads the base.
+
+Every file goes through ``read_lora_file`` first (safetensors only, any key style, validated)
+and is matched against *this* model's layers before diffusers sees it: a file for another family
+is refused, layers whose shapes do not fit are refused, and layers the model does not have are
+reported rather than silently dropped. diffusers then receives a PEFT-style state dict of exactly
+the matched layers, with each layer's α/r folded into B, so one rule (scale = 1 × weight) holds
+whatever convention the file used.
+
+When the same weights serve several images the adapters are fused into the base weights (no
+extra matmuls per step). Unfusing subtracts them again; for fp16/bf16 weights that would drift
+by a rounding error each time, so the untouched weights are kept aside and copied back instead.
+``fuse_lora`` is only ever called with ``lora_scale=1`` (a different scale would stay in the
+adapters after unfusing) and ``set_adapters`` is called again after every unfuse (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import re
+import secrets
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import ConfigError, LoraFileError
+from trainer.formats import LoraFile, check_lora_fits, read_lora_file, tensor_data_sha256
+from trainer.infotext import Infotext, LoraTag, lora_tags, save_png, strip_lora_tags
+from trainer.kohya_names import kohya_module_name
+from trainer.schedulers import DEFAULT_SAMPLER, make_scheduler, parse_sampler
+
+ADAPTER_PREFIX = "lsgen"  # + 3 digits: never a substring of a module path (DESIGN §7)
+
+# A1111 "LoRA Block Weight" presets (17 values: BASE, IN01-IN08 with attention, MID, OUT03-OUT11).
+LBW_PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0,) * 17,
+    "ALL": (1,) * 17,
+    "INS": (1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "IND": (1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "INALL": (1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "MIDD": (1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0),
+    "OUTD": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0),
+    "OUTS": (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
+    "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+    "ALL0.5": (0.5,) * 17,
+}
+
+
+# --- what the user asks for ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Per-block multipliers of one LoRA (A1111 LoRA Block Weight style).
+
+    Either ``down``/``mid``/``up`` (every UNet layer in that half) or ``vector`` in LBW order:
+    BASE (the text encoder), one value per down-block transformer, MID, one per up-block
+    transformer (17 values for SD1/SD2, 12 for SDXL). Resnet layers of a LoCon follow the
+    transformer of the same block and index; layers outside the blocks keep 1.
+    """
+
+    down: float = 1.0
+    mid: float = 1.0
+    up: float = 1.0
+    vector: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(v) for v in (self.down, self.mid, self.up, *self.vector)):
+            raise ConfigError("Block weights must be finite numbers.")
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.down, self.mid, self.up) == (1.0, 1.0, 1.0) and all(v == 1.0 for v in self.vector)
+
+    @property
+    def te(self) -> float:
+        """LBW's BASE value (multiplies the text-encoder weight)."""
+        return self.vector[0] if self.vector else 1.0
+
+
+def parse_block_weights(text: str) -> BlockWeights:
+    """"down=0.5,mid=1,up=0", an LBW vector "1,0,0,...", or an LBW preset name ("OUTALL")."""
+    text = text.strip()
+    if text.upper() in LBW_PRESETS:
+        return BlockWeights(vector=tuple(float(v) for v in LBW_PRESETS[text.upper()]))
+    hint = (f"Write down=W,mid=W,up=W, a comma-separated LBW vector, or a preset: {', '.join(LBW_PRESETS)}.")
+    try:
+        if "=" in text:
+            values = {}
+            for item in text.split(","):
+                key, _, value = item.partition("=")
+                key = key.strip().lower()
+                if key not in ("down", "mid", "up"):
+                    raise ConfigError(f"Unknown block {key!r} in block weights {text!r}.", hint=hint)
+                values[key] = float(value)
+            return BlockWeights(**values)
+        return BlockWeights(vector=tuple(float(v) for v in text.split(",")))
+    except ValueError:
+        raise ConfigError(f"Cannot read the block weights {text!r}.", hint=hint) from None
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA file in a generation and how strongly it applies."""
+
+    path: str | Path
+    weight: float = 1.0
+    te_weight: float | None = None  # text encoder; None = weight (A1111's te=)
+    unet_weight: float | None = None  # UNet; None = weight (A1111's unet=)
+    blocks: BlockWeights = field(default_factory=BlockWeights)
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        for label, value in (("weight", self.weight), ("te_weight", self.te_weight), ("unet_weight", self.unet_weight)):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"LoRA {label} of {Path(self.path).name} must be a finite number, not {value}.")
+
+    @property
+    def name(self) -> str:
+        """The name A1111 knows the file by (its stem), as in ``<lora:name:0.8>``."""
+        return Path(self.path).stem
+
+    @property
+    def te(self) -> float:
+        return self.weight if self.te_weight is None else self.te_weight
+
+    @property
+    def unet(self) -> float:
+        return self.weight if self.unet_weight is None else self.unet_weight
+
+
+def parse_lora_arg(text: str) -> LoraSpec:
+    """The CLI's ``--lora FILE[:WEIGHT[:TE:UNET]]`` (a Windows drive letter's colon is kept)."""
+    head, parts = text, []
+    while True:
+        stem, sep, tail = head.rpartition(":")
+        if not sep or not _is_number(tail) or len(parts) == 3:
+            break
+        head, parts = stem, [tail, *parts]
+    values = [float(p) for p in parts]
+    if len(values) == 2:
+        raise ConfigError(f"--lora {text}: give FILE:WEIGHT or FILE:WEIGHT:TE:UNET.")
+    return LoraSpec(head, values[0] if values else 1.0,
+                    values[1] if len(values) == 3 else None, values[2] if len(values) == 3 else None)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One txt2img job: ``batch_count`` images with seeds seed, seed+1, ... (A1111's batch count)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = -1  # -1 = random
+    steps: int = 25
+    cfg_scale: float = 7.0
+    width: int = 0  # 0 = the model's native size
+    height: int = 0
+    scheduler: str = DEFAULT_SAMPLER
+    batch_count: int = 1
+    loras: tuple[LoraSpec, ...] = ()
+    compare_without_loras: bool = False  # also render each seed with every LoRA off
+    clip_skip: int = 1  # 2 = A1111 "clip skip 2"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", tuple(self.loras))
+        checks = [
+            (self.steps >= 1, "steps", "at least 1"),
+            (self.batch_count >= 1, "batch count (-n)", "at least 1"),
+            (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg", "a number >= 0"),
+            (self.width >= 0 and self.height >= 0, "width/height", "positive (or 0 for the model's size)"),
+            (-1 <= self.seed < 2 ** 63, "seed", "-1 (random) or a number from 0 to 2^63-1"),
+            (self.clip_skip >= 1, "clip skip", "at least 1"),
+        ]
+        for ok, label, need in checks:
+            if not ok:
+                raise ConfigError(f"The {label} must be {need}.")
+        parse_sampler(self.scheduler)  # unknown names fail here, before any model work
+        paths = [_path_key(spec.path) for spec in self.loras]
+        if len(set(paths)) != len(paths):
+            raise ConfigError("The same LoRA file is listed twice.", hint="Give each file once with the sum of its weights.")
+
+
+@dataclass
+class GeneratedImage:
+    image: Any  # PIL.Image.Image
+    seed: int
+    infotext: Infotext
+    loras_on: bool = True  # False for the "LoRA off" image of a comparison
+
+
+@dataclass(frozen=True)
+class GenerationProgress:
+    image: int  # 0-based index of the image being rendered
+    images: int
+    step: int  # steps done for this image
+    steps: int
+
+
+# --- matching a file to a model --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A layer LoRA can attach to: component, path as ``named_modules`` spells it, weight shape."""
+
+    component: str
+    path: str
+    weight_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoraMatch:
+    targets: dict[str, LayerRef]  # kohya name -> layer
+    unmatched: tuple[str, ...]  # kohya names this model has no layer for
+
+
+def layer_index(model: Any) -> dict[str, LayerRef]:
+    """kohya name -> layer, for every Linear/Conv2d of the model's UNet and text encoder(s)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    index: dict[str, LayerRef] = {}
+    for component, module in model_components(model).items():
+        skip_under = None
+        for path, layer in module.named_modules():
+            if skip_under is not None and path.startswith(skip_under):
+                continue  # inside a peft wrapper: base_layer, lora_A, ...
+            if isinstance(layer, BaseTunerLayer):
+                skip_under, layer = path + ".", layer.get_base_layer()
+            if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            try:
+                name = kohya_module_name(component, path, model.family)
+            except ValueError:  # e.g. SDXL layers outside the attention blocks: no kohya name
+                continue
+            index[name] = LayerRef(component, path, tuple(layer.weight.shape))
+    return index
+
+
+def match_lora(file: LoraFile, index: dict[str, LayerRef]) -> LoraMatch:
+    """Which of the model's layers each module of ``file`` adds to; refuses shapes that do not fit."""
+    targets: dict[str, LayerRef] = {}
+    unmatched: list[str] = []
+    misfits: list[str] = []
+    for name, module in file.modules.items():
+        ref = index.get(name)
+        if ref is None:
+            unmatched.append(name)
+            continue
+        out_features, in_features, *kernel = ref.weight_shape
+        kernels = {tuple(module.down.shape[2:]), tuple(kernel)}
+        kernel_fits = len(kernels) == 1 or kernels == {(), (1, 1)}  # a 1x1 conv is a Linear
+        if module.up.shape[0] != out_features or module.down.shape[1] != in_features or not kernel_fits:
+            misfits.append(f"{name} is {_shape_text(module)} but the model's layer is {_layer_text(ref)}")
+            continue
+        targets[name] = ref
+    if misfits:
+        raise LoraFileError(
+            f"The LoRA {file.path.name} does not fit this model: {misfits[0]}"
+            + (f" (and {len(misfits) - 1} more layers)." if len(misfits) > 1 else "."),
+            hint="It was made for a different base model; pick a LoRA trained on this model's architecture.")
+    if not targets:
+        raise LoraFileError(
+            f"None of the {len(file.modules)} layers in {file.path.name} exist in this model "
+            f"(e.g. {sorted(file.modules)[0]}).",
+            hint="The LoRA was made for another model architecture, or its layer names are in a style "
+                 "LoRA Studio does not know.")
+    return LoraMatch(targets, tuple(sorted(unmatched)))
+
+
+def model_components(model: Any) -> dict[str, torch.nn.Module]:
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder}
+    if getattr(model, "text_encoder_2", None) is not None:
+        parts["text_encoder_2"] = model.text_encoder_2
+    return parts
+
+
+def lora_factors(module: Any, ref: LayerRef) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) in fp32 shaped for the layer: 4-D for a conv (a 1x1 stored as 2-D is fine), else 2-D."""
+    down, up = module.down.float(), module.up.float()
+    if len(ref.weight_shape) == 4:
+        if down.dim() == 2:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        return down, up
+    return down.flatten(1), up.flatten(1)
+
+
+# --- the generator -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraLoadReport:
+    """What loading one LoRA file found."""
+
+    path: Path
+    name: str
+    adapter: str
+    family: str | None
+    style: str
+    layers: int
+    unmatched: tuple[str, ...]
+    short_hash: str  # A1111's LoRA hash (first 12 hex digits of sshs_model_hash)
+
+    def notes(self) -> list[str]:
+        if not self.unmatched:
+            return []
+        shown = ", ".join(self.unmatched[:3]) + (", ..." if len(self.unmatched) > 3 else "")
+        return [f"{self.path.name}: {len(self.unmatched)} of {self.layers + len(self.unmatched)} layers match nothing "
+                f"in this model and were skipped ({shown})."]
+
+
+@dataclass
+class _Adapter:
+    report: LoraLoadReport
+    stamp: tuple[int, int]  # (mtime_ns, size): reload when the file changes
+    components: frozenset[str]
+
+
+class Generator:
+    """One base model + pipeline; LoRA adapters are added, re-weighted and removed without reloading it."""
+
+    def __init__(self, model: Any, *, device: str | torch.device | None = None, fuse: bool = True,
+                 model_hash: str | None = None) -> None:
+        from trainer.models import inference_pipeline
+
+        self.model = model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.pipe = inference_pipeline(model)
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.fuse = fuse
+        self._model_hash = model_hash
+        self._index = layer_index(model)
+        self._adapters: dict[str, _Adapter] = {}  # resolved path -> adapter
+        self._counter = 0
+        self._applied: tuple | None = None  # the weights currently set (None = unknown)
+        self._fused_components: list[str] = []
+        self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (component, path) -> W0 kept while fused
+
+    @classmethod
+    def from_base(cls, base: str, *, base_config: str = "", precision: str = "auto",
+                  device: str | None = None, fuse: bool = True) -> Generator:
+        """Load ``base`` (diffusers folder, single .safetensors file or hub id) for generation."""
+        from trainer.config import ModelConfig
+        from trainer.models import load_base_model
+
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            precision, torch.float16 if target.type == "cuda" else torch.float32)
+        model = load_base_model(ModelConfig(base=base, base_config=base_config), dtype=dtype,
+                                supported=("sd1", "sd2"))
+        return cls(model, device=target, fuse=fuse)
+
+    # --- LoRA files ------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> list[str]:
+        """Load (or keep) exactly the request's LoRA files; returns notes for the user."""
+        wanted = {_path_key(spec.path): spec for spec in request.loras}
+        stale = [key for key, adapter in self._adapters.items()
+                 if key not in wanted or adapter.stamp != _file_stamp(Path(key))]
+        if stale:
+            self._unfuse()
+            self.pipe.delete_adapters([self._adapters[key].report.adapter for key in stale])
+            for key in stale:
+                del self._adapters[key]
+            self._applied = None
+        notes: list[str] = []
+        for key, spec in wanted.items():
+            if key not in self._adapters:
+                self._unfuse()
+                self._adapters[key] = self._load(Path(spec.path))
+                self._applied = None
+            notes.extend(self._adapters[key].report.notes())
+        given = {spec.name for spec in request.loras}
+        for tag in lora_tags(request.prompt):
+            if tag.name not in given:
+                notes.append(f"The prompt names <lora:{tag.name}> but no such LoRA file was given; the tag is ignored "
+                             f"(add it with --lora {tag.name}.safetensors:{tag.te:g}).")
+        return notes
+
+    def report(self, path: str | Path) -> LoraLoadReport:
+        return self._adapters[_path_key(path)].report
+
+    def _load(self, path: Path) -> _Adapter:
+        stamp = _file_stamp(path)  # before reading: a file replaced meanwhile is reloaded next time
+        file = read_lora_file(path)
+        check_lora_fits(file, self.model.family)
+        match = match_lora(file, self._index)
+        self._counter += 1
+        adapter_name = f"{ADAPTER_PREFIX}{self._counter:03d}"
+        state: dict[str, torch.Tensor] = {}
+        for name, ref in match.targets.items():
+            module = file.modules[name]
+            down, up = lora_factors(module, ref)
+            state[f"{ref.component}.{ref.path}.lora_A.weight"] = down
+            state[f"{ref.component}.{ref.path}.lora_B.weight"] = up * module.scale  # adapter scale is then 1
+        with _quiet_adapter_loading():
+            self.pipe.load_lora_weights(state, adapter_name=adapter_name)
+        self._verify_loaded(path, adapter_name, match)
+        report = LoraLoadReport(path=path, name=path.stem, adapter=adapter_name, family=file.family, style=file.style,
+                                layers=len(match.targets), unmatched=match.unmatched, short_hash=lora_short_hash(file))
+        return _Adapter(report, stamp, frozenset(ref.component for ref in match.targets.values()))
+
+    def _verify_loaded(self, path: Path, adapter_name: str, match: LoraMatch) -> None:
+        # Never a silent partial load: every matched layer must now carry the adapter.
+        from peft.tuners.lora import LoraLayer
+
+        components = model_components(self.model)
+        missing = []
+        for ref in match.targets.values():
+            layer = components[ref.component].get_submodule(ref.path)
+            if not (isinstance(layer, LoraLayer) and adapter_name in layer.lora_A):
+                missing.append(f"{ref.component}.{ref.path}")
+        if missing:
+            self.pipe.delete_adapters([adapter_name])
+            raise LoraFileError(f"diffusers did not attach {len(missing)} layers of {path.name} (e.g. {missing[0]}).",
+                                hint="Please report this file; nothing of it was applied.")
+
+    # --- weights ---------------------------------------------------------------------------------
+
+    def apply(self, loras: Sequence[LoraSpec]) -> None:
+        """Set the weights of the enabled LoRAs (all loaded by ``prepare``); others are off."""
+        active = [(self._adapters[_path_key(spec.path)], spec) for spec in loras if spec.enabled]
+        signature = tuple((a.report.adapter, spec.te, spec.unet, spec.blocks) for a, spec in active)
+        if signature == self._applied:
+            return
+        self._unfuse()
+        self._enable_adapters(bool(active))
+        if not active:
+            self._applied = signature
+            return
+        names = [adapter.report.adapter for adapter, _ in active]
+        weights = []
+        for adapter, spec in active:
+            per_component = {"unet": spec.unet, "text_encoder": spec.te * spec.blocks.te,
+                             "text_encoder_2": spec.te * spec.blocks.te}
+            weights.append({c: w for c, w in per_component.items() if c in adapter.components})
+        self.pipe.set_adapters(names, adapter_weights=weights)
+        for adapter, spec in active:
+            if not spec.blocks.is_identity and "unet" in adapter.components:
+                self._set_block_scales(adapter.report.adapter, spec.unet, spec.blocks)
+        if self.fuse:
+            self._fuse(names, sorted({c for adapter, _ in active for c in adapter.components}))
+        self._applied = signature
+
+    def _enable_adapters(self, enabled: bool) -> None:
+        # Per component: diffusers' pipe.enable_lora/disable_lora raise for a component without adapters.
+        from diffusers.utils.peft_utils import set_adapter_layers
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model_components(self.model).values():
+            if any(isinstance(layer, BaseTunerLayer) for layer in module.modules()):
+                set_adapter_layers(module, enabled=enabled)
+
+    def _set_block_scales(self, adapter_name: str, unet_weight: float, blocks: BlockWeights) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        multiplier = block_multipliers(self.model.unet, blocks)
+        for path, layer in self.model.unet.named_modules():
+            if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A:
+                layer.set_scale(adapter_name, unet_weight * multiplier(path))
+
+    def _fuse(self, names: list[str], components: list[str]) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        parts = model_components(self.model)
+        for component in components:
+            for path, layer in parts[component].named_modules():
+                base = layer.get_base_layer() if isinstance(layer, LoraLayer) else None
+                if base is not None and base.weight.dtype in (torch.float16, torch.bfloat16) \
+                        and any(n in layer.lora_A for n in names):
+                    self._originals[(component, path)] = base.weight.detach().to("cpu", copy=True)
+        self.pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=names)
+        self._fused_components = components
+
+    def _unfuse(self) -> None:
+        if not self._fused_components:
+            return
+        self.pipe.unfuse_lora(components=self._fused_components)
+        parts = model_components(self.model)
+        with torch.no_grad():
+            for (component, path), original in self._originals.items():
+                parts[component].get_submodule(path).get_base_layer().weight.copy_(original)
+        self._originals.clear()
+        self._fused_components = []
+        self._applied = None  # set_adapters must run again after unfusing (DESIGN §7)
+
+    # --- images ----------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest,
+                 on_progress: Callable[[GenerationProgress], None] | None = None) -> list[GeneratedImage]:
+        """Render the request. With ``compare_without_loras`` the list alternates LoRA on / off per seed."""
+        self.prepare(request)
+        width, height = self._size(request)
+        choice = parse_sampler(request.scheduler)
+        self.pipe.scheduler = make_scheduler(choice, self.model.scheduler_config, self.model.prediction_type)
+        first_seed = request.seed if request.seed >= 0 else secrets.randbelow(2 ** 32)
+        seeds = [first_seed + i for i in range(request.batch_count)]
+        enabled = [spec for spec in request.loras if spec.enabled]
+        passes = [True, False] if request.compare_without_loras and enabled else [bool(enabled)]
+        total = len(seeds) * len(passes)
+        rendered: dict[tuple[bool, int], GeneratedImage] = {}
+        for loras_on in passes:
+            self.apply(enabled if loras_on else [])
+            for seed in seeds:
+                progress = None
+                if on_progress is not None:
+                    index = len(rendered)
+                    progress = lambda step, i=index: on_progress(GenerationProgress(i, total, step, request.steps))  # noqa: E731
+                image = self._render(request, seed, width, height, progress)
+                info = self._infotext(request, choice, seed, width, height, enabled if loras_on else [])
+                rendered[(loras_on, seed)] = GeneratedImage(image, seed, info, loras_on)
+        return [rendered[(on, seed)] for seed in seeds for on in passes]
+
+    def _size(self, request: GenerationRequest) -> tuple[int, int]:
+        factor = self.model.vae_scale_factor
+        native = self.model.native_resolution
+        width, height = request.width or native, request.height or native
+        for label, value in (("width", width), ("height", height)):
+            if value % factor:
+                low, high = value // factor * factor, (value // factor + 1) * factor
+                raise ConfigError(f"The {label} {value} is not a multiple of {factor}, which this model needs.",
+                                  hint=f"Use {low or high} or {high}.")
+        return width, height
+
+    def _render(self, request: GenerationRequest, seed: int, width: int, height: int,
+                progress: Callable[[int], None] | None) -> Any:
+        generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: same image on any device
+
+        def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            progress(step + 1)
+            return kwargs
+
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=strip_lora_tags(request.prompt),
+                negative_prompt=request.negative_prompt or None,
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale,
+                width=width,
+                height=height,
+                generator=generator,
+                clip_skip=request.clip_skip - 1 or None,
+                callback_on_step_end=step_end if progress else None,
+            )
+        return result.images[0]
+
+    def _infotext(self, request: GenerationRequest, choice: Any, seed: int, width: int, height: int,
+                  loras: Sequence[LoraSpec]) -> Infotext:
+        tags, hashes = [], {}
+        for spec in loras:
+            report = self._adapters[_path_key(spec.path)].report
+            lbw = "" if spec.blocks.is_identity else ",".join(
+                f"{v:g}" for v in lbw_vector(self.model.unet, spec.blocks))
+            tags.append(LoraTag(spec.name, spec.te, spec.unet if spec.unet != spec.te else None, lbw).text())
+            hashes[spec.name] = report.short_hash
+        prompt = " ".join([strip_lora_tags(request.prompt), *tags]).strip()
+        extra = {"Clip skip": str(request.clip_skip)} if request.clip_skip > 1 else {}
+        return Infotext(prompt=prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+                        sampler=choice.sampler, schedule_type=choice.schedule, cfg_scale=request.cfg_scale,
+                        seed=seed, width=width, height=height, model_hash=self.model_hash, model=self.model.name,
+                        lora_hashes=hashes, extra=extra)
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's model hash (sha256 of the checkpoint file, 10 hex digits); "" for folders."""
+        if self._model_hash is None:
+            source = Path(self.model.source)
+            self._model_hash = _file_sha256(source)[:10] if source.is_file() else ""
+        return self._model_hash
+
+
+# --- block weights -------------------------------------------------------------------------------
+
+
+def transformer_blocks(unet: Any) -> tuple[list[str], list[str], list[str]]:
+    """Module paths of the UNet's transformer containers: (down, mid, up), in LBW order."""
+    down = [f"down_blocks.{i}.attentions.{j}" for i, block in enumerate(unet.down_blocks)
+            for j in range(len(getattr(block, "attentions", None) or []))]
+    mid = ["mid_block.attentions.0"] if getattr(unet.mid_block, "attentions", None) else []
+    up = [f"up_blocks.{i}.attentions.{j}" for i, block in enumerate(unet.up_blocks)
+          for j in range(len(getattr(block, "attentions", None) or []))]
+    return down, mid, up
+
+
+def lbw_vector(unet: Any, blocks: BlockWeights) -> tuple[float, ...]:
+    """``blocks`` as an LBW vector for this UNet (BASE, down transformers, MID, up transformers)."""
+    down, mid, up = transformer_blocks(unet)
+    if blocks.vector:
+        expected = 1 + len(down) + 1 + len(up)
+        if len(blocks.vector) != expected:
+            raise ConfigError(
+                f"Block weights need {expected} values for this model (BASE, {len(down)} down, MID, {len(up)} up), "
+                f"not {len(blocks.vector)}.", hint="Or write them as down=W,mid=W,up=W.")
+        return blocks.vector
+    return (1.0, *[blocks.down] * len(down), blocks.mid, *[blocks.up] * len(up))
+
+
+def block_multipliers(unet: Any, blocks: BlockWeights) -> Callable[[str], float]:
+    """Module path -> multiplier of the UNet weight for that layer."""
+    down, mid, up = transformer_blocks(unet)
+    vector = lbw_vector(unet, blocks)
+    per_container = dict(zip([*down, "mid_block.attentions.0", *up], vector[1:]))
+    layer_of = re.compile(r"^((?:down|up)_blocks\.\d+|mid_block)\.(?:attentions|resnets)\.(\d+)\.")
+
+    def multiplier(path: str) -> float:
+        if m := layer_of.match(path):
+            container = f"{m.group(1)}.attentions.{m.group(2)}"
+            if container in per_container:
+                return per_container[container]
+            if not blocks.vector:  # a down/up block without attention (resnets only) in the simple form
+                return {"down": blocks.down, "up": blocks.up, "mid": blocks.mid}[m.group(1).split("_")[0]]
+        return 1.0
+
+    return multiplier
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def save_images(images: Sequence[GeneratedImage], folder: str | Path) -> list[Path]:
+    """Save as A1111 names them (``00012-7.png``: running number, seed), each with its infotext."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"^(\d{5,})-", p.name))]
+    number = max(numbers, default=-1) + 1
+    paths = []
+    for item in images:
+        suffix = "" if item.loras_on else "-nolora"
+        paths.append(save_png(item.image, folder / f"{number:05d}-{item.seed}{suffix}.png", item.infotext))
+        number += 1
+    return paths
+
+
+def lora_short_hash(file: LoraFile) -> str:
+    """A1111's LoRA hash: the header's sshs_model_hash, else sha256 of the bytes after the header."""
+    digest = file.metadata.get("sshs_model_hash") or tensor_data_sha256(file.path)
+    return digest[:12]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        raise LoraFileError(f"LoRA file not found: {path}.", hint="Check the path.") from None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _path_key(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _shape_text(module: Any) -> str:
+    kernel = "x".join(str(k) for k in module.down.shape[2:])
+    return f"{module.down.shape[1]} -> {module.up.shape[0]}" + (f" ({kernel} conv)" if kernel else "")
+
+
+def _layer_text(ref: LayerRef) -> str:
+    out_features, in_features, *kernel = ref.weight_shape
+    return f"{in_features} -> {out_features}" + (f" ({'x'.join(map(str, kernel))} conv)" if kernel else "")
+
+
+@contextlib.contextmanager
+def _quiet_adapter_loading() -> Iterator[None]:
+    """Silence two false alarms of loading a second adapter (we verify the result ourselves):
+    transformers 5 reports the first adapter's weights as "MISSING", and peft warns that the
+    model already has a peft_config, which is exactly what multi-adapter mixing means."""
+    peft_logger = logging.getLogger("transformers.integrations.peft")
+    level = peft_logger.level
+    peft_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
+            yield
+    finally:
+        peft_logger.setLevel(level)
