@@ -549,6 +549,9 @@ def _kohya_pairs(stems_widths: dict[str, tuple[int, int]]) -> dict[str, torch.Te
     (dict(zip(("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight",
                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight"),
               _pair(4, 2048, 640))), None, "sdxl"),
+    (dict(zip(("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight",  # bare PEFT keys
+               "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight"), _pair(4, 768, 320))),
+     None, "sd1"),
     (dict(zip(("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight",
                "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight"), _pair(4, 1280, 5120))), None, "sdxl"),
 ])
@@ -584,3 +587,77 @@ def test_read_reports_dtype_and_keeps_fp32_alpha_exact(tmp_path):
     assert state[f"{STEM}.alpha"].dtype == torch.float32  # alpha·sqrt(r) would round in bf16
     file = read_lora_file(tmp_path / "b.safetensors")
     assert file.dtype == "bf16" and file.modules[STEM].scale == pytest.approx(math.sqrt(8), rel=1e-6)
+
+
+# --- SDXL: SGM block names and two text encoders -------------------------------------------------
+
+
+def _tiny_sdxl_pipeline():
+    """A tiny SDXL pipeline in memory (layers_per_block=2 like SDXL, so SGM block numbers line up)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from trainer.demo_model import SD_SCHEDULER, TINY_SD1_TEXT, TINY_SD1_VAE, TOKENIZER_DIR
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        norm_num_groups=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SD1_TEXT))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**TINY_SD1_TEXT, "hidden_act": "gelu"}))
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k not in ("set_alpha_to_one",
+                                                                                              "skip_prk_steps")})
+    return StableDiffusionXLPipeline(vae=AutoencoderKL(**TINY_SD1_VAE), text_encoder=text_encoder,
+                                     text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+                                     unet=unet, scheduler=scheduler)
+
+
+def _sdxl_outputs(pipe):
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 9, 64, generator=g)
+    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    ids = torch.tensor([[49406, 320, 1125, 49407]])
+    with torch.no_grad():
+        return (pipe.unet(x, torch.tensor([500]), ctx, added_cond_kwargs=cond).sample,
+                pipe.text_encoder(ids)[0], pipe.text_encoder_2(ids).text_embeds)
+
+
+def test_sdxl_export_uses_sgm_names_and_loads_in_diffusers(tmp_path):
+    network = NetworkConfig(rank=4, alpha=2, targets="full", te_mlp=True)
+    trained = _tiny_sdxl_pipeline()
+    base_outputs = _sdxl_outputs(trained)
+    encoders = {"text_encoder": trained.text_encoder, "text_encoder_2": trained.text_encoder_2}
+    plan = plan_lora(network, trained.unet, encoders)
+    g = torch.Generator().manual_seed(1)
+    for component, model in (("unet", trained.unet), *encoders.items()):
+        inject_lora(model, plan.modules[component], network)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_A." in name or ".lora_B." in name:
+                    p.copy_((torch.randn(p.shape, generator=g) * 0.3).half().float())
+    modules = [m for c, model in (("unet", trained.unet), *encoders.items())
+               for m in collect_lora_modules(c, model, "sdxl")]
+    names = {m.name for m in modules}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in names
+    assert "lora_unet_output_blocks_2_1_proj_out" in names and "lora_unet_middle_block_1_proj_in" in names
+    assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in names
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_out_proj" in names
+    assert not any("down_blocks" in n or "up_blocks" in n or "mid_block" in n for n in names)
+    assert all(m.down.dim() == 2 for m in modules)  # SDXL's proj_in/proj_out are Linear
+    out = tmp_path / "sdxl.safetensors"
+    save_kohya_lora(modules, build_metadata(_info(family="sdxl", resolution=(1024, 1024))), out)
+
+    pipe = _tiny_sdxl_pipeline()
+    with _library_warnings() as messages:
+        pipe.load_lora_weights(str(out), adapter_name="exported")
+    assert messages == []
+    for got, want, base_out in zip(_sdxl_outputs(pipe), _sdxl_outputs(trained), base_outputs):
+        effect = (want - base_out).abs().max().item()
+        assert effect > 0.05
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * effect)
+    file = read_lora_file(out)
+    assert file.family == "sdxl" and set(file.modules) == names

@@ -334,16 +334,16 @@ def save_peft_lora(modules: Iterable[LoraModule], path: str | Path, dtype: str =
     diffusers builds its ``LoraConfig`` from the ``lora_adapter_metadata`` header entry, so r,
     lora_alpha (exported alpha: the effective scale is alpha/r) and the target modules go there.
     """
-    torch_dtype = _export_dtype(dtype)
     modules = list(modules)
-    kohya_state_dict(modules, dtype)  # same validation as the kohya export
+    kohya = kohya_state_dict(modules, dtype)  # same checks and casts as the kohya export
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = collections.defaultdict(dict)
     for module in modules:
         component, module_path = parse_kohya_module_name(module.name)
+        # "text_model." keeps older transformers happy; diffusers strips it where the model lacks it
         key_path = module_path if component == "unet" else "text_model." + canonical_te_path(module_path)
-        tensors[f"{component}.{key_path}.lora_A.weight"] = module.down.detach().to("cpu", torch_dtype).contiguous()
-        tensors[f"{component}.{key_path}.lora_B.weight"] = module.up.detach().to("cpu", torch_dtype).contiguous()
+        tensors[f"{component}.{key_path}.lora_A.weight"] = kohya.pop(f"{module.name}.lora_down.weight")
+        tensors[f"{component}.{key_path}.lora_B.weight"] = kohya.pop(f"{module.name}.lora_up.weight")
         per_component[component][module_path] = (module.rank, module.alpha)
     adapter_meta = {}
     for component, layers in per_component.items():
