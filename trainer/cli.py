@@ -124,13 +124,25 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _print_check(config) -> int:
+    """The dataset report for this model and these settings, without training."""
     from trainer.dataset import lint_dataset, scan_dataset
+    from trainer.models import load_base_model
+    from trainer.text import count_tokens
 
+    model = load_base_model(config.model, supported=("sd1", "sd2", "sdxl"))
+    resolution = config.data.resolution or model.native_resolution
     scan = scan_dataset(config.data)
-    report = lint_dataset(scan, config.data, config.data.resolution or 512, None,
-                          epochs=config.train.epochs, batch_size=config.train.batch_size, steps=config.train.steps)
-    print(report.summary_text())
+    report = lint_dataset(scan, config.data, resolution, lambda caption: count_tokens(model.tokenizer, caption),
+                          epochs=config.train.epochs, batch_size=config.train.batch_size, steps=config.train.steps,
+                          bucket_step=model.resolution_multiple)
+    print(report.summary_text(max_issues=50))
     return 0 if report.ok else EXIT_USER_ERROR
+
+
+def format_size(size_bytes: int) -> str:
+    if size_bytes >= 1_000_000:
+        return f"{size_bytes / 1e6:.1f} MB"
+    return f"{size_bytes / 1e3:.1f} kB"
 
 
 def _train_with_progress_bar(config) -> int:
@@ -169,7 +181,7 @@ def _train_with_progress_bar(config) -> int:
                 if bar:
                     bar.close()
                 state = "stopped early" if event.stopped_early else "done"
-                print(f"{state} at step {event.step}: {event.output} ({event.size_bytes / 1e6:.1f} MB)")
+                print(f"{state} at step {event.step}: {event.output} ({format_size(event.size_bytes)})")
                 for extra in event.extra_outputs:
                     print(f"also wrote {extra}")
                 if event.stopped_early:
@@ -189,8 +201,8 @@ def _run_presets(args: argparse.Namespace) -> int:
     print(f"{'preset':<{width}}  {'rank':>4}  {'alpha':>5}  {'targets':<10}  {'TE':<3}  {'size':>9}  description")
     for r in rows:
         print(f"{r.name:<{width}}  {r.rank:>4}  {r.alpha:>5g}  {r.targets:<10}  {'yes' if r.text_encoder else 'no':<3}  "
-              f"{r.size_bytes / 1e6:>6.1f} MB  {r.description}")
-    print(f"(sizes are exact for {rows[0].base_label}, fp16 export)")
+              f"{format_size(r.size_bytes):>9}  {r.description}")
+    print(f"(file sizes for {rows[0].base_label} at fp16, exact up to the few hundred bytes of run metadata)")
     return 0
 
 
