@@ -145,6 +145,16 @@ def format_size(size_bytes: int) -> str:
     return f"{size_bytes / 1e3:.1f} kB"
 
 
+def quiet_libraries() -> None:
+    """Our progress bar and messages only: no per-file loading bars or library chatter."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def _train_with_progress_bar(config) -> int:
     from tqdm import tqdm
 
@@ -152,6 +162,7 @@ def _train_with_progress_bar(config) -> int:
                                 StepProgress)
     from trainer.loop import train
 
+    quiet_libraries()
     commands = RunCommands()
 
     def on_interrupt(signum, frame):  # first Ctrl-C: stop cleanly (checkpoint + export); second: abort
