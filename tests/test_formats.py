@@ -34,8 +34,17 @@ from trainer.formats import (
     save_kohya_lora,
     save_peft_lora,
 )
-from trainer.kohya_names import kohya_module_name, model_module_path, parse_kohya_module_name
-from trainer.lora import inject_lora, plan_lora, text_encoder_target_modules, unet_target_modules
+from trainer.kohya_names import (
+    kohya_module_name,
+    model_module_path,
+    parse_kohya_module_name,
+)
+from trainer.lora import (
+    inject_lora,
+    plan_lora,
+    text_encoder_target_modules,
+    unet_target_modules,
+)
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -73,11 +82,11 @@ def _export_modules(parts, network: NetworkConfig) -> list[LoraModule]:
 
 
 def _info(**overrides) -> ExportInfo:
-    values = dict(family="sd1", output_name="zxq-style", rank=4, alpha=2.0, resolution=(512, 512),
-                  num_train_images=8, tag_frequency={"data": {"zxq": 8, "red": 8, "picture 1": 1}},
-                  dataset_dirs={"data": {"n_repeats": 10, "img_count": 8}}, steps=800, epoch=10, seed=42,
-                  started_at=1_700_000_000.0, finished_at=1_700_000_600.5, base_model_name="tiny-sd1",
-                  trigger_phrase="zxq")
+    values = {"family": "sd1", "output_name": "zxq-style", "rank": 4, "alpha": 2.0, "resolution": (512, 512),
+              "num_train_images": 8, "tag_frequency": {"data": {"zxq": 8, "red": 8, "picture 1": 1}},
+              "dataset_dirs": {"data": {"n_repeats": 10, "img_count": 8}}, "steps": 800, "epoch": 10, "seed": 42,
+              "started_at": 1_700_000_000.0, "finished_at": 1_700_000_600.5, "base_model_name": "tiny-sd1",
+              "trigger_phrase": "zxq"}
     return ExportInfo(**{**values, **overrides})
 
 
@@ -594,10 +603,25 @@ def test_read_reports_dtype_and_keeps_fp32_alpha_exact(tmp_path):
 
 def _tiny_sdxl_pipeline():
     """A tiny SDXL pipeline in memory (layers_per_block=2 like SDXL, so SGM block numbers line up)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
-    from trainer.demo_model import SD_SCHEDULER, TINY_SD1_TEXT, TINY_SD1_VAE, TOKENIZER_DIR
+    from trainer.demo_model import (
+        SD_SCHEDULER,
+        TINY_SD1_TEXT,
+        TINY_SD1_VAE,
+        TOKENIZER_DIR,
+    )
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

@@ -27,7 +27,11 @@ import safetensors.torch
 import torch
 
 from trainer.errors import LoraFileError
-from trainer.kohya_names import canonical_te_path, kohya_module_name, parse_kohya_module_name
+from trainer.kohya_names import (
+    canonical_te_path,
+    kohya_module_name,
+    parse_kohya_module_name,
+)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
