@@ -6,6 +6,7 @@ sampling and export are named functions. What is left here is the loop itself.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -58,7 +59,8 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
         save_toml(config, session.run_dir / "config.toml")
         (session.run_dir / "dataset-report.txt").write_text(session.lint.summary_text(), encoding="utf-8")
     yield Notice("info", "Preparing latents and text embeddings…")
-    session.warm_caches(lambda level, text: notices.append(Notice(level, text)))
+    with session.accelerator.main_process_first(), out_of_memory_as_training_error(session, "while preparing latents"):
+        session.warm_caches(lambda level, text: notices.append(Notice(level, text)))  # others read the main's disk cache
     yield from notices
     start_step = resume_if_asked(session)
     yield RunStarted(session.total_steps, start_step, len(session.training_set.items), config.train.batch_size,
@@ -69,15 +71,17 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
     saved_step = start_step
     while step < session.total_steps and not stopped:
         # One optimiser step = grad_accum batches; gradients are synchronised by accelerate (DDP).
-        losses = [training_step(session) for _ in range(config.optim.grad_accum)]
-        if config.optim.max_grad_norm:
-            session.accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
-        session.optimizer.step()
+        with out_of_memory_as_training_error(session, f"at step {step + 1}"):
+            losses = [training_step(session) for _ in range(config.optim.grad_accum)]
+            if config.optim.max_grad_norm:
+                session.accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
+            session.optimizer.step()
         session.lr_scheduler.step()
         session.optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        loss = float(torch.stack(losses).mean())  # the one host sync per step
+        # The one host sync per step; averaged over processes so that all of them stop on a NaN together.
+        loss = float(session.accelerator.reduce(torch.stack(losses).mean(), "mean"))
         if not math.isfinite(loss):
             raise TrainingError(f"The loss became {loss} at step {step}; the weights are unusable from here.",
                                 hint="Lower the learning rate, or use fp32/bf16 precision; the last checkpoint was kept.")
@@ -88,11 +92,11 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
                            session.loss_ema, session.lr_scheduler.get_last_lr()[0], rate,
                            (session.total_steps - step) / rate if rate else float("inf"))
 
-        stopped = commands.stop_requested
+        stopped = any_process(session, commands.stop_requested)
         every = config.output
         if is_main and (commands.take_sample_request() or (every.sample_every and step % every.sample_every == 0)):
             yield make_samples(session, step)
-        if commands.take_save_request() or (every.save_every and step % every.save_every == 0):
+        if any_process(session, commands.take_save_request()) or (every.save_every and step % every.save_every == 0):
             yield save_run_checkpoint(session, step)
             saved_step = step
 
@@ -106,8 +110,49 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
     session.accelerator.end_training()
 
 
+def any_process(session: Session, flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any one: all must take the same branch, or
+    the next gradient all-reduce waits forever for the process that left."""
+    if session.accelerator.num_processes == 1:
+        return flag
+    votes = session.accelerator.reduce(torch.tensor([float(flag)], device=session.device), "sum")
+    return bool(votes.item() > 0)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU and MPS allocators raise a plain RuntimeError."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        words in text for words in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
+@contextlib.contextmanager
+def out_of_memory_as_training_error(session: Session, where: str) -> Iterator[None]:
+    """Turn running out of memory into a TrainingError that names the settings to lower."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        session.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        cfg = session.config
+        device = "GPU" if session.device.type in ("cuda", "mps") else "CPU"
+        settings = (f"resolution {session.resolution} px, batch size {cfg.train.batch_size}, rank {cfg.network.rank}, "
+                    f"gradient checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}")
+        fixes = ["lower the resolution (--resolution)", "the batch size (--batch-size)", "or the rank (--rank)"]
+        if not cfg.train.grad_checkpointing:
+            fixes.insert(0, "turn on gradient checkpointing (--grad-checkpointing)")
+        raise TrainingError(f"Ran out of {device} memory {where} ({settings}).",
+                            hint=f"To fit: {', '.join(fixes)}; close other programs using the {device}. "
+                                 "Checkpoints already saved were kept.") from None
+
+
 def save_run_checkpoint(session: Session, step: int) -> CheckpointSaved:
-    state = session.resume_state()  # collective-free: every process holds the same LoRA weights
+    state = session.resume_state()  # every process calls this: it gathers the per-process RNG states
     path = session.run_dir / "checkpoints" / f"step-{step:06d}"
     if session.accelerator.is_main_process:
         path = save_checkpoint(session.run_dir / "checkpoints", step, state, session.config.output.keep_last)

@@ -149,7 +149,17 @@ class Session:
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
+            "num_processes": self.accelerator.num_processes,
+            # Each process draws its own noise (and LoRA dropout): keep every process's stream, not just the main's.
+            "process_noise_generators": self._gather_rng_state(self.noise_generator.get_state()),
+            "process_torch_rngs": self._gather_rng_state(torch.get_rng_state()),
         }
+
+    def _gather_rng_state(self, state: torch.Tensor) -> torch.Tensor:
+        """[num_processes, n] RNG states of all processes (a collective: every process must call it)."""
+        if self.accelerator.num_processes == 1:
+            return state.unsqueeze(0)
+        return self.accelerator.gather(state.to(self.device).unsqueeze(0)).cpu()
 
     def restore(self, state: dict[str, Any], source: Path) -> None:
         if state.get("fingerprint") != self.fingerprint:
@@ -161,10 +171,19 @@ class Session:
             lora_mod.load_lora_state(self.accelerator.unwrap_model(model), state["lora"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.batch_cursor = int(state["batch_cursor"])
+        saved_processes, processes = int(state.get("num_processes", 1)), self.accelerator.num_processes
+        # batch_cursor counts each process's batches: convert when resuming with another process count
+        self.batch_cursor = math.ceil(int(state["batch_cursor"]) * saved_processes / processes)
         self.loss_ema = state["loss_ema"]
-        self.noise_generator.set_state(state["noise_generator"])
-        torch.set_rng_state(state["torch_rng"])
+        rank = self.accelerator.process_index
+        if "process_noise_generators" in state and rank < len(state["process_noise_generators"]):
+            self.noise_generator.set_state(state["process_noise_generators"][rank].clone())
+            torch.set_rng_state(state["process_torch_rngs"][rank].clone())
+        elif rank == 0:
+            self.noise_generator.set_state(state["noise_generator"])
+            torch.set_rng_state(state["torch_rng"])
+        else:  # a process the checkpoint did not have: a fresh stream of its own
+            self.noise_generator.manual_seed(self.config.train.seed + rank + 7919 * self.batch_cursor)
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
 
