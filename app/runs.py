@@ -1,0 +1,372 @@
+"""The run controller: training runs queued and executed one after another in a worker thread.
+
+The page never trains. ``RunController.submit`` puts a validated config in a queue; one worker
+thread (started on the first submit, never at import) runs ``trainer.loop.train`` for each and
+folds its typed events into a ``RunState`` per run. Pages read snapshots of that state (and may
+wait for the next change), so a closed browser tab changes nothing: the run goes on and a
+reloaded page picks it up again. Stop, Save now and Sample now go to the engine's
+``RunCommands`` flags, which the loop reads once per step.
+
+Each run also writes a small ``app-run.json`` next to its LoRA (status, step, total) so the runs
+list survives an app restart and a stopped or crashed run can be resumed from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from trainer.atomic import atomic_write_text
+from trainer.checkpoints import list_checkpoints
+from trainer.config import StudioConfig, config_from_dict, load_toml
+from trainer.errors import StudioError
+from trainer.events import (CheckpointSaved, Event, Notice, RunCommands, RunFinished, RunStarted, SamplesMade,
+                            StepProgress)
+from trainer.session import run_dir_for
+
+log = logging.getLogger("lora_studio.runs")
+
+RunStatus = Literal["queued", "preparing", "training", "stopping", "finished", "stopped", "failed", "cancelled"]
+ACTIVE: frozenset[str] = frozenset({"queued", "preparing", "training", "stopping"})
+RECORD_FILE = "app-run.json"
+MAX_LOSS_POINTS = 2000  # the plot keeps every step up to this, then thins older points
+
+TrainFn = Callable[[StudioConfig, RunCommands], Iterator[Event]]
+
+
+@dataclass
+class RunState:
+    """What the page shows about one run. Mutated only by the controller, under its lock."""
+
+    id: str
+    name: str
+    config: StudioConfig
+    status: RunStatus = "queued"
+    step: int = 0
+    start_step: int = 0
+    total_steps: int = 0
+    num_images: int = 0
+    device: str = ""
+    it_per_s: float = 0.0
+    eta_s: float | None = None
+    loss: float | None = None
+    losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, smoothed)
+    samples: list[tuple[Path, str]] = field(default_factory=list)  # (image, caption), oldest first
+    checkpoints: list[tuple[int, Path]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    output: Path | None = None
+    size_bytes: int = 0
+    error: str = ""
+    queued_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    version: int = 0  # bumped on every change; watchers wait for it to move
+    commands: RunCommands = field(default_factory=RunCommands, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.config.output.output)
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_for(self.config.output.output)
+
+    def snapshot(self) -> RunState:
+        """A copy safe to read outside the lock (lists copied, commands shared)."""
+        return replace(self, losses=list(self.losses), samples=list(self.samples),
+                       checkpoints=list(self.checkpoints), notices=list(self.notices))
+
+
+class RunController:
+    """Queue of training runs, one worker thread, progress state per run."""
+
+    def __init__(self, train_fn: TrainFn | None = None, build_lock: threading.Lock | None = None) -> None:
+        self._train_fn = train_fn
+        # Held while a run builds its model (until its first event): other code that builds modules
+        # on the meta device (trainer.sizing) patches torch process-wide and must not overlap it.
+        self._build_lock = build_lock or threading.Lock()
+        self._runs: dict[str, RunState] = {}
+        self._queue: deque[str] = deque()
+        self._changed = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closing = False
+        self._recorded: dict[str, str] = {}  # run id -> status last written to its record
+
+    # --- commands from the page ------------------------------------------------------------------
+
+    def submit(self, name: str, config: StudioConfig) -> RunState:
+        """Queue a run; it starts when the runs before it have finished."""
+        with self._changed:
+            for other in self._runs.values():
+                if other.active and other.output_path.resolve() == Path(config.output.output).resolve():
+                    raise StudioError(f"The run '{other.name}' is already queued or training.",
+                                      hint="Wait for it to finish, or stop it first.")
+            run = RunState(id=uuid.uuid4().hex[:12], name=name, config=config)
+            self._runs[run.id] = run
+            self._queue.append(run.id)
+            self._touch(run)
+            self._start_worker()
+            return run.snapshot()
+
+    def stop(self, run_id: str) -> RunState:
+        """Stop a training run after its current step (it saves and exports), or drop a queued one."""
+        with self._changed:
+            run = self._get(run_id)
+            if run.status == "queued":
+                self._queue.remove(run.id)
+                run.status = "cancelled"
+                run.finished_at = time.time()
+            elif run.status in ("preparing", "training"):
+                run.commands.stop()
+                run.status = "stopping"
+            self._touch(run)
+            return run.snapshot()
+
+    def save_now(self, run_id: str) -> RunState:
+        with self._changed:
+            run = self._get(run_id)
+            if run.status not in ("preparing", "training"):
+                raise StudioError(f"'{run.name}' is not training, so there is nothing to save now.")
+            run.commands.save_now()
+            run.notices.append("A checkpoint will be saved after the current step.")
+            self._touch(run)
+            return run.snapshot()
+
+    def sample_now(self, run_id: str) -> RunState:
+        with self._changed:
+            run = self._get(run_id)
+            if run.status not in ("preparing", "training"):
+                raise StudioError(f"'{run.name}' is not training, so no samples can be made now.")
+            run.commands.sample_now()
+            run.notices.append("Sample images will be made after the current step.")
+            self._touch(run)
+            return run.snapshot()
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> RunState:
+        with self._changed:
+            return self._get(run_id).snapshot()
+
+    def runs(self) -> list[RunState]:
+        """Runs of this app session, newest first."""
+        with self._changed:
+            return [r.snapshot() for r in sorted(self._runs.values(), key=lambda r: r.queued_at, reverse=True)]
+
+    def active_run(self) -> RunState | None:
+        """The run training now, else the next queued one."""
+        with self._changed:
+            training = [r for r in self._runs.values() if r.status in ("preparing", "training", "stopping")]
+            if training:
+                return training[0].snapshot()
+            if self._queue:
+                return self._runs[self._queue[0]].snapshot()
+            return None
+
+    def wait_for_change(self, run_id: str, seen_version: int, timeout: float) -> RunState:
+        """The run's state once its version differs from ``seen_version`` (or after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            run = self._get(run_id)
+            while run.version == seen_version and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return run.snapshot()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the running run cleanly (checkpoint + export) and end the worker."""
+        with self._changed:
+            self._closing = True
+            for run_id in list(self._queue):
+                self._runs[run_id].status = "cancelled"
+            self._queue.clear()
+            for run in self._runs.values():
+                if run.status in ("preparing", "training"):
+                    run.commands.stop()
+            self._changed.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    # --- the worker ------------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="lora-studio-runs", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._closing:
+                    self._changed.wait()
+                if self._closing:
+                    return
+                run = self._runs[self._queue.popleft()]
+                run.status = "preparing"
+                run.started_at = time.time()
+                self._touch(run)
+            self._execute(run)
+
+    def _execute(self, run: RunState) -> None:
+        train = self._train_fn or _engine_train
+        try:
+            events = train(run.config, run.commands)
+            with self._build_lock:
+                first = next(events, None)
+            for event in itertools.chain([first] if first is not None else [], events):
+                with self._changed:
+                    apply_event(run, event)
+                    self._touch(run)
+        except StudioError as exc:
+            self._finish(run, "failed", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker and the queue behind it
+            log.exception("training run %s crashed", run.name)
+            self._finish(run, "failed", f"Training crashed with an internal error ({type(exc).__name__}: {exc}). "
+                                        "This is a bug in LoRA Studio; the log in the terminal has the details.")
+        else:
+            with self._changed:
+                if run.status not in ("finished", "stopped"):  # the engine ended without RunFinished
+                    run.status = "stopped" if run.commands.stop_requested else "finished"
+                run.finished_at = time.time()
+                self._touch(run)
+        finally:
+            write_record(run)
+
+    def _finish(self, run: RunState, status: RunStatus, error: str) -> None:
+        with self._changed:
+            run.status = status
+            run.error = error
+            run.finished_at = time.time()
+            self._touch(run)
+
+    def _get(self, run_id: str) -> RunState:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise StudioError(f"No run with id '{run_id}' in this session.",
+                              hint="Pick a run from the list (runs of an earlier session can be resumed).")
+        return run
+
+    def _touch(self, run: RunState) -> None:
+        run.version += 1
+        self._changed.notify_all()
+        # The record on disk only needs what a later session lists: written when the status moves.
+        if run.status != "queued" and run.status != self._recorded.get(run.id):
+            self._recorded[run.id] = run.status
+            write_record(run)
+
+
+def apply_event(run: RunState, event: Event) -> None:
+    """Fold one engine event into the run's state."""
+    if isinstance(event, RunStarted):
+        run.status = "stopping" if run.commands.stop_requested else "training"
+        run.total_steps, run.start_step, run.step = event.total_steps, event.start_step, event.start_step
+        run.num_images, run.device = event.num_images, event.device
+        if event.start_step:
+            run.notices.append(f"Resumed from step {event.start_step}.")
+    elif isinstance(event, StepProgress):
+        run.step, run.total_steps = event.step, event.total_steps
+        run.loss, run.it_per_s = event.loss, event.it_per_s
+        run.eta_s = event.eta_s if event.eta_s != float("inf") else None
+        run.losses.append((event.step, event.loss, event.smoothed_loss))
+        if len(run.losses) > MAX_LOSS_POINTS:
+            run.losses = run.losses[::2]
+    elif isinstance(event, SamplesMade):
+        for path, prompt in zip(event.paths, event.prompts, strict=False):
+            run.samples.append((Path(path), f"step {event.step}: {prompt}"))
+    elif isinstance(event, CheckpointSaved):
+        run.checkpoints.append((event.step, Path(event.path)))
+    elif isinstance(event, Notice):
+        run.notices.append(("⚠ " if event.level == "warning" else "") + event.text)
+    elif isinstance(event, RunFinished):
+        run.step = event.step
+        run.output, run.size_bytes = Path(event.output), event.size_bytes
+        run.status = "stopped" if event.stopped_early else "finished"
+        run.eta_s = 0.0
+
+
+def _engine_train(config: StudioConfig, commands: RunCommands) -> Iterator[Event]:
+    from trainer.loop import train
+
+    return train(config, commands)
+
+
+# --- runs on disk --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run found on disk (this session's or an earlier one's)."""
+
+    name: str
+    output: Path
+    status: str
+    step: int
+    total_steps: int
+    last_checkpoint: int | None  # step of the newest checkpoint, None when there is none
+
+    @property
+    def resumable(self) -> bool:
+        return self.last_checkpoint is not None and (self.total_steps == 0 or self.last_checkpoint < self.total_steps)
+
+
+def write_record(run: RunState) -> None:
+    record = {"name": run.name, "status": run.status, "step": run.step, "total_steps": run.total_steps,
+              "output": str(run.output_path), "error": run.error}
+    try:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.run_dir / RECORD_FILE, json.dumps(record, indent=1))
+    except (OSError, StudioError) as exc:  # the record is a convenience; never fail a run over it
+        log.warning("could not write the run record of %s: %s", run.name, exc)
+
+
+def runs_on_disk(runs_dir: Path) -> list[RunRecord]:
+    """Every run folder under ``runs_dir`` (``<name>_run/``), newest first."""
+    records = []
+    if not runs_dir.is_dir():
+        return records
+    folders = [p for p in runs_dir.iterdir() if p.is_dir() and p.name.endswith("_run")]
+    for folder in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
+        name = folder.name[: -len("_run")]
+        data: dict = {}
+        try:
+            data = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        checkpoints = list_checkpoints(folder / "checkpoints") if (folder / "checkpoints").is_dir() else []
+        records.append(RunRecord(
+            name=name,
+            output=Path(data.get("output") or runs_dir / f"{name}.safetensors"),
+            status=str(data.get("status", "unknown")),
+            step=int(data.get("step", 0)),
+            total_steps=int(data.get("total_steps", 0)),
+            last_checkpoint=checkpoints[-1].step if checkpoints else None,
+        ))
+    return records
+
+
+def resume_config(runs_dir: Path, name: str) -> StudioConfig:
+    """The saved config of run ``name`` with ``resume = "auto"`` (continue from its newest checkpoint)."""
+    folder = runs_dir / f"{name}_run"
+    config_file = folder / "config.toml"
+    if not config_file.is_file():
+        raise StudioError(f"The run '{name}' has no saved settings ({config_file} is missing).",
+                          hint="Start it again as a new run.")
+    data = copy.deepcopy(load_toml(config_file))
+    data.setdefault("output", {})["resume"] = "auto"
+    return config_from_dict(data)

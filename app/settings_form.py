@@ -1,0 +1,199 @@
+"""Widgets for every training setting, built from the config dataclasses' own types and help texts.
+
+The form is a dict ``field name -> component``; handlers receive it as gradio dict inputs and
+turn the values back into flat overrides (``{"rank": 8}``) that ``trainer.presets.resolve_config``
+validates. Nothing here knows a setting by position, and a field added to the config appears in
+the form with its help text without touching this module.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import gradio as gr
+
+from trainer.config import SECTIONS, StudioConfig, config_to_dict, field_index
+
+# Set by the Train tab's own pickers (dataset, base model, run name, Resume button).
+APP_OWNED = frozenset({"base", "data", "output", "resume"})
+
+# Shown open at the top of the tab; everything else sits in one closed accordion per section.
+ESSENTIALS = ("trigger", "resolution", "rank", "alpha", "targets", "train_text_encoder", "lr", "steps", "epochs",
+              "batch_size", "sample_every", "sample_prompts", "save_every", "sample_steps", "seed")
+
+SECTION_TITLES = {
+    "model": "Base model details",
+    "data": "Pictures and captions",
+    "network": "LoRA size and placement",
+    "optim": "Optimiser and learning rate",
+    "train": "Training loop",
+    "output": "Saving and sample images",
+}
+
+LABELS = {
+    "lr": "Learning rate (UNet)",
+    "te_lr": "Learning rate (text encoder)",
+    "rank": "Rank",
+    "alpha": "Alpha",
+    "targets": "Layers to train",
+    "train_text_encoder": "Train the text encoder too",
+    "te_mlp": "Text encoder MLP too",
+    "rslora": "rsLoRA scaling",
+    "lora_init": "LoRA init",
+    "lora_dropout": "LoRA dropout",
+    "trigger": "Trigger word",
+    "resolution": "Resolution (px)",
+    "steps": "Steps",
+    "epochs": "Epochs",
+    "batch_size": "Batch size",
+    "sample_every": "Sample images every N steps",
+    "sample_prompts": "Sample prompts (one per line)",
+    "sample_steps": "Denoising steps per sample",
+    "sample_seed": "Sample seed",
+    "save_every": "Checkpoint every N steps",
+    "keep_last": "Checkpoints to keep",
+    "min_snr_gamma": "Min-SNR gamma",
+    "max_grad_norm": "Gradient clip norm",
+    "grad_accum": "Gradient accumulation",
+    "grad_checkpointing": "Gradient checkpointing",
+    "cache_latents": "Cache latents",
+    "cache_text": "Cache text embeddings",
+    "clip_skip": "CLIP skip",
+    "base_config": "Config folder for a single-file model",
+    "prediction_type": "Prediction type",
+    "export_dtype": "Export precision",
+    "export_peft": "Also write a diffusers/PEFT copy",
+    "default_caption": "Caption for pictures without one",
+    "min_bucket_side": "Smallest bucket side (px)",
+    "max_bucket_side": "Largest bucket side (px)",
+    "buckets": "Aspect-ratio buckets",
+    "flip": "Random horizontal flip",
+    "shuffle_captions": "Shuffle caption tags",
+    "keep_tokens": "Tags kept in place when shuffling",
+    "caption_dropout": "Caption dropout",
+    "noise_offset": "Noise offset",
+    "weight_decay": "Weight decay",
+    "warmup_steps": "Warm-up steps",
+    "optimizer": "Optimiser",
+    "scheduler": "LR schedule",
+    "precision": "Precision",
+    "device": "Device",
+    "seed": "Seed",
+    "repeats": "Repeats",
+}
+
+
+@dataclass(frozen=True)
+class SettingsForm:
+    """The components of the form, by config field name."""
+
+    components: dict[str, gr.components.Component]
+
+    def overrides(self, values: dict[gr.components.Component, Any]) -> dict[str, Any]:
+        """Flat config overrides from gradio dict inputs; empty number boxes are left out."""
+        by_component = {component: name for name, component in self.components.items()}
+        flat: dict[str, Any] = {}
+        for component, value in values.items():
+            name = by_component.get(component)
+            if name is not None:
+                converted = widget_to_value(name, value)
+                if converted is not None:
+                    flat[name] = converted
+        return flat
+
+    def updates(self, config: StudioConfig) -> dict[gr.components.Component, Any]:
+        """New widget values showing ``config`` (for a preset change or a loaded run)."""
+        values = config_values(config)
+        return {component: values[name] for name, component in self.components.items()}
+
+
+def editable_fields() -> list[str]:
+    return [name for name in field_index() if name not in APP_OWNED]
+
+
+def config_values(config: StudioConfig) -> dict[str, Any]:
+    """Every field of ``config`` as the value its widget shows."""
+    flat = {name: value for section in config_to_dict(config).values() for name, value in section.items()}
+    return {name: value_to_widget(name, flat[name]) for name in editable_fields()}
+
+
+def value_to_widget(name: str, value: Any) -> Any:
+    if _is_text_list(name):
+        return "\n".join(value or ())
+    return value
+
+
+def widget_to_value(name: str, value: Any) -> Any:
+    """A widget's value as the config expects it; None means 'not set'."""
+    if _is_text_list(name):
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if value is None:
+        return None
+    if _kind(name) is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def build_settings_form(config: StudioConfig) -> SettingsForm:
+    """Lay out every editable field (Essentials first, then one accordion per section)."""
+    values = config_values(config)
+    components: dict[str, gr.components.Component] = {}
+    index = field_index()
+    with gr.Group(elem_id="settings-essentials"):
+        with gr.Row():
+            for name in ESSENTIALS[:5]:
+                components[name] = _widget(name, index[name][1], values[name])
+        with gr.Row():
+            for name in ESSENTIALS[5:10]:
+                components[name] = _widget(name, index[name][1], values[name])
+        with gr.Row():
+            for name in ESSENTIALS[10:]:
+                components[name] = _widget(name, index[name][1], values[name])
+    for section, cls in SECTIONS.items():
+        names = [f.name for f in cls.__dataclass_fields__.values()
+                 if f.name not in APP_OWNED and f.name not in ESSENTIALS]
+        if not names:
+            continue
+        with gr.Accordion(f"More settings: {SECTION_TITLES[section]}", open=False, elem_id=f"settings-{section}"):
+            for start in range(0, len(names), 3):
+                with gr.Row():
+                    for name in names[start:start + 3]:
+                        components[name] = _widget(name, index[name][1], values[name])
+    return SettingsForm(components)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _type_of(name: str) -> Any:
+    section, f = field_index()[name]
+    return typing.get_type_hints(SECTIONS[section])[f.name]
+
+
+def _kind(name: str) -> Any:
+    hint = _type_of(name)
+    return hint if hint in (int, float, bool, str) else typing.get_origin(hint)
+
+
+def _is_text_list(name: str) -> bool:
+    return typing.get_origin(_type_of(name)) is tuple
+
+
+def _widget(name: str, f: Any, value: Any) -> gr.components.Component:
+    label = LABELS.get(name, name.replace("_", " ").capitalize())
+    info = f.metadata.get("help", "")
+    common = dict(label=label, info=info, elem_id=f"setting-{name}", interactive=True)
+    hint = _type_of(name)
+    if typing.get_origin(hint) is Literal:
+        return gr.Dropdown(choices=list(typing.get_args(hint)), value=value, **common)
+    if hint is bool:
+        return gr.Checkbox(value=bool(value), **common)
+    if hint is int:
+        return gr.Number(value=value, precision=0, **common)
+    if hint is float:
+        return gr.Number(value=value, **common)
+    if _is_text_list(name):
+        return gr.Textbox(value=value, lines=2, **common)
+    return gr.Textbox(value=value, **common)

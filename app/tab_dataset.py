@@ -1,0 +1,259 @@
+"""Dataset tab: pictures in, captions edited, problems shown before any training.
+
+Handlers are plain functions of the studio and named values; ``build_dataset_tab`` lays out the
+components and wires them. Caption edits in the grid are saved to ``.txt`` sidecars right away,
+so a reload or a closed tab loses nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import gradio as gr
+
+from app.errors import user_errors
+from app.projects import safe_name
+from app.studio import Studio
+from trainer.atomic import atomic_write_text
+from trainer.config import DataConfig
+from trainer.dataset import (DatasetIssue, LintReport, has_trigger, lint_dataset,
+                             read_caption_file, scan_dataset)
+from trainer.errors import DatasetError, StudioError
+from trainer.images import image_extensions
+
+TABLE_HEADERS = ["Picture", "File", "Caption (click to edit)", "Problems"]
+ISSUE_HEADERS = ["", "File", "Problem", "What to do"]
+CAPTION_COLUMN, FILE_COLUMN = 2, 1
+SEVERITY_ICON = {"error": "✖", "warning": "⚠", "info": "ℹ"}
+DEFAULT_LINT_RESOLUTION = 512
+
+
+@dataclass(frozen=True)
+class DatasetView:
+    """Everything the tab shows about one dataset."""
+
+    table: list[list[str]]
+    report: str
+    issues: list[list[str]]
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+
+def dataset_view(studio: Studio, name: str, trigger: str, resolution: int | float | None) -> DatasetView:
+    """Thumbnails, captions (as stored in the sidecars) and the linter's findings."""
+    if not str(name or "").strip():
+        return DatasetView([], "Choose a dataset, or type a name for a new one and drop pictures in.", [])
+    folder = studio.projects.datasets_dir / safe_name(name, "dataset name")
+    if not folder.is_dir():
+        return DatasetView([], f"New dataset **{safe_name(name, 'dataset name')}**: drop pictures above to create it.", [])
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in image_extensions())
+    if not images:
+        return DatasetView([], f"**{name}** has no pictures yet: drop 20–50 pictures (and their .txt captions) above.", [])
+    report = lint(studio, folder, trigger, resolution)
+    problems: dict[Path, list[DatasetIssue]] = {}
+    for issue in report.issues:
+        if issue.path is not None:
+            problems.setdefault(issue.path.with_suffix(""), []).append(issue)
+    rows = []
+    for image in images:
+        thumb = studio.projects.thumbnail(image)
+        picture = f"![{image.name}](/gradio_api/file={quote(str(thumb))})" if thumb else "✖"
+        notes = "<br>".join(f"{SEVERITY_ICON[i.severity]} {i.message} *{i.fix}*"
+                            for i in problems.get(image.with_suffix(""), []))
+        rows.append([picture, image.name, read_caption(studio, image), notes or "✔"])
+    issues = [[SEVERITY_ICON[i.severity], i.path.name if i.path else "(all)", i.message, i.fix] for i in report.issues]
+    return DatasetView(rows, report_markdown(name, report), issues)
+
+
+def lint(studio: Studio, folder: Path, trigger: str, resolution: int | float | None) -> LintReport:
+    data = DataConfig(data=str(folder), trigger=str(trigger or "").strip())
+    scan = scan_dataset(data)
+    return lint_dataset(scan, data, int(resolution or DEFAULT_LINT_RESOLUTION), studio.count_tokens,
+                        epochs=1, batch_size=1)
+
+
+def report_markdown(name: str, report: LintReport) -> str:
+    errors, warnings = report.count("error"), report.count("warning")
+    verdict = ("✔ Ready to train." if report.ok and not warnings else
+               "⚠ Trainable, but look at the warnings below." if report.ok else
+               "✖ Fix the errors below before training.")
+    lines = [f"### {name}: {report.num_images} usable pictures of {report.num_files}",
+             f"{verdict} ({errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)})"]
+    if report.trigger.strip():
+        lines.append(f'Trigger word **"{report.trigger}"** is in {report.trigger_count} of {report.num_images} captions.')
+    if report.bucket_counts:
+        buckets = ", ".join(f"{w}×{h}: {n}" for (w, h), n in sorted(report.bucket_counts.items(), key=lambda kv: -kv[1]))
+        lines.append(f"Aspect buckets at {report.resolution} px: {buckets}")
+    return "\n\n".join(lines)
+
+
+def read_caption(studio: Studio, image: Path) -> str:
+    sidecar = studio.projects.caption_path(image)
+    if not sidecar.is_file():
+        return ""
+    return read_caption_file(sidecar)[0]
+
+
+def save_captions(studio: Studio, name: str, table: list[list[Any]]) -> int:
+    """Write every caption of the grid that differs from its sidecar; returns how many changed."""
+    folder = studio.projects.dataset_dir(name)
+    changed = 0
+    for row in table or []:
+        if len(row) <= CAPTION_COLUMN or not str(row[FILE_COLUMN] or "").strip():
+            continue
+        image = folder / safe_name(str(row[FILE_COLUMN]), "file name")
+        if not image.is_file():
+            raise DatasetError(f"{row[FILE_COLUMN]} is no longer in dataset '{name}'.",
+                               hint="Reload the dataset to see its current pictures.")
+        caption = " ".join(str(row[CAPTION_COLUMN] or "").split())
+        if caption != read_caption(studio, image):
+            atomic_write_text(studio.projects.caption_path(image), caption + "\n")
+            changed += 1
+    return changed
+
+
+def with_trigger(table: list[list[Any]], trigger: str) -> list[list[Any]]:
+    """The grid with ``trigger`` put first in every caption that lacks it."""
+    trigger = str(trigger or "").strip()
+    if not trigger:
+        raise StudioError("Type a trigger word first.", hint="A rare made-up word such as 'zxq' works best.")
+    out = []
+    for row in table or []:
+        row = list(row)
+        caption = str(row[CAPTION_COLUMN] or "").strip()
+        if not has_trigger(caption, trigger):
+            row[CAPTION_COLUMN] = f"{trigger}, {caption}" if caption else trigger
+        out.append(row)
+    return out
+
+
+def replaced(table: list[list[Any]], find: str, replacement: str) -> tuple[list[list[Any]], int]:
+    """The grid with ``find`` replaced in every caption, and the number of captions changed."""
+    if not find:
+        raise StudioError("Type the text to find first.")
+    out, count = [], 0
+    for row in table or []:
+        row = list(row)
+        caption = str(row[CAPTION_COLUMN] or "")
+        if find in caption:
+            row[CAPTION_COLUMN] = " ".join(caption.replace(find, replacement or "").split()).strip(" ,")
+            count += 1
+        out.append(row)
+    return out, count
+
+
+# --- layout and wiring ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetTab:
+    """Components other tabs link to."""
+
+    name: gr.Dropdown
+    trigger: gr.Textbox
+
+
+def build_dataset_tab(studio: Studio) -> DatasetTab:
+    gr.Markdown("Drop your pictures here, give each a caption, and fix what the check below reports. "
+                "Everything is saved in the project folder as you go.", elem_id="dataset-intro")
+    with gr.Row():
+        names = studio.projects.list_datasets()
+        name = gr.Dropdown(choices=names, value=names[0] if names else None, allow_custom_value=True,
+                           label="Dataset", info="Pick a dataset, or type a new name and press Enter.",
+                           elem_id="dataset-name", scale=3)
+        trigger = gr.Textbox(label="Trigger word", info="A rare word the LoRA's subject will answer to, e.g. 'zxq'.",
+                             elem_id="dataset-trigger", scale=2)
+        resolution = gr.Number(value=DEFAULT_LINT_RESOLUTION, precision=0, label="Check against resolution (px)",
+                               info="Pictures smaller than this are flagged (the demo model trains at 64).",
+                               elem_id="dataset-resolution", scale=2)
+    with gr.Row():
+        upload = gr.File(file_count="multiple", file_types=["image", ".txt", ".caption"], type="filepath",
+                         label="Drop pictures (and .txt captions) here, or click to choose files",
+                         elem_id="dataset-upload", height=140, scale=3)
+        with gr.Column(scale=2):
+            folder = gr.Textbox(label="…or copy in a folder from this computer", placeholder="/home/me/Pictures/zxq",
+                                elem_id="dataset-folder")
+            import_button = gr.Button("Copy folder into the dataset", elem_id="dataset-import")
+    status = gr.Markdown(elem_id="dataset-status")
+    report = gr.Markdown(elem_id="dataset-report")
+    with gr.Row():
+        add_trigger = gr.Button("Add trigger word to all captions", elem_id="dataset-add-trigger", scale=1)
+        find = gr.Textbox(label="Find in captions", elem_id="dataset-find", scale=2)
+        replace_with = gr.Textbox(label="Replace with", elem_id="dataset-replace", scale=2)
+        replace_button = gr.Button("Replace in all captions", elem_id="dataset-replace-button", scale=1)
+        check = gr.Button("Check again", elem_id="dataset-check", scale=1)
+    table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["markdown", "str", "str", "markdown"], type="array",
+                         interactive=True, static_columns=[0, 1, 3], column_widths=["110px", "16%", "42%", "32%"],
+                         wrap=True, max_height=720, label="Pictures and captions (edits are saved as .txt files)",
+                         elem_id="dataset-table", row_count=0)
+    issues = gr.Dataframe(headers=ISSUE_HEADERS, datatype=["str", "str", "str", "str"], type="array",
+                          interactive=False, wrap=True, column_widths=["40px", "18%", "45%", "37%"],
+                          label="Problems found, with what to do", elem_id="dataset-issues", row_count=0)
+
+    view_outputs = [table, report, issues]
+
+    def show(view: DatasetView, message: str = "") -> tuple:
+        return view.table, view.report, view.issues, message
+
+    @user_errors
+    def show_dataset(dataset: str, trigger_word: str, check_resolution: float):
+        return show(dataset_view(studio, dataset, trigger_word, check_resolution))
+
+    @user_errors
+    def upload_images(dataset: str, files: list[str] | None, trigger_word: str, check_resolution: float):
+        if not str(dataset or "").strip():
+            raise DatasetError("Name the dataset first.", hint="Type a name in the Dataset box, then drop the pictures again.")
+        if not files:
+            raise DatasetError("No files were received.", hint="Drop pictures onto the upload area.")
+        summary = studio.projects.add_files(dataset, [Path(f) for f in files])
+        return (*show(dataset_view(studio, dataset, trigger_word, check_resolution), summary.text()),
+                gr.update(choices=studio.projects.list_datasets(), value=safe_name(dataset, "dataset name")), None)
+
+    @user_errors
+    def import_folder(dataset: str, source_folder: str, trigger_word: str, check_resolution: float):
+        if not str(dataset or "").strip():
+            raise DatasetError("Name the dataset first.", hint="Type a name in the Dataset box.")
+        summary = studio.projects.import_folder(dataset, source_folder)
+        return (*show(dataset_view(studio, dataset, trigger_word, check_resolution), summary.text()),
+                gr.update(choices=studio.projects.list_datasets(), value=safe_name(dataset, "dataset name")))
+
+    @user_errors
+    def save_caption_edits(dataset: str, rows: list[list[Any]], trigger_word: str, check_resolution: float):
+        changed = save_captions(studio, dataset, rows)
+        view = dataset_view(studio, dataset, trigger_word, check_resolution)
+        message = f"Saved {changed} caption{'s' * (changed != 1)}." if changed else gr.skip()
+        return view.report, view.issues, message
+
+    @user_errors
+    def add_trigger_to_all(dataset: str, rows: list[list[Any]], trigger_word: str, check_resolution: float):
+        changed = save_captions(studio, dataset, with_trigger(rows, trigger_word))
+        return show(dataset_view(studio, dataset, trigger_word, check_resolution),
+                    f'Added "{trigger_word.strip()}" to {changed} caption{"s" * (changed != 1)}.')
+
+    @user_errors
+    def replace_in_captions(dataset: str, rows: list[list[Any]], find_text: str, replacement: str,
+                            trigger_word: str, check_resolution: float):
+        new_rows, count = replaced(rows, find_text, replacement)
+        save_captions(studio, dataset, new_rows)
+        return show(dataset_view(studio, dataset, trigger_word, check_resolution),
+                    f'Replaced "{find_text}" in {count} caption{"s" * (count != 1)}.')
+
+    lint_inputs = [trigger, resolution]
+    name.change(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name="show_dataset")
+    check.click(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
+    resolution.submit(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
+    trigger.submit(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
+    upload.upload(upload_images, [name, upload, *lint_inputs], [*view_outputs, status, name, upload],
+                  api_name="upload_images")
+    import_button.click(import_folder, [name, folder, *lint_inputs], [*view_outputs, status, name],
+                        api_name="import_folder")
+    table.input(save_caption_edits, [name, table, *lint_inputs], [report, issues, status], api_name="save_captions",
+                trigger_mode="always_last")
+    add_trigger.click(add_trigger_to_all, [name, table, *lint_inputs], [*view_outputs, status], api_name="add_trigger")
+    replace_button.click(replace_in_captions, [name, table, find, replace_with, *lint_inputs],
+                         [*view_outputs, status], api_name="replace_in_captions")
+    return DatasetTab(name=name, trigger=trigger)
