@@ -17,7 +17,13 @@ from safetensors import safe_open
 
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError, LoraFileError
-from trainer.formats import ExportInfo, LoraModule, build_metadata, save_kohya_lora, save_peft_lora
+from trainer.formats import (
+    ExportInfo,
+    LoraModule,
+    build_metadata,
+    save_kohya_lora,
+    save_peft_lora,
+)
 from trainer.generate import (
     BlockWeights,
     GenerationRequest,
@@ -33,7 +39,7 @@ from trainer.kohya_names import kohya_module_name
 from trainer.lora import module_in_out, text_encoder_target_modules, unet_target_modules
 from trainer.models import load_base_model
 
-SIZE = dict(width=64, height=64, steps=2)
+SIZE = {"width": 64, "height": 64, "steps": 2}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -55,17 +61,19 @@ def lora_layers(model) -> dict[str, tuple[str, str]]:
     return layers
 
 
-def random_modules(model, rank: int, alpha: float, seed: int, *, only: str = "") -> list[LoraModule]:
+def random_modules(model, rank: int, alpha: float, seed: int, *, only: str = "",
+                   mixed_ranks: bool = False) -> list[LoraModule]:
     generator = torch.Generator().manual_seed(seed)
     modules = []
-    for name, (component, path) in lora_layers(model).items():
+    for index, (name, (component, path)) in enumerate(lora_layers(model).items()):
         if only and component != only:
             continue
         layer = getattr(model, component).get_submodule(path)
         in_features, out_features = module_in_out(layer)
         tail = (1, 1) if isinstance(layer, torch.nn.Conv2d) else ()
-        down = torch.randn(rank, in_features, *tail, generator=generator) * 0.3
-        up = torch.randn(out_features, rank, *tail, generator=generator) * 0.3
+        layer_rank = rank + (index % 3 == 0) if mixed_ranks else rank
+        down = torch.randn(layer_rank, in_features, *tail, generator=generator) * 0.3
+        up = torch.randn(out_features, layer_rank, *tail, generator=generator) * 0.3
         modules.append(LoraModule(name, down, up, alpha))
     return modules
 
@@ -108,7 +116,7 @@ def two_loras(tmp_path_factory, tiny_sd1_dir):
     folder = tmp_path_factory.mktemp("loras")
     model = load_model(tiny_sd1_dir)
     first = random_modules(model, rank=4, alpha=2.0, seed=1)  # alpha != rank: scale 0.5
-    second = random_modules(model, rank=2, alpha=8.0, seed=2)  # scale 4
+    second = random_modules(model, rank=2, alpha=8.0, seed=2, mixed_ranks=True)  # ranks 2 and 3: scale 4 or 8/3
     return (write_kohya(folder / "first.safetensors", first), first,
             write_kohya(folder / "second.safetensors", second), second)
 
@@ -142,8 +150,27 @@ def test_two_loras_mix_exactly(tiny_sd1_dir, two_loras, fuse: bool) -> None:
         torch.testing.assert_close(effective_weight(component_module(model, *where)), base[name], atol=2e-6, rtol=0)
 
 
+def test_fp16_weights_are_restored_bit_exact_after_fusing(tiny_sd1_dir, two_loras) -> None:
+    """Unfusing by subtraction drifts in fp16; switching weights back and forth must not."""
+    first_path, first, second_path, second = two_loras
+    model = load_base_model(ModelConfig(base=str(tiny_sd1_dir)), dtype=torch.float16)
+    layers = lora_layers(model)
+    base = {name: component_module(model, *where).weight.detach().clone() for name, where in layers.items()}
+    generator = Generator(model, fuse=True)
+    generator.prepare(GenerationRequest("x", loras=(LoraSpec(first_path), LoraSpec(second_path))))
+    for weights in [(0.7, 0.3), (1.3, -0.5), (0.2, 0.9)]:
+        generator.apply((LoraSpec(first_path, weights[0]), LoraSpec(second_path, weights[1])))
+        for a, b in zip(first, second):
+            fused = component_module(model, *layers[a.name]).get_base_layer().weight.float()
+            expected = base[a.name].float() + weights[0] * delta(a) + weights[1] * delta(b)
+            torch.testing.assert_close(fused, expected, atol=1e-2, rtol=1e-2)
+    generator.apply(())
+    for name, where in layers.items():
+        assert torch.equal(component_module(model, *where).get_base_layer().weight, base[name]), name
+
+
 def test_weight_zero_renders_the_base_image_and_switching_never_reloads(tiny_sd1_dir, two_loras, monkeypatch) -> None:
-    first_path, _, second_path, _ = two_loras
+    first_path, _, _second_path, _ = two_loras
     generator = Generator(load_model(tiny_sd1_dir))
     plain = generator.generate(GenerationRequest("a cat", seed=3, **SIZE))[0]
 
@@ -285,20 +312,20 @@ def test_keys_that_match_nothing_are_reported(tiny_sd1_dir, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(width=60), "width 60 is not a multiple of 8"),
-    (dict(height=100), "Use 96 or 104"),
+    ({"width": 60}, "width 60 is not a multiple of 8"),
+    ({"height": 100}, "Use 96 or 104"),
 ])
 def test_size_must_fit_the_model(tiny_sd1_dir, fields: dict, message: str) -> None:
     generator = Generator(load_model(tiny_sd1_dir))
     with pytest.raises(ConfigError, match=message):
-        generator.generate(GenerationRequest("x", **{**SIZE, **fields}))
+        generator.prepare(GenerationRequest("x", **{**SIZE, **fields}))  # before any image work
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(steps=0), "steps must be at least 1"),
-    (dict(batch_count=0), "batch count"),
-    (dict(scheduler="Euler a Karras"), "no Karras schedule"),
-    (dict(loras=(LoraSpec("a.safetensors"), LoraSpec("./a.safetensors"))), "listed twice"),
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"batch_count": 0}, "batch count"),
+    ({"scheduler": "Euler a Karras"}, "no Karras schedule"),
+    ({"loras": (LoraSpec("a.safetensors"), LoraSpec("./a.safetensors"))}, "listed twice"),
 ])
 def test_request_is_validated(fields: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -343,3 +370,17 @@ def test_batch_with_comparison_writes_a1111_pngs(tiny_sd1_dir, two_loras, tmp_pa
     with safe_open(str(first_path), "pt") as fh:
         assert info.lora_hashes["first"] == fh.metadata()["sshs_model_hash"][:12]  # A1111's LoRA hash
     assert save_images(images[:1], tmp_path / "out")[0].name == "00004-7.png"  # numbering continues
+
+
+def test_cli_generate_writes_pngs(tiny_sd1_dir, two_loras, tmp_path, capsys) -> None:
+    from trainer.cli import main
+
+    first_path = two_loras[0]
+    code = main(["generate", "--base", str(tiny_sd1_dir), "--lora", f"{first_path}:0.8", "--prompt", "zxq girl",
+                 "--negative", "blurry", "--seed", "7", "--steps", "2", "--cfg", "5", "-n", "1", "--width", "64",
+                 "--height", "64", "--scheduler", "DDIM", "--out", str(tmp_path / "out")])
+    assert code == 0
+    written = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in written] == ["00000-7.png"] and str(written[0]) in capsys.readouterr().out
+    info = parse_infotext(read_png_infotext(written[0]))
+    assert (info.prompt, info.sampler, info.cfg_scale, info.seed) == ("zxq girl <lora:first:0.8>", "DDIM", 5.0, 7)

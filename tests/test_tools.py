@@ -13,7 +13,13 @@ import torch
 
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError, LoraFileError
-from trainer.formats import ExportInfo, LoraModule, build_metadata, read_lora_file, save_kohya_lora
+from trainer.formats import (
+    ExportInfo,
+    LoraModule,
+    build_metadata,
+    read_lora_file,
+    save_kohya_lora,
+)
 from trainer.generate import GenerationRequest, Generator, LoraSpec
 from trainer.kohya_names import kohya_module_name
 from trainer.lora import module_in_out, text_encoder_target_modules, unet_target_modules
@@ -112,7 +118,7 @@ def test_resize_to_full_rank_reproduces_the_lora(lora_file, tmp_path) -> None:
         torch.testing.assert_close(dense(module), dense(modules[name]), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("target", [dict(rank=2), dict(energy=0.9), dict(rank=3, energy=0.6)])
+@pytest.mark.parametrize("target", [{"rank": 2}, {"energy": 0.9}, {"rank": 3, "energy": 0.6}])
 def test_resize_keeps_the_energy_it_reports(lora_file, tmp_path, target: dict) -> None:
     path, modules = lora_file
     report = resize_lora(path, tmp_path / "small.safetensors", **target, dtype="fp32")
@@ -136,7 +142,7 @@ def test_resize_keeps_the_energy_it_reports(lora_file, tmp_path, target: dict) -
     assert report.energy_kept == pytest.approx(total_kept / total, rel=1e-5)
     ranks = {layer.new_rank for layer in report.layers}
     assert resized.metadata["ss_network_dim"] == (str(ranks.pop()) if len(ranks) == 1 else "Dynamic")
-    if target == dict(energy=0.9):  # spectra decaying by 0.5 and 0.25 need ranks 2 and 1
+    if target == {"energy": 0.9}:  # spectra decaying by 0.5 and 0.25 need ranks 2 and 1
         assert {layer.new_rank for layer in report.layers} == {1, 2}
     assert resized.metadata["modelspec.trigger_phrase"] == "zxq girl" and "resized" in resized.metadata["ss_training_comment"]
     assert "energy kept" in report.text()
@@ -209,8 +215,26 @@ def test_bake_then_plain_generation_equals_the_lora_generation(lora_file, tiny_s
         base.unet.get_submodule(proj).weight.shape)
     torch.testing.assert_close(baked.unet.get_submodule(proj).weight.double(), expected, atol=1e-6, rtol=1e-6)
 
-    request = dict(prompt="zxq girl", seed=5, steps=2, width=64, height=64)
+    request = {"prompt": "zxq girl", "seed": 5, "steps": 2, "width": 64, "height": 64}
     with_lora = Generator(base, fuse=False).generate(GenerationRequest(**request, loras=(LoraSpec(path, 0.8),)))[0]
     plain_baked = Generator(baked).generate(GenerationRequest(**request))[0]
     difference = np.abs(np.asarray(with_lora.image, np.int16) - np.asarray(plain_baked.image, np.int16))
     assert difference.max() <= 2
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def test_cli_inspect_resize_merge(lora_file, tmp_path, capsys) -> None:
+    from trainer.cli import main
+
+    path, _ = lora_file
+    assert main(["inspect", str(path), "--plot", str(tmp_path / "p.png")]) == 0
+    assert "LoRA for SD 1.x" in capsys.readouterr().out and (tmp_path / "p.png").is_file()
+    assert main(["resize", str(path), "--rank", "2", "--out", str(tmp_path / "r2.safetensors")]) == 0
+    assert "energy kept" in capsys.readouterr().out
+    assert read_lora_file(tmp_path / "r2.safetensors").modules[next(iter(lora_file[1]))].rank == 2
+    assert main(["merge", f"{path}:0.7", f"{tmp_path / 'r2.safetensors'}:0.3", "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert "0.7×mychar.safetensors + 0.3×r2.safetensors" in capsys.readouterr().out
+    assert main(["resize", str(path), "--out", str(tmp_path / "x.safetensors")]) == 2  # user error, one line
+    assert capsys.readouterr().err.startswith("error: Say how small")

@@ -36,7 +36,12 @@ from typing import Any
 import torch
 
 from trainer.errors import ConfigError, LoraFileError
-from trainer.formats import LoraFile, check_lora_fits, read_lora_file, tensor_data_sha256
+from trainer.formats import (
+    LoraFile,
+    check_lora_fits,
+    read_lora_file,
+    tensor_data_sha256,
+)
 from trainer.infotext import Infotext, LoraTag, lora_tags, save_png, strip_lora_tags
 from trainer.kohya_names import kohya_module_name
 from trainer.schedulers import DEFAULT_SAMPLER, make_scheduler, parse_sampler
@@ -273,7 +278,7 @@ def match_lora(file: LoraFile, index: dict[str, LayerRef]) -> LoraMatch:
     if not targets:
         raise LoraFileError(
             f"None of the {len(file.modules)} layers in {file.path.name} exist in this model "
-            f"(e.g. {sorted(file.modules)[0]}).",
+            f"(e.g. {min(file.modules)}).",
             hint="The LoRA was made for another model architecture, or its layer names are in a style "
                  "LoRA Studio does not know.")
     return LoraMatch(targets, tuple(sorted(unmatched)))
@@ -316,8 +321,8 @@ class LoraLoadReport:
         if not self.unmatched:
             return []
         shown = ", ".join(self.unmatched[:3]) + (", ..." if len(self.unmatched) > 3 else "")
-        return [f"{self.path.name}: {len(self.unmatched)} of {self.layers + len(self.unmatched)} layers match nothing "
-                f"in this model and were skipped ({shown})."]
+        return [(f"{self.path.name}: {len(self.unmatched)} of {self.layers + len(self.unmatched)} layers match nothing "
+                f"in this model and were skipped ({shown}).")]
 
 
 @dataclass
@@ -365,7 +370,12 @@ class Generator:
     # --- LoRA files ------------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> list[str]:
-        """Load (or keep) exactly the request's LoRA files; returns notes for the user."""
+        """Check the request against the model and load (or keep) exactly its LoRA files.
+
+        Returns notes for the user (layers that matched nothing, prompt tags without a file);
+        raises for anything that would stop generation, before any image work starts.
+        """
+        self._size(request)
         wanted = {_path_key(spec.path): spec for spec in request.loras}
         stale = [key for key, adapter in self._adapters.items()
                  if key not in wanted or adapter.stamp != _file_stamp(Path(key))]
@@ -517,7 +527,7 @@ class Generator:
                 progress = None
                 if on_progress is not None:
                     index = len(rendered)
-                    progress = lambda step, i=index: on_progress(GenerationProgress(i, total, step, request.steps))  # noqa: E731
+                    progress = lambda step, i=index: on_progress(GenerationProgress(i, total, step, request.steps))
                 image = self._render(request, seed, width, height, progress)
                 info = self._infotext(request, choice, seed, width, height, enabled if loras_on else [])
                 rendered[(loras_on, seed)] = GeneratedImage(image, seed, info, loras_on)
@@ -596,7 +606,7 @@ def transformer_blocks(unet: Any) -> tuple[list[str], list[str], list[str]]:
 
 def lbw_vector(unet: Any, blocks: BlockWeights) -> tuple[float, ...]:
     """``blocks`` as an LBW vector for this UNet (BASE, down transformers, MID, up transformers)."""
-    down, mid, up = transformer_blocks(unet)
+    down, _mid, up = transformer_blocks(unet)
     if blocks.vector:
         expected = 1 + len(down) + 1 + len(up)
         if len(blocks.vector) != expected:
@@ -609,19 +619,25 @@ def lbw_vector(unet: Any, blocks: BlockWeights) -> tuple[float, ...]:
 
 def block_multipliers(unet: Any, blocks: BlockWeights) -> Callable[[str], float]:
     """Module path -> multiplier of the UNet weight for that layer."""
-    down, mid, up = transformer_blocks(unet)
+    down, _mid, up = transformer_blocks(unet)
     vector = lbw_vector(unet, blocks)
-    per_container = dict(zip([*down, "mid_block.attentions.0", *up], vector[1:]))
-    layer_of = re.compile(r"^((?:down|up)_blocks\.\d+|mid_block)\.(?:attentions|resnets)\.(\d+)\.")
+    per_container = {**dict(zip(down, vector[1:1 + len(down)])), **dict(zip(up, vector[2 + len(down):]))}
+    mid = vector[1 + len(down)]
+    in_block = re.compile(r"^((?:down|up)_blocks\.\d+|mid_block)\.(?:(?:attentions|resnets)\.(\d+)\.)?")
 
     def multiplier(path: str) -> float:
-        if m := layer_of.match(path):
-            container = f"{m.group(1)}.attentions.{m.group(2)}"
-            if container in per_container:
-                return per_container[container]
-            if not blocks.vector:  # a down/up block without attention (resnets only) in the simple form
-                return {"down": blocks.down, "up": blocks.up, "mid": blocks.mid}[m.group(1).split("_")[0]]
-        return 1.0
+        m = in_block.match(path)
+        if m is None:
+            return 1.0  # conv_in, time embedding, conv_out: outside every block
+        block, layer = m.group(1), m.group(2)
+        if block == "mid_block":
+            return mid
+        container = f"{block}.attentions.{layer}"
+        if container in per_container:
+            return per_container[container]  # a transformer, or a resnet of the same layer (LoCon)
+        if blocks.vector:
+            return 1.0  # LBW vectors only name transformer layers
+        return blocks.down if block.startswith("down") else blocks.up
 
     return multiplier
 

@@ -7,8 +7,20 @@ shared low-rank SVD in ``tools_svd``); this module only gathers their public ent
 from __future__ import annotations
 
 from trainer.tools_bake import BakedLora, BakeReport, bake_loras
-from trainer.tools_inspect import BlockStats, LayerStats, LoraReport, inspect_lora, plot_report
-from trainer.tools_resize import LayerResize, MergeReport, ResizeReport, merge_loras, resize_lora
+from trainer.tools_inspect import (
+    BlockStats,
+    LayerStats,
+    LoraReport,
+    inspect_lora,
+    plot_report,
+)
+from trainer.tools_resize import (
+    LayerResize,
+    MergeReport,
+    ResizeReport,
+    merge_loras,
+    resize_lora,
+)
 
 __all__ = [
     "BakeReport", "BakedLora", "BlockStats", "LayerResize", "LayerStats", "LoraReport", "MergeReport",

@@ -18,8 +18,15 @@ import torch
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError
 from trainer.formats import EXPORT_DTYPES, check_lora_fits, read_lora_file
-from trainer.generate import LoraSpec, block_multipliers, layer_index, lora_factors, lora_short_hash, match_lora, \
-    model_components
+from trainer.generate import (
+    LoraSpec,
+    block_multipliers,
+    layer_index,
+    lora_factors,
+    lora_short_hash,
+    match_lora,
+    model_components,
+)
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,8 @@ class LoraReport:
         ranks = collections.Counter(s.rank for s in self.layers)
         alphas = collections.Counter(s.alpha for s in self.layers)
         lines = [
-            f"{self.path.name}: LoRA for {FAMILY_LABELS.get(self.family, self.family)} ({self.style} format, "
-            f"{self.dtype}, {_size(self.size_bytes)}, {self.parameters:,} parameters)",
+            (f"{self.path.name}: LoRA for {FAMILY_LABELS.get(self.family, self.family)} ({self.style} format, "
+            f"{self.dtype}, {_size(self.size_bytes)}, {self.parameters:,} parameters)"),
             f"Layers: {len(self.layers)} ("
             + ", ".join(f"{b.block} {b.layers}" for b in self.blocks if b.layers) + ")",
             "Rank: " + _counts(ranks) + "; alpha: " + _counts(alphas)
@@ -172,6 +172,7 @@ def plot_report(report: LoraReport, path: str | Path) -> Path:
     """A PNG with per-layer strength, every layer's singular-value spectrum and the block summary."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(12, 9), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)  # a canvas of our own: no pyplot, no global figure state
@@ -185,6 +186,7 @@ def plot_report(report: LoraReport, path: str | Path) -> Path:
             spectra.plot(range(1, len(values) + 1), values, color=_BLOCK_COLOURS[s.block], alpha=0.35, linewidth=1)
     spectra.set(title="Singular values of each ΔW (relative to the largest)", xlabel="index", ylabel="σᵢ / σ₁",
                 yscale="log")
+    spectra.xaxis.set_major_locator(MaxNLocator(integer=True))
     shown = [b for b in report.blocks if b.layers]
     blocks.bar([b.block for b in shown], [b.share for b in shown], color=[_BLOCK_COLOURS[b.block] for b in shown])
     blocks.set(title="Share of ‖ΔW‖²_F by block", ylabel="share")
@@ -231,15 +233,11 @@ def _size(size: int) -> str:
 
 
 def _training_summary(metadata: dict[str, str]) -> str:
-    parts = []
-    if metadata.get("ss_steps"):
-        parts.append(f"{metadata['ss_steps']} steps")
-    if metadata.get("ss_epoch"):
-        parts.append(f"epoch {metadata['ss_epoch']}")
-    if metadata.get("ss_learning_rate"):
-        parts.append(f"lr {metadata['ss_learning_rate']}")
-    if metadata.get("ss_num_train_images"):
-        parts.append(f"{metadata['ss_num_train_images']} images")
-    if metadata.get("ss_sd_model_name"):
-        parts.append(f"base {metadata['ss_sd_model_name']}")
+    def given(key: str) -> str:
+        value = metadata.get(key, "").strip()
+        return "" if value in ("", "0", "0.0", "None") else value
+
+    parts = [text.format(given(key)) for key, text in (
+        ("ss_steps", "{} steps"), ("ss_epoch", "epoch {}"), ("ss_learning_rate", "lr {}"),
+        ("ss_num_train_images", "{} images"), ("ss_sd_model_name", "base {}")) if given(key)]
     return "Trained: " + ", ".join(parts) if parts else ""

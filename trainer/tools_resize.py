@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 from trainer.errors import ConfigError, LoraFileError
-from trainer.formats import EXPORT_DTYPES, HASH_KEY, PEFT_METADATA_KEY, LoraModule, read_lora_file, save_kohya_lora
+from trainer.formats import (
+    EXPORT_DTYPES,
+    HASH_KEY,
+    PEFT_METADATA_KEY,
+    LoraModule,
+    read_lora_file,
+    save_kohya_lora,
+)
 from trainer.tools_svd import LowRankSVD, lowrank_svd
 
 FAMILY_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
