@@ -189,6 +189,24 @@ def test_weight_zero_renders_the_base_image_and_switching_never_reloads(tiny_sd1
     assert reads == [first_path] and generator.pipe.unet is unet  # weights changed, nothing reloaded
 
 
+def test_a_changed_file_is_reloaded_and_a_removed_one_dropped(tiny_sd1_dir, tmp_path) -> None:
+    import os
+
+    model = load_model(tiny_sd1_dir)
+    path = write_kohya(tmp_path / "wip.safetensors", random_modules(model, rank=2, alpha=2.0, seed=1, only="unet"))
+    next_epoch = random_modules(model, rank=3, alpha=2.0, seed=2, only="unet")
+    generator = Generator(model)
+    generator.prepare(GenerationRequest("x", loras=(LoraSpec(path),)))
+    first_adapter = generator.report(path).adapter
+    write_kohya(path, next_epoch)  # training saved a new epoch over it
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))
+    generator.prepare(GenerationRequest("x", loras=(LoraSpec(path),)))
+    assert generator.report(path).adapter != first_adapter
+    assert list(generator.pipe.get_list_adapters()["unet"]) == [generator.report(path).adapter]
+    path.unlink()
+    assert generator.prepare(GenerationRequest("x")) == [] and generator.pipe.get_list_adapters() == {}
+
+
 def test_alpha_other_than_rank_gives_the_right_strength(tiny_sd1_dir, tmp_path) -> None:
     """α=1 with r=4 must apply 0.25·B·A (kohya's α/r), not B·A."""
     model = load_model(tiny_sd1_dir)

@@ -378,7 +378,7 @@ class Generator:
         self._size(request)
         wanted = {_path_key(spec.path): spec for spec in request.loras}
         stale = [key for key, adapter in self._adapters.items()
-                 if key not in wanted or adapter.stamp != _file_stamp(Path(key))]
+                 if key not in wanted or adapter.stamp != _file_stamp(Path(key), missing_ok=True)]
         if stale:
             self._unfuse()
             self.pipe.delete_adapters([self._adapters[key].report.adapter for key in stale])
@@ -673,10 +673,12 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_stamp(path: Path) -> tuple[int, int]:
+def _file_stamp(path: Path, missing_ok: bool = False) -> tuple[int, int] | None:
     try:
         stat = path.stat()
     except OSError:
+        if missing_ok:
+            return None
         raise LoraFileError(f"LoRA file not found: {path}.", hint="Check the path.") from None
     return stat.st_mtime_ns, stat.st_size
 
