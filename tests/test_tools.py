@@ -238,3 +238,32 @@ def test_cli_inspect_resize_merge(lora_file, tmp_path, capsys) -> None:
     assert "0.7×mychar.safetensors + 0.3×r2.safetensors" in capsys.readouterr().out
     assert main(["resize", str(path), "--out", str(tmp_path / "x.safetensors")]) == 2  # user error, one line
     assert capsys.readouterr().err.startswith("error: Say how small")
+
+
+# --- extract -------------------------------------------------------------------------------------
+
+
+def test_extract_recovers_a_baked_lora(lora_file, tiny_model, tiny_sd1_dir, tmp_path) -> None:
+    from trainer.tools import extract_lora
+
+    unet_only = {n: m for n, m in lora_file[1].items() if n.startswith("lora_unet_")}
+    source = tmp_path / "unet-only.safetensors"
+    save_kohya_lora(list(unet_only.values()), {}, source, dtype="fp32")
+    tuned = tmp_path / "tuned.safetensors"
+    bake_loras(str(tiny_sd1_dir), [LoraSpec(source, 1.0)], tuned, dtype="fp32")
+
+    report = extract_lora(str(tiny_sd1_dir), str(tuned), tmp_path / "extracted.safetensors", rank=RANK,
+                          base_config=str(tiny_sd1_dir), dtype="fp32")
+    assert len(report.unchanged) == 12 and all(n.startswith("lora_te_") for n in report.unchanged)
+    assert report.energy_kept == pytest.approx(1.0, abs=1e-6)
+    extracted = read_lora_file(report.path)
+    assert set(extracted.modules) == set(unet_only)
+    for name, module in extracted.modules.items():
+        torch.testing.assert_close(dense(module), dense(unet_only[name]), atol=1e-5, rtol=1e-4)
+
+    small = extract_lora(str(tiny_sd1_dir), str(tuned), tmp_path / "r1.safetensors", rank=1,
+                         base_config=str(tiny_sd1_dir), dtype="fp32")
+    for layer in small.layers:
+        s = torch.linalg.svdvals(dense(unet_only[layer.name]))
+        assert layer.new_rank == 1
+        assert layer.energy_kept == pytest.approx(float(s[0] ** 2 / (s ** 2).sum()), rel=1e-4)

@@ -1,4 +1,4 @@
-"""``lora-studio generate / inspect / resize / merge / bake``: thin clients of generate.py and tools.py.
+"""``lora-studio generate / inspect / resize / merge / bake / extract``: thin clients of generate.py and tools.py.
 
 ``trainer.cli`` calls ``register(subparsers)``. Flag names are a contract with users' scripts
 (issue 3): ``--base --lora FILE:WEIGHT`` (repeatable) ``--prompt --negative --seed --steps --cfg
@@ -63,6 +63,17 @@ def register(sub: Any) -> None:
     bake.add_argument("--out", required=True, help="Output checkpoint (.safetensors, A1111/ComfyUI single-file layout).")
     bake.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="Checkpoint dtype.")
     bake.set_defaults(handler=run_bake)
+
+    extract = sub.add_parser("extract", help="Make a LoRA from the difference of a fine-tuned checkpoint and its base.")
+    extract.add_argument("--base", required=True, help="The original base model.")
+    extract.add_argument("--tuned", required=True, help="The fine-tuned model (same architecture).")
+    extract.add_argument("--base-config", default="", help="Diffusers config folder for unusual single-file checkpoints.")
+    extract.add_argument("--rank", type=int, default=32, help="Rank of the LoRA (with --energy: the largest allowed).")
+    extract.add_argument("--energy", type=float, default=None, help="Keep this fraction of each layer's difference (per-layer rank).")
+    extract.add_argument("--targets", choices=("cross-attn", "attn", "full"), default="full", help="UNet layers to extract.")
+    extract.add_argument("--out", required=True, help="Output .safetensors LoRA file.")
+    extract.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="Output dtype.")
+    extract.set_defaults(handler=run_extract)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -135,3 +146,13 @@ def run_bake(args: argparse.Namespace) -> int:
 
 def _lora_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help=help_text)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from trainer.cli import quiet_libraries
+    from trainer.tools import extract_lora
+
+    quiet_libraries()
+    print(extract_lora(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy, targets=args.targets,
+                       base_config=args.base_config, dtype=args.dtype).text())
+    return 0

@@ -1,12 +1,13 @@
-"""LoRA tools, one import for the CLI and the GUI: inspect, resize, merge, bake.
+"""LoRA tools, one import for the CLI and the GUI: inspect, resize, merge, bake, extract.
 
-Each tool lives in its own module (``tools_inspect``, ``tools_resize``, ``tools_bake``; the
+Each tool lives in its own module (``tools_inspect``, ``tools_resize``, ``tools_bake``, ``tools_extract``; the
 shared low-rank SVD in ``tools_svd``); this module only gathers their public entry points.
 """
 
 from __future__ import annotations
 
 from trainer.tools_bake import BakedLora, BakeReport, bake_loras
+from trainer.tools_extract import ExtractReport, extract_lora
 from trainer.tools_inspect import (
     BlockStats,
     LayerStats,
@@ -23,6 +24,6 @@ from trainer.tools_resize import (
 )
 
 __all__ = [
-    "BakeReport", "BakedLora", "BlockStats", "LayerResize", "LayerStats", "LoraReport", "MergeReport",
-    "ResizeReport", "bake_loras", "inspect_lora", "merge_loras", "plot_report", "resize_lora",
+    "BakeReport", "BakedLora", "BlockStats", "ExtractReport", "LayerResize", "LayerStats", "LoraReport", "MergeReport",
+    "ResizeReport", "bake_loras", "extract_lora", "inspect_lora", "merge_loras", "plot_report", "resize_lora",
 ]

@@ -89,20 +89,20 @@ class MergeReport:
 def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None, energy: float | None = None,
                 dtype: str | None = None) -> ResizeReport:
     """Truncate every layer to ``rank``, or to the smallest rank keeping ``energy`` of it (both: rank caps)."""
-    _check_target(rank, energy, required=True)
+    check_target(rank, energy, required=True)
     file = read_lora_file(source)
     out = Path(out)
     modules, layers = [], []
     for name, module in sorted(file.modules.items()):
         svd = lowrank_svd(module.up, module.down, module.alpha / module.rank)
-        new_rank = _target_rank(svd, module.rank if rank is None else min(rank, module.rank), energy)
+        new_rank = target_rank(svd, module.rank if rank is None else min(rank, module.rank), energy)
         modules.append(_truncated(name, svd, new_rank, module))
         layers.append(LayerResize(name, module.rank, new_rank, svd.energy, svd.energy_kept(new_rank)))
     ranks = sorted({m.rank for m in modules})
     old = sorted({m.rank for m in file.modules.values()})
     comment = (f"resized from rank {_range(old)} to {_range(ranks)} by LoRA Studio "
                f"({'energy ' + format(energy, 'g') if energy else 'fixed rank'})")
-    metadata = _output_metadata(file.metadata, file.family, out, ranks, comment)
+    metadata = output_metadata(file.metadata, file.family, out, ranks, comment)
     size = save_kohya_lora(modules, metadata, out, dtype=dtype or _storable_dtype(file.dtype))
     return ResizeReport(out, tuple(layers), size, file.path.stat().st_size)
 
@@ -112,7 +112,7 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
     """Σ weightᵢ·LoRAᵢ as one file: exact (ranks concatenated) unless ``rank``/``energy`` ask for an SVD."""
     if not sources:
         raise ConfigError("Give at least one LoRA file to merge.")
-    _check_target(rank, energy, required=False)
+    check_target(rank, energy, required=False)
     files = [(read_lora_file(path), float(weight)) for path, weight in sources]
     family = _common_family(files)
     stacks: dict[str, list[tuple[LoraModule, float]]] = {}
@@ -131,7 +131,7 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
                 modules.append(LoraModule(name, down, up, float(down.shape[0])))
             continue
         svd = lowrank_svd(up, down)
-        new_rank = _target_rank(svd, rank or down.shape[0], energy)
+        new_rank = target_rank(svd, rank or down.shape[0], energy)
         modules.append(_truncated(name, svd, new_rank, parts[0][0]))
         kept += svd.energy * svd.energy_kept(new_rank)
         total += svd.energy
@@ -140,7 +140,7 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
     names = [(file.path.name, weight) for file, weight in files]
     base_meta = {k: v for k, v in files[0][0].metadata.items() if k.startswith(("ss_base_model_version", "ss_v2",
                                                                                  "modelspec.architecture"))}
-    metadata = _output_metadata(base_meta, family, out, ranks, "merged by LoRA Studio: " + ", ".join(
+    metadata = output_metadata(base_meta, family, out, ranks, "merged by LoRA Studio: " + ", ".join(
         f"{weight:g}×{name}" for name, weight in names))
     metadata["ss_merged_from"] = json.dumps([
         {"file": file.path.name, "weight": weight, HASH_KEY: file.metadata.get(HASH_KEY, "")} for file, weight in files])
@@ -156,7 +156,8 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _check_target(rank: int | None, energy: float | None, *, required: bool) -> None:
+def check_target(rank: int | None, energy: float | None, *, required: bool) -> None:
+    """Validate a target rank / energy fraction (shared by resize, merge and extract)."""
     if required and rank is None and energy is None:
         raise ConfigError("Say how small the LoRA should get.",
                           hint="Give a target rank (--rank 16) or an energy to keep (--energy 0.95), or both.")
@@ -167,7 +168,8 @@ def _check_target(rank: int | None, energy: float | None, *, required: bool) -> 
                           hint="0.95 keeps 95% of each layer's squared Frobenius norm.")
 
 
-def _target_rank(svd: LowRankSVD, cap: int, energy: float | None) -> int:
+def target_rank(svd: LowRankSVD, cap: int, energy: float | None) -> int:
+    """The rank to keep: the energy threshold's rank (if any), never above ``cap``, at least 1."""
     wanted = svd.rank_for_energy(energy) if energy is not None else cap
     return max(1, min(wanted, cap, len(svd.s)))
 
@@ -197,8 +199,9 @@ def _check_same_layer(name: str, parts: list[tuple[LoraModule, float]], files: l
                             hint="The LoRAs were made for different base models.")
 
 
-def _output_metadata(source: dict[str, str], family: str | None, out: Path, ranks: list[int],
-                     comment: str) -> dict[str, str]:
+def output_metadata(source: dict[str, str], family: str | None, out: Path, ranks: list[int],
+                    comment: str) -> dict[str, str]:
+    """Header of a rewritten LoRA: the source's, minus its hash, with dim/alpha/title and a comment."""
     meta = {k: v for k, v in source.items() if k not in (HASH_KEY, PEFT_METADATA_KEY)}
     dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
     meta.update({"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim,
