@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer.atomic import is_disk_full
 from trainer.errors import CheckpointError, StudioError
 
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -94,18 +96,30 @@ def save_checkpoint(checkpoint_dir: Path, step: int, state: dict[str, Any], keep
             with open(staging / name, "rb+") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # "save now" twice at the same step: replace the older copy
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(staging, final)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise StudioError(f"Could not write the checkpoint {final}: {exc.strerror or exc}.",
-                          hint="Free disk space or choose another output folder; earlier checkpoints were kept.") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) or is_disk_full(exc):  # safetensors reports a full disk as SafetensorError
+            reason = "the disk is full" if is_disk_full(exc) else (getattr(exc, "strerror", None) or exc)
+            raise StudioError(f"Could not write the checkpoint {final}: {reason}.",
+                              hint="Free disk space or choose another output folder; earlier checkpoints were kept.") from None
         raise
     for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
-        shutil.rmtree(old.path, ignore_errors=True)
+        _discard(old.path)
+    for stray in checkpoint_dir.glob(".step-*"):  # left behind by a crash in the middle of a save or delete
+        shutil.rmtree(stray, ignore_errors=True)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder; renamed first, so a crash never leaves half of one under its name."""
+    doomed = path.with_name(f".{path.name}.{secrets.token_hex(4)}.deleting")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[CheckpointInfo]:

@@ -173,8 +173,11 @@ def _train_with_progress_bar(config) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     bar = None
+    reporting = os.environ.get("RANK", "0") == "0"  # under accelerate launch only the main process reports
     try:
         for event in train(config, commands):
+            if not reporting:
+                continue
             if isinstance(event, Notice):
                 (tqdm.write if bar else print)(f"{'warning: ' if event.level == 'warning' else ''}{event.text}")
             elif isinstance(event, RunStarted):

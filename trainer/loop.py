@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from trainer.atomic import atomic_write_text, write_error
 from trainer.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import StudioConfig, save_toml
 from trainer.errors import CheckpointError, TrainingError
@@ -55,14 +56,19 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
     notices.clear()
     is_main = session.accelerator.is_main_process
     if is_main:
-        session.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            session.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a file where a folder should be, a read-only drive
+            raise write_error(session.run_dir, exc) from None
         save_toml(config, session.run_dir / "config.toml")
-        (session.run_dir / "dataset-report.txt").write_text(session.lint.summary_text(), encoding="utf-8")
+        atomic_write_text(session.run_dir / "dataset-report.txt", session.lint.summary_text())
     yield Notice("info", "Preparing latents and text embeddings…")
     with session.accelerator.main_process_first(), out_of_memory_as_training_error(session, "while preparing latents"):
         session.warm_caches(lambda level, text: notices.append(Notice(level, text)))  # others read the main's disk cache
     yield from notices
     start_step = resume_if_asked(session)
+    if start_step:
+        yield Notice("info", f"Resuming from the checkpoint of step {start_step}.")
     yield RunStarted(session.total_steps, start_step, len(session.training_set.items), config.train.batch_size,
                      session.run_dir, str(session.device), sum(p.numel() for g in session.optimizer.param_groups for p in g["params"]))
 
