@@ -243,6 +243,40 @@ def test_peft_and_kohya_files_of_one_adapter_give_identical_outputs(tiny_sd1_dir
     torch.testing.assert_close(outputs[1], outputs[3], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("style, dtype, tolerance", [
+    ("kohya", "fp16", 2e-3), ("kohya", "bf16", 2e-2), ("peft", "fp16", 2e-3), ("diffusers-old", "fp32", 2e-5),
+])
+def test_every_file_style_and_dtype_applies_the_same_update(tiny_sd1_dir, tmp_path, style, dtype, tolerance) -> None:
+    from safetensors.torch import save_file
+
+    model = load_model(tiny_sd1_dir)
+    attention = [m for m in random_modules(model, rank=4, alpha=4.0, seed=9, only="unet") if "_attn" in m.name]
+    layers = lora_layers(model)
+    path = tmp_path / f"{style}-{dtype}.safetensors"
+    if style == "kohya":
+        save_kohya_lora(attention, {}, path, dtype=dtype)
+    elif style == "peft":
+        save_peft_lora(attention, path, dtype=dtype)
+    else:  # diffusers < 0.21 attention-processor keys, no alpha (scale 1)
+        tensors = {}
+        for m in attention:
+            block, _, proj = layers[m.name][1].rpartition(".")
+            proj = "to_out" if proj == "0" else proj
+            block = block.removesuffix(".to_out")
+            tensors[f"unet.{block}.processor.{proj}_lora.down.weight"] = m.down.contiguous()
+            tensors[f"unet.{block}.processor.{proj}_lora.up.weight"] = m.up.contiguous()
+        save_file(tensors, str(path))
+    base = {m.name: component_module(model, *layers[m.name]).weight.detach().clone() for m in attention}
+    generator = Generator(model)
+    spec = LoraSpec(path, 0.5)
+    generator.prepare(GenerationRequest("x", loras=(spec,)))
+    assert generator.report(path).layers == len(attention) and generator.report(path).style == style
+    generator.apply((spec,))
+    for m in attention:
+        got = effective_weight(component_module(model, *layers[m.name]))
+        torch.testing.assert_close(got, base[m.name] + 0.5 * delta(m), atol=tolerance, rtol=tolerance, msg=m.name)
+
+
 # --- text-encoder/UNet split and block weights ---------------------------------------------------
 
 
