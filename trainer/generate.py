@@ -395,8 +395,8 @@ class Generator:
         given = {spec.name for spec in request.loras}
         for tag in lora_tags(request.prompt):
             if tag.name not in given:
-                notes.append(f"The prompt names <lora:{tag.name}> but no such LoRA file was given; the tag is ignored "
-                             f"(add it with --lora {tag.name}.safetensors:{tag.te:g}).")
+                notes.append(f"The prompt names <lora:{tag.name}> but no LoRA file {tag.name}.safetensors was "
+                             "given; the tag is ignored (LoRAs are added as files with their weights, not in the prompt).")
         return notes
 
     def report(self, path: str | Path) -> LoraLoadReport:
@@ -415,8 +415,14 @@ class Generator:
             down, up = lora_factors(module, ref)
             state[f"{ref.component}.{ref.path}.lora_A.weight"] = down
             state[f"{ref.component}.{ref.path}.lora_B.weight"] = up * module.scale  # adapter scale is then 1
-        with _quiet_adapter_loading():
-            self.pipe.load_lora_weights(state, adapter_name=adapter_name)
+        try:
+            with _quiet_adapter_loading():
+                self.pipe.load_lora_weights(state, adapter_name=adapter_name)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            self._drop_partial(adapter_name)
+            first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise LoraFileError(f"diffusers could not load {path.name}: {first_line}",
+                                hint="Nothing of it was applied; please report this file.") from exc
         self._verify_loaded(path, adapter_name, match)
         report = LoraLoadReport(path=path, name=path.stem, adapter=adapter_name, family=file.family, style=file.style,
                                 layers=len(match.targets), unmatched=match.unmatched, short_hash=lora_short_hash(file))
@@ -433,9 +439,13 @@ class Generator:
             if not (isinstance(layer, LoraLayer) and adapter_name in layer.lora_A):
                 missing.append(f"{ref.component}.{ref.path}")
         if missing:
-            self.pipe.delete_adapters([adapter_name])
+            self._drop_partial(adapter_name)
             raise LoraFileError(f"diffusers did not attach {len(missing)} layers of {path.name} (e.g. {missing[0]}).",
                                 hint="Please report this file; nothing of it was applied.")
+
+    def _drop_partial(self, adapter_name: str) -> None:
+        if any(adapter_name in names for names in self.pipe.get_list_adapters().values()):
+            self.pipe.delete_adapters([adapter_name])
 
     # --- weights ---------------------------------------------------------------------------------
 
