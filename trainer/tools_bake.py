@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,7 +80,7 @@ def bake_loras(base: str, loras: Sequence[LoraSpec], out: str | Path, *, base_co
     return BakeReport(out, baked, dtype)
 
 
-def add_lora_to_weights(model, spec: LoraSpec) -> BakedLora:
+def add_lora_to_weights(model: Any, spec: LoraSpec) -> BakedLora:
     """W += weight·(α/r)·B·A for every layer of ``spec``'s file that this model has (in place)."""
     file = read_lora_file(spec.path)
     check_lora_fits(file, model.family)
