@@ -256,7 +256,7 @@ class RunController:
             self._touch(run)
 
     def _get(self, run_id: str) -> RunState:
-        run = self._runs.get(run_id)
+        run = self._runs.get(str(run_id))
         if run is None:
             raise StudioError(f"No run with id '{run_id}' in this session.",
                               hint="Pick a run from the list (runs of an earlier session can be resumed).")

@@ -171,7 +171,8 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
                                info="Pictures smaller than this are flagged (the demo model trains at 64).",
                                elem_id="dataset-resolution", scale=2)
     with gr.Row():
-        upload = gr.File(file_count="multiple", file_types=["image", ".txt", ".caption"], type="filepath",
+        # No file_types filter: one stray file in a dropped batch is skipped with a reason, not the whole batch.
+        upload = gr.File(file_count="multiple", type="filepath",
                          label="Drop pictures (and .txt captions) here, or click to choose files",
                          elem_id="dataset-upload", height=140, scale=3)
         with gr.Column(scale=2):

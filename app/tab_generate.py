@@ -162,7 +162,8 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
     with gr.Row():
         width = gr.Number(value=0, precision=0, label="Width", info="0 = the model's own size.", elem_id="gen-width")
         height = gr.Number(value=0, precision=0, label="Height", info="0 = the model's own size.", elem_id="gen-height")
-        scheduler = gr.Dropdown(choices=sampler_names(), value=DEFAULT_SAMPLER, label="Sampler", elem_id="gen-scheduler")
+        scheduler = gr.Dropdown(choices=sampler_names(), value=DEFAULT_SAMPLER, label="Sampler", allow_custom_value=True,
+                                elem_id="gen-scheduler")
         batch = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-batch")
         compare = gr.Checkbox(value=False, label="Compare with LoRA off",
                               info="Same seed, each image also without any LoRA.", elem_id="gen-compare")

@@ -51,6 +51,20 @@ def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: s
     return resolve_config(preset or None, None, flat)
 
 
+def check_base_exists(studio: Studio, base_choice: str) -> None:
+    """A typed path that does not exist is reported now, not by the worker after a wait in the queue."""
+    from trainer.errors import ModelLoadError
+    from trainer.models import HUB_ID
+
+    text = str(base_choice or "").strip()
+    if studio.projects.is_demo(text) or Path(text).expanduser().exists():
+        return
+    if HUB_ID.match(text) and not text.startswith((".", "~", "/")):
+        return
+    raise ModelLoadError(f"Base model not found: {text}.",
+                         hint="Type the full path of a diffusers folder or a .safetensors checkpoint, or pick the demo model.")
+
+
 def unique_run_name(studio: Studio, wanted: str, dataset: str) -> str:
     """``wanted`` (or the dataset's name), numbered if a run of that name exists already."""
     base = safe_name(str(wanted or "").strip() or f"{dataset}-lora", "run name")
@@ -87,11 +101,30 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
     if not report.ok:
         lines.append(f"✖ The dataset has {report.count('error')} error(s) at {resolution} px: see the Dataset tab.")
     lines.append(size_line)
-    lines.append(f"**Device:** {device_label(config.train.device)}. Memory and duration: the progress bar shows "
-                 "the measured speed and ETA from the first steps.")
+    lines.append(estimate_line(studio, config, arch, report.steps.total_steps if report.steps else 0,
+                               scan.num_samples, resolution))
     if studio.projects.is_demo(base_choice):
         lines.append("**Demo model:** tiny and random. It trains in seconds but its images are noise.")
     return "\n\n".join(lines)
+
+
+def estimate_line(studio: Studio, config: StudioConfig, arch: Any, steps: int, samples: int, resolution: int) -> str:
+    """Predicted memory and duration on the device the run will use."""
+    device = device_label(config.train.device)
+    try:
+        from trainer.estimate import estimate_run
+    except ImportError:  # an engine build without the estimator: say what we know
+        return f"**Device:** {device}. The progress bar shows the measured speed and ETA from the first steps."
+    if arch is None:
+        return f"**Device:** {device}. Memory and time are estimated once the base model can be read."
+    source = config.model.base if Path(config.model.base).is_dir() else arch.family
+    with studio.build_lock:
+        estimate = estimate_run(config, source, num_images=samples, resolution=resolution)
+    memory = estimate.peak_memory_bytes + estimate.runtime_overhead_bytes
+    kind = "GPU memory" if estimate.device.startswith("cuda") else "RAM"
+    notes = "".join(f" {note}" for note in estimate.notes)
+    return (f"**Estimate on {device}:** about {format_bytes(memory)} of {kind}, {format_duration(estimate.total_seconds)} "
+            f"in all ({estimate.step_seconds:.2f} s per step × {estimate.total_steps or steps} steps, plus caching).{notes}")
 
 
 def device_label(wanted: str) -> str:
@@ -224,12 +257,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     datasets = studio.projects.list_datasets()
     with gr.Row():
         dataset = gr.Dropdown(choices=datasets, value=datasets[0] if datasets else None, label="Dataset",
+                              allow_custom_value=True,
                               info="Made in the Dataset tab.", elem_id="train-dataset", scale=2)
         base = gr.Dropdown(choices=studio.projects.base_model_choices(), value=None, allow_custom_value=True,
                            label="Base model",
                            info="The demo model, or type the path of a diffusers folder or .safetensors checkpoint "
                                 "(or a hub id when online).", elem_id="train-base", scale=3)
-        preset = gr.Dropdown(choices=list(presets), value=DEFAULT_PRESET, label="Preset",
+        preset = gr.Dropdown(choices=list(presets), value=DEFAULT_PRESET, label="Preset", allow_custom_value=True,
                              info="A starting point; every setting below stays editable.", elem_id="train-preset",
                              scale=2)
         run_name = gr.Textbox(label="Run name", info="Names the LoRA file (empty: the dataset's name).",
@@ -244,7 +278,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
 
     gr.Markdown("### Progress")
     with gr.Row():
-        run_select = gr.Dropdown(choices=run_choices(studio), value=None, label="Showing run",
+        run_select = gr.Dropdown(choices=run_choices(studio), value=None, label="Showing run", allow_custom_value=True,
                                  elem_id="train-run-select", scale=3)
         stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
         save_now = gr.Button("Save checkpoint now", elem_id="train-save-now", scale=1)
@@ -266,11 +300,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
                             wrap=True, elem_id="train-runs", row_count=0)
         with gr.Row():
             resume_select = gr.Dropdown(choices=resumable_runs(studio), value=None, label="Resume a run",
+                                        allow_custom_value=True,
                                         info="Runs that stopped (or crashed) before their last step.",
                                         elem_id="train-resume-select", scale=3)
             resume = gr.Button("Resume", elem_id="train-resume", scale=1)
             refresh = gr.Button("Refresh list", elem_id="train-runs-refresh", scale=1)
 
+    started = gr.Textbox(visible=False, elem_id="train-started-run")  # the id a Start or Resume returns
     watch_token = gr.State({"n": 0})
     form_inputs = set(form.components.values())
 
@@ -296,14 +332,14 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         if not str(base_model or "").strip():
             raise ConfigError("No base model is chosen.",
                               hint="Pick the demo model to try things out, or type the path of your model.")
+        check_base_exists(studio, base_model)
         final_name = unique_run_name(studio, name, dataset_name)
         config = run_config(studio, dataset_name, base_model, preset_name, final_name, settings)
         from trainer.dataset import scan_dataset
 
         scan_dataset(config.data)  # "no pictures" is reported now, not after the model has loaded
         run = studio.runs.submit(final_name, config)
-        return (gr.update(choices=run_choices(studio), value=run.id), plan_markdown(studio, config, base_model),
-                runs_table(studio))
+        return run.id, plan_markdown(studio, config, base_model), runs_table(studio)
 
     @user_errors
     def watch_run(run_id: str, token: dict):
@@ -368,7 +404,10 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         if not name:
             raise StudioError("Choose a run to resume first.", hint="Only runs that stopped before their last step are listed.")
         run = studio.runs.submit(name, resume_config(studio.projects.runs_dir, name))
-        return gr.update(choices=run_choices(studio), value=run.id), runs_table(studio)
+        return run.id, runs_table(studio)
+
+    def show_run(run_id: str):
+        return gr.update(choices=run_choices(studio), value=run_id or None)
 
     @user_errors
     def refresh_runs():
@@ -391,8 +430,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     check.click(collect_settings, form_inputs, overrides, api_name=False).success(
         check_training, [dataset, base, preset, run_name, overrides], plan, api_name="check_training")
     start.click(collect_settings, form_inputs, overrides, api_name=False).success(
-        start_training, [dataset, base, preset, run_name, overrides], [run_select, plan, runs],
-        api_name="start_training")
+        start_training, [dataset, base, preset, run_name, overrides], [started, plan, runs],
+        api_name="start_training").success(show_run, started, run_select, api_name=False)
     run_select.change(watch_run, [run_select, watch_token],
                       [progress, status, loss_plot, samples, output_file, output_path, open_in_generate, runs,
                        resume_select, run_select],
@@ -400,7 +439,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     stop.click(stop_training, [run_select], status, api_name="stop_training", concurrency_limit=None)
     save_now.click(save_checkpoint_now, [run_select], status, api_name="save_checkpoint_now", concurrency_limit=None)
     sample_now.click(make_samples_now, [run_select], status, api_name="make_samples_now", concurrency_limit=None)
-    resume.click(resume_training, [resume_select], [run_select, runs], api_name="resume_training")
+    resume.click(resume_training, [resume_select], [started, runs], api_name="resume_training").success(
+        show_run, started, run_select, api_name=False)
     refresh.click(refresh_runs, None, [runs, resume_select, run_select], api_name="list_runs")
     demo.load(attach, None, [run_select, dataset, base, runs, resume_select], api_name=False)
     return TrainTab(dataset=dataset, trigger=form.components["trigger"], output_path=output_path,
@@ -410,4 +450,4 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
 def _require_run(run_id: str) -> str:
     if not run_id:
         raise StudioError("No run is selected.", hint="Start a run, or pick one under 'Showing run'.")
-    return run_id
+    return str(run_id)
