@@ -125,12 +125,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _print_check(config) -> int:
     """The dataset report for this model and these settings, without training."""
+    from trainer.config import check_resolution_multiple
     from trainer.dataset import lint_dataset, scan_dataset
     from trainer.models import load_base_model
     from trainer.text import count_tokens
 
     model = load_base_model(config.model, supported=("sd1", "sd2", "sdxl"))
     resolution = config.data.resolution or model.native_resolution
+    check_resolution_multiple(resolution, model.resolution_multiple)  # training would refuse it
     scan = scan_dataset(config.data)
     report = lint_dataset(scan, config.data, resolution, lambda caption: count_tokens(model.tokenizer, caption),
                           epochs=config.train.epochs, batch_size=config.train.batch_size, steps=config.train.steps,

@@ -44,6 +44,7 @@ Bucket = tuple[int, int]  # (width, height) in pixels
 
 CAPTION_EXTENSIONS = (".txt", ".caption")  # first match wins
 CLIP_TOKEN_LIMIT = 75  # CLIP's 77-token window minus BOS/EOS
+FEW_IMAGES = 5  # below this a LoRA copies its pictures instead of learning the subject
 
 # Pictures people drop in that Pillow cannot read here: say so instead of silently ignoring them.
 _UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".jxl", ".psd", ".raw", ".cr2", ".nef",
@@ -355,6 +356,14 @@ def fit_to_bucket(img: Image.Image, bucket: Bucket) -> tuple[Image.Image, tuple[
     scale = max(bucket_w / width, bucket_h / height)
     scaled_w = max(bucket_w, round(width * scale))
     scaled_h = max(bucket_h, round(height * scale))
+    if scaled_w * scaled_h > 2 * bucket_w * bucket_h:
+        # An extreme aspect ratio (a 1x20000 strip) would be scaled to gigabytes before the crop:
+        # crop the same region from the source first, then scale only that.
+        source_w, source_h = min(width, max(1, round(bucket_w / scale))), min(height, max(1, round(bucket_h / scale)))
+        source_left, source_top = (width - source_w) // 2, (height - source_h) // 2
+        img = img.crop((source_left, source_top, source_left + source_w, source_top + source_h))
+        img = img.resize(bucket, Image.Resampling.LANCZOS)
+        return img, ((scaled_h - bucket_h) // 2, (scaled_w - bucket_w) // 2), (height, width)
     if (scaled_w, scaled_h) != (width, height):
         # reducing_gap: shrink by whole factors first, then Lanczos; same look, much faster
         img = img.resize((scaled_w, scaled_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -583,6 +592,13 @@ def lint_dataset(scan: DatasetScan, cfg: DataConfig, resolution: int,
         training_set = TrainingSet(scan, cfg, resolution, bucket_step)
         bucket_counts = training_set.bucket_counts()
         plan = _steps_plan(training_set, batch_size, epochs, steps)
+        if len(scan.items) < FEW_IMAGES:
+            n = len(scan.items)
+            issues.append(DatasetIssue(
+                "warning", "few_images", None,
+                f"Only {n} usable picture{'s' * (n != 1)}: the LoRA will copy {'them' if n != 1 else 'it'} rather "
+                "than learn the subject.",
+                "Add more varied pictures (15-50 is typical for a character), different poses and backgrounds."))
     else:
         issues.append(DatasetIssue("error", "no_images", scan.root,
                                    f"None of the {scan.num_files} images in {scan.root} can be read.",

@@ -1,0 +1,703 @@
+"""The bad-input corpus: every kind of broken or odd file an artist may feed LoRA Studio.
+
+Each case says what must happen -- ``used`` (handled correctly, maybe with a warning),
+``skipped`` (reported and left out, training goes on), ``ignored`` (not a picture; no noise) or
+``error`` (nothing to train on: one clear message) -- and is run through the full paths:
+
+- the engine: scan + lint + the training set's pixel loader (datasets), settings validation and
+  session setup (configs), the Generate path's LoRA loading (LoRA files);
+- the CLI: ``lora-studio train --check`` / ``train`` / ``generate`` / ``inspect`` through
+  ``main([...])`` with the exit code and the one-line message asserted (a traceback would fail
+  the test), plus one real ``lora-studio train`` subprocess on a folder holding every tolerable
+  case at once.
+
+The files are generated here (no binaries in the repository). Unit-level decoding details live
+in test_images/test_dataset/test_formats; this module checks what the user sees end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import make_pattern_image
+from PIL import Image, features
+
+from trainer.cli import main
+from trainer.config import DataConfig
+from trainer.dataset import DatasetItem, DatasetScan, TrainingSet, lint_dataset, scan_dataset
+from trainer.errors import StudioError
+from trainer.formats import read_lora_file
+from trainer.lora_files import MAX_HEADER_BYTES
+
+RESOLUTION = 64  # the tiny model's native size
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- writers -------------------------------------------------------------------------------------
+
+
+def picture(path: Path, caption: str | None = None, size: tuple[int, int] = (64, 64), seed: int = 0,
+            **save: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_pattern_image(size, seed).save(path, **save)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+
+
+def sidecar(path: Path, raw: bytes) -> None:
+    path.with_suffix(".txt").write_bytes(raw)
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that claims ``width`` x ``height`` with almost no data: tests the size limit without the memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def truncated(fmt: str, suffix: str) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        path = folder / f"cut{suffix}"
+        make_pattern_image((96, 96), 3).save(path, format=fmt)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 6 // 10])
+        sidecar(path, b"zxq, cut")
+    return write
+
+
+def grey16(folder: Path) -> None:
+    Image.fromarray(np.full((64, 64), 32896, np.uint16)).save(folder / "deep.png")  # 16-bit mid-grey
+    sidecar(folder / "deep.png", b"zxq, grey")
+
+
+def cmyk(folder: Path) -> None:
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(folder / "print.jpg", quality=95)  # red ink
+    sidecar(folder / "print.jpg", b"zxq, red")
+
+
+def palette_transparent(folder: Path) -> None:
+    img = Image.new("P", (64, 64), 0)
+    img.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    img.paste(1, (40, 0, 64, 64))
+    img.save(folder / "pal.png", transparency=0)
+    sidecar(folder / "pal.png", b"zxq, palette")
+
+
+def rgba(folder: Path) -> None:
+    arr = np.zeros((64, 64, 4), np.uint8)
+    arr[16:48, 16:48] = (0, 0, 255, 255)  # an opaque blue square on a fully transparent background
+    Image.fromarray(arr, "RGBA").save(folder / "cutout.png")
+    sidecar(folder / "cutout.png", b"zxq, cutout")
+
+
+def grey(folder: Path) -> None:
+    make_pattern_image((64, 64), 4).convert("L").save(folder / "bw.png")
+    sidecar(folder / "bw.png", b"zxq, black and white")
+
+
+def exif_rotated(folder: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait (a phone held upright)
+    make_pattern_image((128, 64), 5).save(folder / "phone.jpg", exif=exif.tobytes(), quality=95)
+    sidecar(folder / "phone.jpg", b"zxq, phone photo")
+
+
+def broken_exif(folder: Path) -> None:
+    make_pattern_image((64, 64), 6).save(folder / "oddexif.jpg", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff")
+    sidecar(folder / "oddexif.jpg", b"zxq, odd exif")
+
+
+def animated_gif(folder: Path) -> None:
+    frames = [Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    sidecar(folder / "anim.gif", b"zxq, animation")
+
+
+def avif(folder: Path) -> None:
+    path = folder / "modern.avif"
+    if features.check("avif"):
+        make_pattern_image((64, 64), 7).save(path, quality=90)
+    else:
+        path.write_bytes(b"\0\0\0\x1cftypavif" + b"\0" * 64)
+    sidecar(path, b"zxq, avif")
+
+
+def case_twins(folder: Path) -> None:
+    picture(folder / "Cat.png", "zxq, big cat", seed=11)
+    picture(folder / "cat.png", "zxq, small cat", seed=12)
+
+
+def symlink_loop(folder: Path) -> None:
+    (folder / "sub").mkdir()
+    picture(folder / "sub" / "inner.png", "zxq, inner", seed=13)
+    (folder / "sub" / "back").symlink_to("..")  # sub/back -> the dataset root, which holds sub ...
+    (folder / "self").symlink_to(".")
+
+
+def locked(name: str, what: str) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        picture(folder / name, "zxq, locked", seed=14)
+        target = folder / name if what == "image" else (folder / name).with_suffix(".txt")
+        target.chmod(0)
+    return write
+
+
+def readable(path: Path) -> bool:
+    """Whether this process can read ``path`` (root reads anything, whatever its mode)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+        return True
+    except OSError:
+        return False
+
+
+# --- dataset cases -------------------------------------------------------------------------------
+
+Check = Callable[[DatasetItem, DatasetScan, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class DataCase:
+    name: str
+    build: Callable[[Path], None]  # writes the case's files into the dataset folder
+    expect: str  # "used" | "skipped" | "ignored" | "error"
+    target: str = ""  # the file the case is about (relative to the dataset folder)
+    code: str | None = None  # the issue the scan/lint must report for it (None: no issue about it)
+    words: str = ""  # words in that issue's message, or in the error
+    severity: str = "warning"  # of that issue: "error" makes `train --check` exit 2
+    bare: bool = False  # no good pictures alongside (the case is about the folder as a whole)
+    check: Check | None = None  # what the loaded pixels / item must look like
+    data: Callable[[Path], Path] | None = None  # the --data path when it is not the folder itself
+
+
+def _pixel_check(predicate: Callable[[torch.Tensor], bool]) -> Check:
+    def check(item: DatasetItem, scan: DatasetScan, pixels: torch.Tensor) -> None:
+        assert predicate(pixels), f"{item.path.name}: pixels mean {pixels.mean(dim=(1, 2)).tolist()}"
+    return check
+
+
+def _caption_check(expected: str) -> Check:
+    def check(item: DatasetItem, scan: DatasetScan, pixels: torch.Tensor) -> None:
+        assert item.caption == expected, item.caption
+    return check
+
+
+def _size_check(width: int, height: int) -> Check:
+    def check(item: DatasetItem, scan: DatasetScan, pixels: torch.Tensor) -> None:
+        assert (item.width, item.height) == (width, height)
+    return check
+
+
+def _twins_check(item: DatasetItem, scan: DatasetScan, pixels: torch.Tensor) -> None:
+    by_name = {i.path.name: i.caption for i in scan.items}
+    assert by_name["Cat.png"] == "zxq, big cat" and by_name["cat.png"] == "zxq, small cat"
+
+
+def _walked_once(item: DatasetItem, scan: DatasetScan, pixels: torch.Tensor) -> None:
+    names = sorted(i.path.name for i in scan.items)
+    assert names == ["good0.png", "good1.png", "inner.png"], names
+
+
+HUGE_CAPTION = ", ".join(f"tag number {i}" for i in range(20_000))  # ~330 kB
+AVIF_OK = features.check("avif")
+
+DATA_CASES = [
+    DataCase("zero-byte file", lambda f: (f / "empty.png").write_bytes(b""), "skipped", "empty.png",
+             "unreadable", "empty (0 bytes)", "error"),
+    DataCase("text file named .png", lambda f: (f / "notes.png").write_text("hello"), "skipped", "notes.png",
+             "unreadable", "not an image this program can read", "error"),
+    DataCase("truncated JPEG", truncated("JPEG", ".jpg"), "skipped", "cut.jpg", "unreadable", "truncated", "error"),
+    DataCase("truncated PNG", truncated("PNG", ".png"), "skipped", "cut.png", "unreadable", "truncated", "error"),
+    DataCase("16-bit PNG is scaled, not clipped", grey16, "used", "deep.png",
+             check=_pixel_check(lambda p: abs(float(p.mean())) < 0.02)),
+    DataCase("CMYK JPEG keeps its colour", cmyk, "used", "print.jpg",
+             check=_pixel_check(lambda p: p[0].mean() > 0.5 and p[1].mean() < -0.5 and p[2].mean() < -0.5)),
+    DataCase("palette PNG with transparency on white", palette_transparent, "used", "pal.png",
+             check=_pixel_check(lambda p: bool((p[:, :, :30] > 0.99).all()))),
+    DataCase("RGBA cut-out on white, not black", rgba, "used", "cutout.png",
+             check=_pixel_check(lambda p: bool((p[:, :8, :8] > 0.99).all()) and p[2, 32, 32] > 0.9)),
+    DataCase("grayscale becomes grey RGB", grey, "used", "bw.png",
+             check=_pixel_check(lambda p: bool((p[0] == p[1]).all() and (p[1] == p[2]).all()))),
+    DataCase("EXIF-rotated JPEG is upright", exif_rotated, "used", "phone.jpg", check=_size_check(64, 128)),
+    DataCase("malformed EXIF is ignored", broken_exif, "used", "oddexif.jpg"),
+    DataCase("1x1 image is flagged but usable", lambda f: picture(f / "dot.png", "zxq, dot", size=(1, 1)),
+             "used", "dot.png", "too_small", "upscaled 64.0", "error"),
+    DataCase("1x20000 strip: bounded memory", lambda f: picture(f / "strip.png", "zxq, strip", size=(1, 20000)),
+             "used", "strip.png", "too_small", "smaller than the 64 px", "error"),
+    DataCase("12000x12000 header: refused before decoding", lambda f: png_header_only(f / "bomb.png", 12000, 12000),
+             "skipped", "bomb.png", "unreadable", "144 megapixels, more than the 80 megapixel limit", "error"),
+    DataCase("animated GIF gives its first frame", animated_gif, "used", "anim.gif",
+             check=_pixel_check(lambda p: p[0].mean() > 0.9 and p[2].mean() < -0.9)),
+    DataCase("WebP", lambda f: picture(f / "web.webp", "zxq, webp", seed=8, lossless=True), "used", "web.webp"),
+    DataCase("AVIF" + ("" if AVIF_OK else " without Pillow support"), avif, "used" if AVIF_OK else "skipped",
+             "modern.avif", None if AVIF_OK else "unsupported_format", "" if AVIF_OK else "cannot be read here"),
+    DataCase("HEIC is named, not silently dropped", lambda f: (f / "IMG_0001.heic").write_bytes(b"\0" * 64),
+             "skipped", "IMG_0001.heic", "unsupported_format", "is a HEIC file, which cannot be read here"),
+    DataCase("unrelated file type is ignored", lambda f: (f / "readme.md").write_text("# my set"), "ignored",
+             "readme.md"),
+    DataCase("macOS ._ resource fork is ignored", lambda f: (f / "._good0.png").write_bytes(b"\0\5\26\7junk"),
+             "ignored", "._good0.png"),
+    DataCase("PNG content named .jpg", lambda f: picture(f / "really_png.jpg", "zxq, renamed", seed=9, format="PNG"),
+             "used", "really_png.jpg"),
+    DataCase("upper-case extension", lambda f: picture(f / "PHOTO.JPG", "zxq, shouting", seed=10), "used",
+             "PHOTO.JPG"),
+    DataCase("caption in Windows-1252", lambda f: (picture(f / "cafe.png", seed=15),
+                                                   sidecar(f / "cafe.png", "zxq, café crème".encode("cp1252"))),
+             "used", "cafe.png", "caption_encoding", "read as Windows-1252", check=_caption_check("zxq, café crème")),
+    DataCase("caption in UTF-16 with BOM", lambda f: (picture(f / "u16.png", seed=16),
+                                                      sidecar(f / "u16.png", "zxq, déjà vu".encode("utf-16"))),
+             "used", "u16.png", check=_caption_check("zxq, déjà vu")),
+    DataCase("caption with UTF-8 BOM", lambda f: (picture(f / "bom.png", seed=17),
+                                                  sidecar(f / "bom.png", b"\xef\xbb\xbfzxq, na\xc3\xafve")),
+             "used", "bom.png", check=_caption_check("zxq, naïve")),
+    DataCase("empty caption", lambda f: picture(f / "blank.png", "", seed=18), "used", "blank.png",
+             "empty_caption", "is empty"),
+    DataCase("whitespace-only caption", lambda f: picture(f / "spaces.png", " \n\t \r\n", seed=19), "used",
+             "spaces.png", "empty_caption", "is empty"),
+    DataCase("huge caption", lambda f: picture(f / "essay.png", HUGE_CAPTION, seed=20), "used", "essay.png",
+             "caption_too_long", "only the first 75 are read"),
+    DataCase("image without caption", lambda f: picture(f / "nocap.png", seed=21), "used", "nocap.png",
+             "missing_caption", "has no caption file"),
+    DataCase("names differing only in case", case_twins, "used", "Cat.png", check=_twins_check),
+    DataCase("symlink loops are walked once", symlink_loop, "used", "sub/inner.png", check=_walked_once),
+    DataCase("dangling symlink", lambda f: (f / "gone.png").symlink_to(f / "nowhere.png"), "skipped", "gone.png",
+             "unreadable", "No such file", "error"),
+    DataCase("unreadable image (chmod 000)", locked("locked.png", "image"), "used-if-readable", "locked.png",
+             "unreadable", "Permission denied", "error"),
+    DataCase("unreadable caption (chmod 000)", locked("lockedcap.png", "caption"), "used", "lockedcap.png",
+             "unreadable_caption-if-unreadable", "Permission denied"),
+    DataCase("path with spaces and unicode", lambda f: picture(f / "my pics ✨" / "Ünï cödé 1.png", "zxq, ünï", seed=22),
+             "used", "my pics ✨/Ünï cödé 1.png"),
+    DataCase("a single picture", lambda f: picture(f / "only.png", "zxq, only one", seed=23), "used", "only.png",
+             "few_images", "Only 1 usable picture", bare=True),
+    DataCase("folder with no images", lambda f: (f / "notes.txt").write_text("captions, but no pictures"), "error",
+             words="Found 0 images", bare=True),
+    DataCase("folder of pictures that cannot be read here", lambda f: ((f / "a.heic").write_bytes(b"\0" * 8),
+                                                                     (f / "b.psd").write_bytes(b"8BPS")),
+             "error", words="only files this program cannot read (1 HEIC, 1 PSD)", bare=True),
+    DataCase("folder of broken pictures", lambda f: ((f / "a.png").write_bytes(b""), (f / "b.jpg").write_text("x")),
+             "error", words="None of the 2 images", bare=True),
+    DataCase("data path is a file", lambda f: (f / "set.zip").write_bytes(b"PK\3\4"), "error",
+             words="is a file, not a folder", bare=True, data=lambda f: f / "set.zip"),
+    DataCase("data folder does not exist", lambda f: None, "error", words="does not exist", bare=True,
+             data=lambda f: f / "typo"),
+]
+
+
+def _build(case: DataCase, folder: Path) -> Path:
+    """Write the case (plus two good pictures unless bare); returns the --data path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not case.bare:
+        for i in range(2):
+            picture(folder / f"good{i}.png", f"zxq, good picture {i}", seed=100 + i)
+    case.build(folder)
+    return case.data(folder) if case.data else folder
+
+
+def _resolved(case: DataCase, folder: Path) -> tuple[str, str | None]:
+    """(expect, code) once the files exist: permissions mean nothing to root."""
+    expect, code = case.expect, case.code
+    if expect == "used-if-readable":
+        expect = "used" if readable(folder / case.target) else "skipped"
+        code = None if expect == "used" else code
+    if code and code.endswith("-if-unreadable"):
+        code = None if readable((folder / case.target).with_suffix(".txt")) else code.removesuffix("-if-unreadable")
+    return expect, code
+
+
+def _issue_about(issues, target: Path, code: str):
+    for issue in issues:
+        if issue.code == code and (issue.path is None or issue.path.with_suffix("") == target.with_suffix("")):
+            return issue
+    return None
+
+
+@pytest.fixture(scope="module")
+def count_tokens():
+    from transformers import CLIPTokenizer
+
+    from trainer.demo_model import TOKENIZER_DIR
+    from trainer.text import count_tokens as count
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    return lambda caption: count(tokenizer, caption)
+
+
+def test_the_corpus_is_big_enough() -> None:
+    assert len(DATA_CASES) + len(CONFIG_CASES) + len(LORA_CASES) >= 30
+    assert len({c.name for c in DATA_CASES}) == len(DATA_CASES)
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c.name for c in DATA_CASES])
+def test_dataset_case_in_the_engine(case: DataCase, tmp_path: Path, count_tokens, monkeypatch) -> None:
+    folder = (tmp_path / "set").resolve()
+    data = _build(case, folder)
+    cfg = DataConfig(data=str(data))
+    if case.expect == "error":
+        with pytest.raises(StudioError, match=_escaped(case.words)) as caught:
+            scan = scan_dataset(cfg)
+            TrainingSet(scan, cfg, RESOLUTION)
+        assert caught.value.hint, "an error always says what to do"
+        return
+
+    expect, code = _resolved(case, folder)
+    scan = scan_dataset(cfg)
+    report = lint_dataset(scan, cfg, RESOLUTION, count_tokens, epochs=1, batch_size=1)
+    target = folder / case.target
+    items = {item.path: item for item in scan.items}
+    if code:
+        issue = _issue_about(report.issues, target, code)
+        assert issue is not None, [(i.code, i.path) for i in report.issues]
+        assert case.words in issue.message + " " + issue.fix and issue.fix
+        assert issue.severity == case.severity
+    if expect == "used":
+        assert target in items, f"{case.target} must be trained on"
+    else:
+        assert target not in items
+    if expect == "ignored":
+        assert not any(i.path and i.path.name == target.name for i in report.issues)
+    assert report.ok == (not any(i.severity == "error" for i in report.issues))
+
+    # every usable picture decodes to a bucket-sized tensor in range, with bounded memory
+    resized_areas = []
+    resize = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        resized_areas.append(size[0] * size[1])
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    training_set = TrainingSet(scan, cfg, RESOLUTION)
+    for refs in training_set.epoch_batches(0, 1, seed=0):
+        for ref in refs:
+            pixels, _, _ = training_set.load_pixels(ref)
+            assert pixels.shape == (3, ref.bucket[1], ref.bucket[0]) and torch.isfinite(pixels).all()
+            assert pixels.min() >= -1 and pixels.max() <= 1
+            item = training_set.items[ref.index]
+            if item.path == target and case.check:
+                case.check(item, scan, pixels)
+    assert max(resized_areas, default=0) <= 2 * RESOLUTION * RESOLUTION, "no picture is scaled far past its bucket"
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def _one_error_line(err: str, words: str) -> None:
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and words in lines[-1], err
+    assert not any(line.startswith("error: ") for line in lines[:-1])
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c.name for c in DATA_CASES])
+def test_dataset_case_through_the_cli(case: DataCase, tmp_path: Path, tiny_sd1_dir: Path, capsys) -> None:
+    data = _build(case, tmp_path / "set")
+    common = ["train", "--base", str(tiny_sd1_dir), "--data", str(data), "--preset", "character-lite"]
+    code, out, err = _cli([*common, "--check"], capsys)
+    if case.expect == "error":
+        assert code == 2
+        if case.words in out:  # the folder exists but nothing in it is usable: the report says so
+            assert "1 error" in out or "errors" in out
+        else:
+            _one_error_line(err, case.words)
+        code, out, err = _cli([*common, "--steps", "1", "--output", str(tmp_path / "out" / "x.safetensors")], capsys)
+        assert code == 2
+        _one_error_line(err, case.words)
+        assert not (tmp_path / "out" / "x.safetensors").exists()
+        return
+    expect, issue_code = _resolved(case, tmp_path / "set")
+    errors = issue_code is not None and case.severity == "error"
+    assert code == (2 if errors else 0), out + err
+    assert "usable images of" in out
+    if issue_code:
+        assert case.words in out, out
+
+
+def _combined_dataset(root: Path) -> tuple[Path, list[DataCase]]:
+    """Every case that is not an error, each in its own sub-folder of one dataset."""
+    cases = [c for c in DATA_CASES if c.expect != "error" and not c.bare]
+    for index, case in enumerate(cases):
+        case.build(_mkdir(root / f"case {index:02d}"))
+    picture(root / "good0.png", "zxq, good picture 0", seed=100)
+    return root, cases
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.mark.slow
+def test_training_goes_through_everything_at_once(tmp_path: Path, tiny_sd1_dir: Path) -> None:
+    """One real ``lora-studio train`` on a folder holding every tolerable case, at a unicode path."""
+    data, cases = _combined_dataset(tmp_path / "dåtä sët ✨")
+    output = tmp_path / "out put" / "lørä ✨.safetensors"
+    command = [sys.executable, "-m", "trainer.cli", "train", "--base", str(tiny_sd1_dir), "--data", str(data),
+               "--preset", "character-lite", "--rank", "4", "--steps", "2", "--batch-size", "2",
+               "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "done at step 2" in done.stdout and output.is_file()
+    for name in ("empty.png", "bomb.png", "IMG_0001.heic", "blank.png"):
+        assert name in done.stdout, f"the run warns about {name}"
+    report = (tmp_path / "out put" / "lørä ✨_run" / "dataset-report.txt").read_text(encoding="utf-8")
+    assert "usable images of" in report
+    read_lora_file(output)
+
+
+# --- settings cases ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigCase:
+    name: str
+    flags: Callable[[Path], list[str]]  # extra CLI flags, given a scratch folder (to write files into)
+    words: str
+
+
+def _toml(text: bytes | str) -> Callable[[Path], list[str]]:
+    def flags(scratch: Path) -> list[str]:
+        path = scratch / "run.toml"
+        path.write_bytes(text.encode() if isinstance(text, str) else text)
+        return ["--config", str(path)]
+    return flags
+
+
+def _file_where_a_folder_goes(scratch: Path) -> list[str]:
+    (scratch / "taken").write_text("a file")
+    return ["--output", str(scratch / "taken" / "lora.safetensors")]
+
+
+def _fake_base(name: str, content: bytes) -> Callable[[Path], list[str]]:
+    def flags(scratch: Path) -> list[str]:
+        (scratch / name).write_bytes(content)
+        return ["--base", str(scratch / name)]
+    return flags
+
+
+CONFIG_CASES = [
+    ConfigCase("bad TOML syntax", _toml("[network\nrank = 8\n"), "is not valid TOML"),
+    ConfigCase("TOML not UTF-8", _toml(b"[network]\nrank = 8 # \xff\xfe\n"), "is not UTF-8"),
+    ConfigCase("TOML misspelt setting", _toml("[network]\nrnak = 8\n"), "Did you mean 'rank'?"),
+    ConfigCase("TOML setting outside its section", _toml("rank = 8\n"), "Put it under [network]"),
+    ConfigCase("TOML wrong type", _toml("[network]\nrank = 'big'\n"), "network.rank must be a whole number"),
+    ConfigCase("TOML NaN learning rate", _toml("[optim]\nlr = nan\n"), "optim.lr must be a finite number"),
+    ConfigCase("rank 0", lambda s: ["--rank", "0"], "network.rank = 0 is out of range"),
+    ConfigCase("rank 5000", lambda s: ["--rank", "5000"], "1024 or less"),
+    ConfigCase("negative learning rate", lambda s: ["--lr=-1e-4"], "optim.lr = -0.0001 is out of range"),
+    ConfigCase("batch size 0", lambda s: ["--batch-size", "0"], "train.batch_size = 0"),
+    ConfigCase("caption dropout 1.5", lambda s: ["--caption-dropout", "1.5"], "data.caption_dropout = 1.5"),
+    ConfigCase("resolution not a multiple of the model's 64", lambda s: ["--resolution", "100"],
+               "data.resolution = 100 is not a multiple of 64, which this model needs. Use 64 or 128."),
+    ConfigCase("resolution below 64", lambda s: ["--resolution", "32"], "at least 64 pixels"),
+    ConfigCase("output not .safetensors", lambda s: ["--output", str(s / "lora.ckpt")], ".safetensors extension"),
+    ConfigCase("output under a file", _file_where_a_folder_goes, "Could not write"),
+    ConfigCase("base model missing", lambda s: ["--base", str(s / "nope.safetensors")], "Base model not found"),
+    ConfigCase("base model is a pickle", _fake_base("model.ckpt", b"\x80\x04\x95 not really"), "is a pickle"),
+    ConfigCase("base model is garbage", _fake_base("model.safetensors", b"\x10\0\0\0\0\0\0\0garbage!"),
+               "not a readable .safetensors file"),
+    ConfigCase("resume from a missing checkpoint", lambda s: ["--resume", str(s / "step-000010")],
+               "No checkpoint folder at"),
+]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.name for c in CONFIG_CASES])
+def test_bad_settings_end_with_one_clear_line(case: ConfigCase, tmp_path: Path, tiny_sd1_dir: Path,
+                                              image_folder: Path, capsys) -> None:
+    """Through the CLI (main) and, for the same argv, the engine's own validation and setup."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    argv = ["train", "--base", str(tiny_sd1_dir), "--data", str(image_folder), "--preset", "character-lite",
+            "--steps", "1", "--output", str(tmp_path / "out" / "lora.safetensors"), *case.flags(scratch)]
+    code, out, err = _cli(argv, capsys)
+    assert code == 2
+    _one_error_line(err, case.words)
+    assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+    from trainer.cli import build_parser, config_overrides
+    from trainer.events import RunStarted
+    from trainer.loop import train
+    from trainer.presets import resolve_config
+
+    args = build_parser().parse_args(argv)
+    with pytest.raises(StudioError, match=_escaped(case.words)):
+        config = resolve_config(args.preset, args.config, config_overrides(args))
+        for event in train(config):
+            if isinstance(event, RunStarted):
+                break
+
+
+def _escaped(words: str) -> str:
+    import re
+
+    return re.escape(words)
+
+
+# --- LoRA file cases -----------------------------------------------------------------------------
+
+STEM = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+
+
+@dataclass(frozen=True)
+class LoraCase:
+    name: str
+    write: Callable[[Path], Path]  # writes the file into a folder, returns its path
+    words: str
+    inspect_ok: bool = False  # the file itself is fine; only this model refuses it
+
+
+def _tensors(name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    def write(folder: Path) -> Path:
+        path = folder / name
+        safetensors.torch.save_file(tensors, str(path), metadata)
+        return path
+    return write
+
+
+def _good_bytes() -> bytes:
+    return safetensors.torch.save({f"{STEM}.lora_down.weight": torch.randn(4, 768).half(),
+                                   f"{STEM}.lora_up.weight": torch.randn(320, 4).half(),
+                                   f"{STEM}.alpha": torch.tensor(4.0).half()})
+
+
+def _raw(name: str, make: Callable[[], bytes]) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        path = folder / name
+        path.write_bytes(make())
+        return path
+    return write
+
+
+def _torch_pickle(name: str) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        torch.save({f"{STEM}.lora_down.weight": torch.zeros(4, 768)}, folder / name)
+        return folder / name
+    return write
+
+
+def _pair(rank_down: int, rank_up: int, dtype=torch.float16, fill: float | None = None) -> dict[str, torch.Tensor]:
+    down, up = torch.randn(rank_down, 768).to(dtype), torch.randn(320, rank_up).to(dtype)
+    if fill is not None:
+        down.fill_(fill)
+    return {f"{STEM}.lora_down.weight": down, f"{STEM}.lora_up.weight": up}
+
+
+SDXL_STEM = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+
+LORA_CASES = [
+    LoraCase("pickle .ckpt", _torch_pickle("evil.ckpt"), "is a pickle"),
+    LoraCase("pickle renamed .safetensors", _torch_pickle("renamed.safetensors"), "is a pickle"),
+    LoraCase("zero-byte file", _raw("empty.safetensors", lambda: b""), "only 0 bytes long"),
+    LoraCase("truncated download", _raw("cut.safetensors", lambda: _good_bytes()[:-100]), "looks truncated"),
+    LoraCase("header length beyond the file", _raw("long.safetensors", lambda: struct.pack("<Q", 5000) + b'{"a":1}'),
+             "its header needs 5,000 bytes"),
+    LoraCase("header over 100 MB", _raw("huge.safetensors", lambda: struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}"),
+             "limit 100 MB"),
+    LoraCase("header not JSON", _raw("junk.safetensors", lambda: struct.pack("<Q", 8) + b"{not js}"), "not valid JSON"),
+    LoraCase("tensor claims more bytes than the file holds",
+             _raw("greedy.safetensors", lambda: _header_claiming(shape=[100_000, 100_000])), "needs bytes up to"),
+    LoraCase("integer weights", _tensors("ints.safetensors", _pair(4, 4, torch.int32)), "floating point"),
+    LoraCase("NaN weights", _tensors("nan.safetensors", _pair(4, 4, fill=float("nan"))), "NaN or infinite"),
+    LoraCase("missing lora_up", _tensors("half.safetensors", {f"{STEM}.lora_down.weight": torch.randn(4, 768)}),
+             "has a lora_down weight but no lora_up"),
+    LoraCase("rank differs between up and down", _tensors("ranks.safetensors", _pair(4, 2)),
+             "rank 4 in lora_down but 2 in lora_up"),
+    LoraCase("SDXL LoRA on an SD1 model",
+             _tensors("xl.safetensors", {f"{SDXL_STEM}.lora_down.weight": torch.randn(4, 2048).half(),
+                                         f"{SDXL_STEM}.lora_up.weight": torch.randn(640, 4).half()}),
+             "made for SDXL but the loaded model is SD 1.x", inspect_ok=True),
+    LoraCase("SD1 LoRA whose shapes do not fit this model", _tensors("sd15.safetensors", _pair(4, 4)),
+             "does not fit this model", inspect_ok=True),
+    LoraCase("LyCORIS LoHa", _tensors("loha.safetensors", {f"{STEM}.hada_w1_a": torch.zeros(4, 8),
+                                                          f"{STEM}.hada_w1_b": torch.zeros(4, 8)}), "LoHa"),
+]
+
+
+def _header_claiming(shape: list[int]) -> bytes:
+    header = f'{{"{STEM}.lora_down.weight":{{"dtype":"F16","shape":{shape},"data_offsets":[0,{2 * shape[0] * shape[1]}]}}}}'
+    raw = header.encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 64
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_sd1_dir: Path):
+    from trainer.generate import Generator
+
+    return Generator.from_base(str(tiny_sd1_dir), device="cpu")
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Any attempt to unpickle fails the test loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle a file")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+@pytest.mark.parametrize("case", LORA_CASES, ids=[c.name for c in LORA_CASES])
+def test_lora_file_case_in_the_generate_path(case: LoraCase, tmp_path: Path, generator, tiny_sd1_dir: Path,
+                                             no_unpickling, capsys) -> None:
+    from trainer.generate import GenerationRequest, LoraSpec
+
+    path = case.write(tmp_path)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        if not case.inspect_ok:
+            with pytest.raises(StudioError, match=_escaped(case.words)):
+                read_lora_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * size + 2_000_000, f"reading a {size}-byte file allocated {peak} bytes"
+
+    with pytest.raises(StudioError, match=_escaped(case.words)) as caught:
+        generator.prepare(GenerationRequest(prompt="zxq", loras=(LoraSpec(path),)))
+    assert path.name in str(caught.value) and caught.value.hint
+
+    code, out, err = _cli(["generate", "--base", str(tiny_sd1_dir), "--lora", f"{path}:0.8", "--prompt", "zxq",
+                           "--steps", "1", "--out", str(tmp_path / "images")], capsys)
+    assert code == 2
+    _one_error_line(err, case.words)
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+
+    code, out, err = _cli(["inspect", str(path)], capsys)
+    assert code == (0 if case.inspect_ok else 2)
+    if not case.inspect_ok:
+        _one_error_line(err, case.words)
+
+
+def test_good_control_files_pass_the_same_paths(tmp_path: Path, tiny_sd1_dir: Path, capsys) -> None:
+    """The corpus fails for the reasons given, not because the paths refuse everything."""
+    for i in range(2):
+        picture(tmp_path / "set" / f"good{i}.png", f"zxq, good picture {i}", seed=100 + i)
+    code, out, _ = _cli(["train", "--check", "--base", str(tiny_sd1_dir), "--data", str(tmp_path / "set")], capsys)
+    assert code == 0 and "2 usable images of 2" in out
+    good = _raw("good.safetensors", _good_bytes)(tmp_path)
+    assert read_lora_file(good).family == "sd1"
+    code, out, _ = _cli(["inspect", str(good)], capsys)
+    assert code == 0 and "SD 1.x" in out
