@@ -299,5 +299,5 @@ def test_inference_pipeline_scheduler_choice(tiny_model, name: str, cls: str, ka
 
 
 def test_unknown_scheduler(tiny_model) -> None:
-    with pytest.raises(ConfigError, match="Unknown scheduler 'fast'.*euler"):
+    with pytest.raises(ConfigError, match="Unknown sampler 'fast'.*Euler a"):
         inference_pipeline(tiny_model, "fast")

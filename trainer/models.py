@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from trainer.config import ModelConfig
-from trainer.errors import ConfigError, ModelLoadError
+from trainer.errors import ModelLoadError
 
 Family = Literal["sd1", "sd2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -162,35 +162,20 @@ def load_base_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
     return model
 
 
-INFERENCE_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-}
-
-
 def make_inference_scheduler(model: BaseModel, scheduler_name: str | None = None) -> Any:
     """A fresh sampling scheduler with the model's betas and prediction type.
 
-    ``None`` uses the model's own scheduler class; otherwise a key of ``INFERENCE_SCHEDULERS``.
+    ``None`` uses the model's own scheduler class; otherwise any sampler name
+    ``trainer.schedulers`` accepts ("DPM++ 2M Karras", "Euler a", "dpmpp_2m", ...).
     """
-    import diffusers
-
     if scheduler_name is None:
-        class_name, extra = model.scheduler_config.get("_class_name", "PNDMScheduler"), {}
-    elif scheduler_name in INFERENCE_SCHEDULERS:
-        class_name, extra = INFERENCE_SCHEDULERS[scheduler_name]
-    else:
-        raise ConfigError(f"Unknown scheduler '{scheduler_name}'.",
-                          hint=f"Use one of: {', '.join(INFERENCE_SCHEDULERS)}.")
-    scheduler_cls = getattr(diffusers, class_name)
-    return scheduler_cls.from_config(model.scheduler_config, prediction_type=model.prediction_type, **extra)
+        import diffusers
+
+        scheduler_cls = getattr(diffusers, model.scheduler_config.get("_class_name", "PNDMScheduler"))
+        return scheduler_cls.from_config(model.scheduler_config, prediction_type=model.prediction_type)
+    from trainer.schedulers import make_scheduler
+
+    return make_scheduler(scheduler_name, model.scheduler_config, model.prediction_type)
 
 
 def inference_pipeline(model: BaseModel, scheduler_name: str | None = None) -> Any:

@@ -85,7 +85,7 @@ def sampler_names() -> list[str]:
 
 def parse_sampler(name: str, schedule: str | None = None) -> SamplerChoice:
     """Read "DPM++ 2M Karras", "Euler a", "k_euler_a" or ("DPM++ 2M", "Karras")."""
-    text = " ".join(name.split())
+    text = " ".join(name.replace("_", " ").split())  # "dpmpp_2m_karras" reads like "dpmpp 2m karras"
     schedule_name = _canonical(schedule, _SCHEDULES, "schedule type") if schedule else None
     if schedule_name is None:
         for candidate, flag in _SCHEDULES.items():
