@@ -1,0 +1,248 @@
+"""Nobody else gets in, and no file can run code: pickles never loaded, headers checked before
+allocating, the server local by default and serving only the project folder, uploads kept inside it."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.errors import StudioError
+
+REPO = Path(__file__).resolve().parents[1]
+SCANNED = ("trainer", "app", "bench")
+
+# Modules whose loaders execute code from the data they read.
+UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+# Calls that unpickle (or fetch and unpickle) however they are spelled.
+UNSAFE_CALLS = {("torch", "load"), ("jit", "load"), ("hub", "load"), ("hub", "load_state_dict_from_url"),
+                ("torch", "hub"), ("np", "load"), ("numpy", "load")}
+UNSAFE_KEYWORDS = {("allow_pickle", True), ("weights_only", False), ("use_safetensors", False)}
+# from_pretrained on these reads JSON/text files only.
+TEXT_ONLY_LOADERS = ("Tokenizer", "Config", "Scheduler", "Processor")
+ALLOWED: dict[str, set[str]] = {}  # "path:line" exceptions, each with a reason (none needed today)
+
+
+def unsafe_loads(source: str, filename: str) -> list[str]:
+    """Every place in ``source`` that could unpickle a file (strings and comments don't count)."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Import):
+            found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
+            found.append(f"{where} from {node.module} import ...")
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
+            found.append(f"{where} from torch import load")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Name, ast.Attribute)):
+            owner = node.value.id if isinstance(node.value, ast.Name) else node.value.attr
+            if (owner, node.attr) in UNSAFE_CALLS:
+                found.append(f"{where} {owner}.{node.attr}")
+        elif isinstance(node, ast.Call):
+            for keyword in node.keywords:
+                value = keyword.value.value if isinstance(keyword.value, ast.Constant) else None
+                if (keyword.arg, value) in UNSAFE_KEYWORDS:
+                    found.append(f"{where} {keyword.arg}={value}")
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr == "from_pretrained":
+                receiver = ast.unparse(func.value)
+                safe = any(k.arg == "use_safetensors" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                if not safe and not receiver.endswith(TEXT_ONLY_LOADERS):
+                    found.append(f"{where} {receiver}.from_pretrained without use_safetensors=True")
+    return [f for f in found if f.rsplit(" ", 1)[0] not in ALLOWED.get(filename, set())]
+
+
+def test_the_scanner_finds_every_spelling() -> None:
+    planted = """
+import pickle
+from dill import loads
+import torch
+from torch import load
+x = torch.load("a.ckpt")
+y = torch.load("a.ckpt", weights_only=False)
+z = numpy.load("a.npy", allow_pickle=True)
+m = UNet2DConditionModel.from_pretrained("folder")
+t = CLIPTokenizer.from_pretrained("folder")  # text files only: fine
+s = "torch.load is only mentioned in a string"
+"""
+    found = unsafe_loads(planted, "planted.py")
+    assert sorted(int(f.split(":")[1].split()[0]) for f in found) == [2, 3, 5, 6, 7, 7, 8, 8, 9], found
+
+
+def test_no_code_path_can_unpickle_a_file() -> None:
+    found = []
+    for package in SCANNED:
+        for path in sorted((REPO / package).rglob("*.py")):
+            relative = str(path.relative_to(REPO))
+            found += unsafe_loads(path.read_text(encoding="utf-8"), relative)
+    assert not found, "pickle loading found (LoRA Studio reads safetensors only):\n" + "\n".join(found)
+
+
+def test_training_resume_and_export_never_unpickle(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path,
+                                                   monkeypatch) -> None:
+    """The runtime side of the scan: a run with checkpoints, a resume and an export, with every
+    unpickling entry point booby-trapped."""
+    from trainer.events import RunCommands, RunFinished, StepProgress
+    from trainer.loop import train
+    from trainer.presets import resolve_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something unpickled")
+
+    for owner, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(owner, name, refuse)
+    settings = dict(base=str(tiny_sd1_dir), data=str(image_folder), output=str(tmp_path / "lora.safetensors"),
+                    rank=4, steps=4, save_every=2, seed=1)
+    commands = RunCommands()
+    for event in train(resolve_config("character-lite", overrides=settings), commands):
+        if isinstance(event, StepProgress) and event.step == 2:
+            commands.stop()
+    events = list(train(resolve_config("character-lite", overrides={**settings, "resume": "auto"})))
+    assert isinstance(events[-1], RunFinished) and events[-1].step == 4
+
+
+@pytest.mark.parametrize("header_length", [2**40, 200 * 2**20])
+def test_base_models_and_checkpoints_with_absurd_headers_are_refused_cheaply(tmp_path: Path,
+                                                                             header_length: int) -> None:
+    """safetensors files claiming a huge header: a clear error, and nothing near that size allocated."""
+    import resource
+
+    from trainer.checkpoints import load_checkpoint, save_checkpoint
+    from trainer.config import ModelConfig
+    from trainer.models import load_base_model
+
+    bogus = struct.pack("<Q", header_length) + b'{"a":' + b" " * 100
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(bogus)
+    checkpoint = save_checkpoint(tmp_path / "checkpoints", 1, {"x": torch.ones(2)}, keep_last=1)
+    (checkpoint / "tensors.safetensors").write_bytes(bogus)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(StudioError, match="not a readable .safetensors file"):
+        load_base_model(ModelConfig(base=str(model)))
+    with pytest.raises(StudioError, match="damaged"):
+        load_checkpoint(checkpoint)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 100 * 1024, f"peak memory grew by {grown_kib} KiB"
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path):
+    from browser.app_server import running_app
+
+    with running_app(tmp_path_factory.mktemp("security-projects"), tiny_sd1_dir, first_port=7890) as app:
+        yield app
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _outbound_address() -> str | None:
+    """This machine's address on its default route, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_the_server_answers_on_loopback_only(server) -> None:
+    parsed = urllib.parse.urlparse(server.url)
+    assert parsed.hostname == "127.0.0.1"
+    assert _status(server.url + "/") == 200
+    address = _outbound_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to try")
+    with socket.socket() as outside, pytest.raises(OSError):
+        outside.settimeout(5)
+        outside.connect((address, parsed.port))
+
+
+def test_only_the_project_folder_is_served(server, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the browser")
+    inside = server.projects.root / "outputs" / "shared.txt"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_text("a project file")
+    file_url = server.url + "/gradio_api/file="
+    assert _status(file_url + urllib.parse.quote(str(inside))) == 200  # the route works ...
+    for outside in (secret, Path("/etc/passwd"), REPO / "trainer" / "cli.py",
+                    server.projects.root / ".." / secret.name):
+        assert _status(file_url + urllib.parse.quote(str(outside))) in (403, 404), outside  # ... for project files only
+
+
+def test_uploaded_file_names_cannot_leave_the_project_folder(server, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    from conftest import make_pattern_image
+
+    sneaky = tmp_path / "..\\..\\..\\escape.png"  # a legal Linux file name that reads as a path on Windows
+    make_pattern_image((64, 64), 1).save(sneaky, format="PNG")
+    lora = tmp_path / "..\\..\\evil.safetensors"
+    import safetensors.torch
+
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    safetensors.torch.save_file({f"{stem}.lora_down.weight": torch.zeros(2, 32),
+                                 f"{stem}.lora_up.weight": torch.zeros(32, 2)}, str(lora))
+    before = set(tmp_path.parent.rglob("*"))
+    client = Client(server.url, verbose=False, download_files=False)
+    *_, status, _, _ = client.predict("../../../../escaped-set", [handle_file(sneaky)], "", 64,
+                                      api_name="/upload_images")
+    assert "Added 1 picture" in status
+    client.predict([handle_file(lora)], api_name="/upload_loras")
+
+    root = server.projects.root
+    landed = [p for p in root.rglob("*") if "escape" in p.name or "evil" in p.name]
+    assert {p.relative_to(root).parts[0] for p in landed} >= {"datasets", "loras"}, landed
+    assert all(p.resolve().is_relative_to(root) for p in landed)
+    assert (root / "datasets" / "escaped-set" / "escape.png").is_file()
+    assert (root / "loras" / "evil.safetensors").is_file()
+    outside = [p for p in set(tmp_path.parent.rglob("*")) - before
+               if not p.resolve().is_relative_to(root) and ("escape" in p.name or "evil" in p.name)]
+    assert not outside, outside
+
+
+def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
+    from app.__main__ import free_port
+
+    port = free_port("127.0.0.1", 7930)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "CI": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--listen", "--no-browser", "--port", str(port),
+                             "--projects", str(tmp_path / "projects")], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, seen = time.monotonic() + 120, ""
+        while "Add --auth user:password" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            seen += proc.stderr.readline()
+        assert "WARNING: --listen without --auth" in seen, seen
+        assert "Add --auth user:password" in seen
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
