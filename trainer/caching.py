@@ -2,8 +2,10 @@
 
 Latents are cached on disk per (image content hash, bucket, flip) and VAE fingerprint, so an
 edited image or another base model is re-encoded while an unchanged one never is, even across
-runs. Text embeddings are cached in memory per caption when the text encoder is frozen and
-captions don't change from step to step.
+runs; each entry also keeps the crop and original size SDXL's size conditioning needs, so a
+cached image is never decoded again. Text embeddings (for SDXL: hidden states and pooled
+embedding) are cached in memory per caption when the text encoders are frozen and captions
+don't change from step to step.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,49 +43,77 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
+@dataclass(frozen=True)
+class LatentEntry:
+    """One encoded image variant and the geometry that produced it (SDXL's ``add_time_ids``)."""
+
+    latents: torch.Tensor  # [C, h, w], fp32, CPU
+    crop_top_left: tuple[int, int]  # (y, x) in the scaled image
+    original_size: tuple[int, int]  # (h, w) before scaling
+
+
+PixelLoader = Callable[[], tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]  # TrainingSet.load_pixels
+
+
 class LatentCache:
     """Latents per (image hash, bucket, flip); in memory, and on disk when ``folder`` is set."""
 
     def __init__(self, vae, folder: Path | None) -> None:
         self.vae = vae
         self.folder = folder / module_fingerprint(vae) if folder else None
-        self._memory: dict[str, torch.Tensor] = {}
+        self._memory: dict[str, LatentEntry] = {}
         self.encoded = 0  # images run through the VAE by this cache (tests and benchmarks read it)
 
-    def get(self, sha256: str, bucket: tuple[int, int], flip: bool, load_pixels: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, sha256: str, bucket: tuple[int, int], flip: bool, load_pixels: PixelLoader) -> LatentEntry:
         key = f"{sha256}_{bucket[0]}x{bucket[1]}_{int(flip)}"
         if key in self._memory:
             return self._memory[key]
         path = self.folder / f"{key}.safetensors" if self.folder else None
         if path is not None and path.is_file():
             try:
-                latents = load_file(str(path))["latents"]
-            except Exception:  # a damaged cache entry is re-encoded, never fatal  # noqa: BLE001
-                latents = None
-            if latents is not None:
-                self._memory[key] = latents
-                return latents
+                stored = load_file(str(path))
+                entry = LatentEntry(stored["latents"], tuple(stored["crop_top_left"].tolist()),
+                                    tuple(stored["original_size"].tolist()))
+            except Exception:  # a damaged (or older, size-less) entry is re-encoded, never fatal  # noqa: BLE001
+                entry = None
+            if entry is not None:
+                self._memory[key] = entry
+                return entry
+        pixels, crop_top_left, original_size = load_pixels()
         with torch.no_grad():
-            latents = encode_latents(self.vae, load_pixels().unsqueeze(0))[0].float().cpu()
+            latents = encode_latents(self.vae, pixels.unsqueeze(0))[0].float().cpu()
         self.encoded += 1
+        entry = LatentEntry(latents, tuple(crop_top_left), tuple(original_size))
         if path is not None:
             with atomic_path(path) as tmp:
-                save_file({"latents": latents.contiguous()}, str(tmp))
-        self._memory[key] = latents
-        return latents
+                save_file({"latents": latents.contiguous(), "crop_top_left": torch.tensor(entry.crop_top_left),
+                           "original_size": torch.tensor(entry.original_size)}, str(tmp))
+        self._memory[key] = entry
+        return entry
+
+
+TextEncoding = torch.Tensor | tuple[torch.Tensor, ...]  # a batch: hidden states, or (hidden, pooled) for SDXL
 
 
 class TextEmbeddingCache:
-    """Embeddings per caption for a frozen text encoder (computed once, kept on CPU)."""
+    """Embeddings per caption for frozen text encoders (computed once, kept on CPU).
 
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor]) -> None:
+    ``encode`` returns a batch tensor, or a tuple of batch tensors (SDXL's hidden states and
+    pooled embedding); ``get_batch`` returns the same structure for the captions asked.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], TextEncoding]) -> None:
         self._encode = encode
-        self._memory: dict[str, torch.Tensor] = {}
+        self._memory: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._is_tuple = False
 
-    def get_batch(self, captions: list[str]) -> torch.Tensor:
+    def get_batch(self, captions: list[str]) -> TextEncoding:
         missing = [c for c in dict.fromkeys(captions) if c not in self._memory]
         if missing:
             with torch.no_grad():
-                encoded = self._encode(missing).float().cpu()
-            self._memory.update(zip(missing, encoded))
-        return torch.stack([self._memory[c] for c in captions])
+                encoded = self._encode(missing)
+            self._is_tuple = isinstance(encoded, tuple)
+            parts = [part.float().cpu() for part in (encoded if self._is_tuple else (encoded,))]
+            self._memory.update(zip(missing, zip(*parts)))
+        stacked = tuple(torch.stack(part) for part in zip(*(self._memory[c] for c in captions)))
+        return stacked if self._is_tuple else stacked[0]

@@ -101,6 +101,7 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "Random seed for init, data order and noise."})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "Min-SNR-gamma loss weighting; 0 = off."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset for darker/brighter images (0.05 typical)."})
+    zero_terminal_snr: bool = field(default=False, metadata={"help": "Rescale the noise schedule to zero terminal SNR (v-prediction models only, e.g. NoobAI v-pred); samples use 'trailing' timesteps."})
     cache_latents: bool = field(default=True, metadata={"help": "Encode each image once and cache the latents on disk."})
     cache_text: bool = field(default=True, metadata={"help": "Cache text embeddings when the text encoder is frozen and captions are static."})
     device: str = field(default="auto", metadata={"help": "auto, cuda, cuda:N, mps or cpu."})

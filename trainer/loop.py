@@ -31,16 +31,17 @@ def training_step(session: Session) -> torch.Tensor:
     """One forward/backward over one batch; returns the (detached) loss."""
     model, cfg = session.model, session.config
     epoch, refs = session.next_batch()
-    latents = session.latents_for(refs)
+    latents, time_ids = session.latents_for(refs)  # time_ids: SDXL size/crop conditioning, else None
     captions = [session.training_set.caption_for(ref, epoch, cfg.train.seed) for ref in refs]
     noise = sample_noise(latents, cfg.train.noise_offset, session.noise_generator)
     timesteps = sample_timesteps(len(refs), model.noise_scheduler.config.num_train_timesteps,
                                  session.noise_generator, latents.device)
     noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
     with session.accelerator.autocast():
-        with torch.set_grad_enabled("text_encoder" in session.plan.modules):
-            text = session.text_embeddings_for(captions)
-        prediction = model.unet(noisy, timesteps, text).sample
+        with torch.set_grad_enabled(len(session.trainable_models()) > 1):  # a text encoder trains too
+            text, pooled = session.text_embeddings_for(captions)  # pooled: SDXL only, else None
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
+        prediction = model.unet(noisy, timesteps, text, added_cond_kwargs=added).sample
         target = prediction_target(model.noise_scheduler, latents, noise, timesteps)
         loss = diffusion_loss(prediction, target, model.noise_scheduler, timesteps, cfg.train.min_snr_gamma)
     session.accelerator.backward(loss / cfg.optim.grad_accum)

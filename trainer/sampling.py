@@ -24,15 +24,18 @@ def make_samples(session, step: int) -> SamplesMade:
     cfg = session.config
     unwrap = session.accelerator.unwrap_model
     unet, text_encoder = unwrap(session.model.unet), unwrap(session.model.text_encoder)
-    pipe = inference_pipeline(replace(session.model, unet=unet, text_encoder=text_encoder), "dpmpp_2m")
+    text_encoder_2 = None if session.model.text_encoder_2 is None else unwrap(session.model.text_encoder_2)  # SDXL
+    pipe = inference_pipeline(replace(session.model, unet=unet, text_encoder=text_encoder,
+                                      text_encoder_2=text_encoder_2), "dpmpp_2m")
     pipe.set_progress_bar_config(disable=True)
     folder = session.run_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = sample_prompts(session)
     paths: list[Path] = []
-    was_training = (unet.training, text_encoder.training)
-    unet.eval()
-    text_encoder.eval()
+    modules = [m for m in (unet, text_encoder, text_encoder_2) if m is not None]
+    was_training = [m.training for m in modules]
+    for module in modules:
+        module.eval()
     try:
         for index, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(cfg.output.sample_seed + index)
@@ -44,6 +47,6 @@ def make_samples(session, step: int) -> SamplesMade:
             image.save(path)
             paths.append(path)
     finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        for module, mode in zip(modules, was_training):
+            module.train(mode)
     return SamplesMade(step, tuple(paths), tuple(prompts))

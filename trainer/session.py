@@ -25,12 +25,12 @@ from trainer import lora as lora_mod
 from trainer.caching import LatentCache, TextEmbeddingCache
 from trainer.config import StudioConfig, check_resolution_multiple, config_to_dict
 from trainer.dataset import DatasetScan, LintReport, SampleRef, TrainingSet, lint_dataset, scan_dataset
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, ConfigError
 from trainer.models import BaseModel, load_base_model
 from trainer.optim import build_lr_scheduler, build_optimizer
-from trainer.text import count_tokens, encode_text, tokenize
+from trainer.text import count_tokens, encode_text, encode_text_sdxl, tokenize
 
-SUPPORTED_FAMILIES = ("sd1",)
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 Notify = Callable[[str, str], None]  # (level, text)
 
 
@@ -101,25 +101,37 @@ class Session:
         self.batch_cursor += 1
         return epoch, self._epoch_cache[epoch][index]
 
-    def latents_for(self, refs: list) -> torch.Tensor:
-        tensors = []
+    def latents_for(self, refs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(latents [B,C,h,w], SDXL ``add_time_ids`` [B,6] or None for SD1/SD2)."""
+        tensors, time_ids = [], []
         for ref in refs:
             item = self.training_set.items[ref.index]
-            load = lambda ref=ref: self.training_set.load_pixels(ref)[0]  # noqa: E731
+            load = lambda ref=ref: self.training_set.load_pixels(ref)  # noqa: E731
             if self.latent_cache is not None:
-                tensors.append(self.latent_cache.get(item.sha256, ref.bucket, ref.flip, load))
+                entry = self.latent_cache.get(item.sha256, ref.bucket, ref.flip, load)
+                latents, crop_top_left, original_size = entry.latents, entry.crop_top_left, entry.original_size
             else:
                 from trainer.caching import encode_latents
 
+                pixels, crop_top_left, original_size = load()
                 with torch.no_grad():
-                    tensors.append(encode_latents(self.model.vae, load().unsqueeze(0))[0])
-        return torch.stack(tensors).to(self.device, non_blocking=True)
+                    latents = encode_latents(self.model.vae, pixels.unsqueeze(0))[0]
+            tensors.append(latents)
+            # SDXL's micro-conditioning: original (h, w), crop top-left (y, x), target (h, w) = the bucket
+            time_ids.append([*original_size, *crop_top_left, ref.bucket[1], ref.bucket[0]])
+        latents = torch.stack(tensors).to(self.device, non_blocking=True)
+        if self.model.family != "sdxl":
+            return latents, None
+        return latents, torch.tensor(time_ids, dtype=torch.float32, device=self.device)
 
-    def text_embeddings_for(self, captions: list[str]) -> torch.Tensor:
+    def text_embeddings_for(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states the UNet cross-attends to, SDXL pooled embedding or None)."""
         if self.text_cache is not None:
-            return self.text_cache.get_batch(captions).to(self.device, non_blocking=True)
-        ids = tokenize(self.model.tokenizer, captions)
-        return encode_text(self.model.text_encoder, ids, self.config.model.clip_skip)
+            cached = self.text_cache.get_batch(captions)
+            hidden, pooled = cached if isinstance(cached, tuple) else (cached, None)
+        else:
+            hidden, pooled = encode_captions(self.model, captions, self.config.model.clip_skip)
+        return hidden.to(self.device, non_blocking=True), None if pooled is None else pooled.to(self.device)
 
     def warm_caches(self, notify: Notify) -> None:
         """Encode every (image, bucket, flip) the run will see, and every static caption, up front."""
@@ -189,9 +201,35 @@ class Session:
 
     def trainable_models(self) -> dict[str, torch.nn.Module]:
         models = {"unet": self.model.unet}
-        if "text_encoder" in self.plan.modules:
-            models["text_encoder"] = self.model.text_encoder
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in self.plan.modules:
+                models[name] = getattr(self.model, name)
         return models
+
+
+def encode_captions(model: BaseModel, captions: list[str], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled embedding or None) of ``captions`` with the model's text encoder(s)."""
+    ids = tokenize(model.tokenizer, captions)
+    if model.family == "sdxl":
+        ids_2 = tokenize(model.tokenizer_2, captions)
+        return encode_text_sdxl(model.text_encoder, model.text_encoder_2, ids, ids_2, clip_skip)
+    return encode_text(model.text_encoder, ids, clip_skip), None
+
+
+def use_zero_terminal_snr(model: BaseModel) -> None:
+    """Rescale the training schedule to zero terminal SNR; samples then use trailing timesteps.
+
+    At t = T the noisy latent is pure noise, so an epsilon model would learn nothing there (and
+    min-SNR weighting divides by SNR = 0): the option is for v-prediction models only.
+    """
+    from diffusers import DDPMScheduler
+
+    if model.prediction_type != "v_prediction":
+        raise ConfigError(
+            f"train.zero_terminal_snr needs a v-prediction model, but {model.name} predicts {model.prediction_type}.",
+            hint="Turn zero_terminal_snr off, or set model.prediction_type = \"v_prediction\" if the model is a v-prediction one.")
+    model.scheduler_config = {**model.scheduler_config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    model.noise_scheduler = DDPMScheduler.from_config(model.scheduler_config, prediction_type=model.prediction_type)
 
 
 def open_session(config: StudioConfig, notify: Notify) -> Session:
@@ -202,6 +240,8 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     np.random.seed(config.train.seed % 2**32)
 
     model = load_base_model(config.model, dtype=torch.float32, supported=SUPPORTED_FAMILIES)
+    if config.train.zero_terminal_snr:
+        use_zero_terminal_snr(model)
     resolution = config.data.resolution or model.native_resolution
     check_resolution_multiple(resolution, model.resolution_multiple)
 
@@ -219,40 +259,45 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
 
     # Frozen weights in the compute dtype; LoRA weights are created in fp32 afterwards.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module, dtype in ((model.unet, weight_dtype), (model.text_encoder, weight_dtype),
+    for module, dtype in ((model.unet, weight_dtype), *((te, weight_dtype) for te in model.text_encoders()),
                           (model.vae, torch.float32)):  # fp16 VAEs overflow; it runs once per image
         if module.device != accelerator.device or module.dtype != dtype:
             module.to(accelerator.device, dtype=dtype)
 
-    plan = lora_mod.plan_lora(config.network, model.unet, {"text_encoder": model.text_encoder})
+    encoders = {"text_encoder": model.text_encoder}
+    if model.text_encoder_2 is not None:
+        encoders["text_encoder_2"] = model.text_encoder_2
+    plan = lora_mod.plan_lora(config.network, model.unet, encoders)
     lora_mod.inject_lora(model.unet, plan.modules["unet"], config.network)
     param_groups = [{"params": lora_mod.lora_parameters(model.unet), "lr": config.optim.lr}]
-    if "text_encoder" in plan.modules:
-        lora_mod.inject_lora(model.text_encoder, plan.modules["text_encoder"], config.network)
-        param_groups.append({"params": lora_mod.lora_parameters(model.text_encoder), "lr": config.effective_te_lr})
+    trained_encoders = [name for name in encoders if name in plan.modules]
+    for name in trained_encoders:
+        lora_mod.inject_lora(encoders[name], plan.modules[name], config.network)
+        param_groups.append({"params": lora_mod.lora_parameters(encoders[name]), "lr": config.effective_te_lr})
     if config.train.grad_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        if "text_encoder" in plan.modules:
-            model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for name in trained_encoders:
+            encoders[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    for trainable in (model.unet, model.text_encoder):
+    for trainable in (model.unet, *encoders.values()):
         trainable.train()  # LoRA dropout is active in train mode; the frozen layers have none
     optimizer = build_optimizer(config, param_groups, accelerator.device, lambda text: notify("warning", text))
     lr_scheduler = build_lr_scheduler(config, optimizer, total_steps)
-    trainables = [model.unet] + ([model.text_encoder] if "text_encoder" in plan.modules else [])
-    prepared = accelerator.prepare(*trainables, optimizer)
+    prepared = accelerator.prepare(model.unet, *(encoders[name] for name in trained_encoders), optimizer)
     model.unet = prepared[0]
-    if "text_encoder" in plan.modules:
-        model.text_encoder = prepared[1]
+    for name, wrapped in zip(trained_encoders, prepared[1:-1]):
+        setattr(model, name, wrapped)
     optimizer = prepared[-1]
 
     run_dir = run_dir_for(config.output.output)
     latent_cache = LatentCache(model.vae, run_dir / "cache") if config.train.cache_latents else None
     text_cache = None
-    if config.train.cache_text and "text_encoder" not in plan.modules and training_set.is_caption_static:
-        text_cache = TextEmbeddingCache(
-            lambda captions: encode_text(model.text_encoder, tokenize(model.tokenizer, captions), config.model.clip_skip)
-        )
+    if config.train.cache_text and not trained_encoders and training_set.is_caption_static:
+        def encode(captions: list[str]):
+            hidden, pooled = encode_captions(model, captions, config.model.clip_skip)
+            return hidden if pooled is None else (hidden, pooled)
+
+        text_cache = TextEmbeddingCache(encode)
     noise_generator = torch.Generator().manual_seed(config.train.seed + accelerator.process_index)
     return Session(
         config=config, accelerator=accelerator, model=model, scan=scan, training_set=training_set, lint=lint, plan=plan,

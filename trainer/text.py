@@ -30,3 +30,20 @@ def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torch.
     hidden = out.hidden_states[-clip_skip]
     return text_encoder.text_model.final_layer_norm(hidden) if hasattr(text_encoder, "text_model") \
         else text_encoder.final_layer_norm(hidden)
+
+
+def encode_text_sdxl(text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2: torch.Tensor,
+                     clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL conditioning: (both encoders' hidden states concatenated, pooled embedding of the second).
+
+    SDXL was trained on the penultimate layer of each encoder *without* the final layer norm
+    (SGM's ``layer="penultimate"``), so clip_skip=1 means the penultimate layer here and each
+    further step goes one layer deeper, as diffusers' SDXL pipeline counts it (its clip_skip is
+    ours minus one). The pooled embedding is the second encoder's projected EOS token.
+    """
+    layer = -(clip_skip + 1)
+    first = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+    second = text_encoder_2(input_ids_2.to(text_encoder_2.device), output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer].to(first.hidden_states[layer].dtype)],
+                       dim=-1)
+    return hidden, second.text_embeds

@@ -1,0 +1,413 @@
+"""SDXL end to end on a tiny SDXL-shaped model: conditioning, training, export, loading, generation.
+
+The tiny model has SDXL's block layout (three levels, two layers per block, transformer depths
+1/1/2), two text encoders and size/crop conditioning, so everything that differs from SD1 is
+exercised: both encoders' hidden states, the pooled embedding, ``add_time_ids`` from the real
+image geometry, LoRA on both encoders, SGM block names and ``lora_te1_``/``lora_te2_`` keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import make_pattern_image
+from PIL import Image
+
+from trainer.dataset import SampleRef
+from trainer.demo_model import build_tiny_sd1, build_tiny_sdxl, write_tiny_sdxl
+from trainer.errors import ConfigError, LoraFileError
+from trainer.events import RunFinished, SamplesMade, StepProgress
+from trainer.formats import (
+    ExportInfo,
+    build_metadata,
+    check_lora_fits,
+    collect_lora_modules,
+    read_lora_file,
+    save_kohya_lora,
+)
+from trainer.loop import train, training_step
+from trainer.presets import resolve_config
+from trainer.session import open_session
+
+STEPS = 80
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models run ~10x faster on one thread when other work shares the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def xl_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four captioned images; one is 96x64, so it is cropped into the 64x64 bucket (crop left 16)."""
+    folder = tmp_path_factory.mktemp("xl") / "data"
+    folder.mkdir()
+    for i in range(4):
+        make_pattern_image((96, 64) if i == 3 else (64, 64), i).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"zxq, picture {i}", encoding="utf-8")
+    return folder
+
+
+def _config(model: Path, data: Path, out: Path, **overrides):
+    settings = {"base": str(model), "data": str(data), "output": str(out / "lora.safetensors"), "rank": 4, "alpha": 2,
+                "steps": STEPS, "seed": 3, "min_snr_gamma": 0.0, "targets": "full"}
+    return resolve_config("character", overrides={**settings, **overrides})
+
+
+def _session(model: Path, data: Path, out: Path, **overrides):
+    return open_session(_config(model, data, out, **overrides), lambda level, text: None)
+
+
+def _pipeline(model_dir: Path):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(str(model_dir), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(xl_dir: Path, xl_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list:
+    """One real run: UNet (full targets) + both text encoders, a sample image at the end."""
+    out = tmp_path_factory.mktemp("xl-run")
+    config = _config(xl_dir, xl_data, out, lr=1e-2, te_lr=1e-2, sample_every=STEPS, sample_steps=2,
+                     sample_prompts=["zxq, portrait"])
+    return list(train(config))
+
+
+# --- conditioning -----------------------------------------------------------------------------------
+
+
+def _expected_time_ids(image: Path, side: int = 64) -> list[float]:
+    """[original h, original w, crop top, crop left, target h, target w] from the file itself."""
+    with Image.open(image) as img:
+        width, height = img.size
+    scale = side / min(width, height)  # cover the square bucket, then centre-crop
+    scaled_w, scaled_h = round(width * scale), round(height * scale)
+    return [height, width, (scaled_h - side) // 2, (scaled_w - side) // 2, side, side]
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_conditioning_matches_diffusers_sdxl_pipeline(xl_dir, xl_data, tmp_path, clip_skip):
+    """Both encoders' hidden states, the pooled embedding and the size/crop ids, as SDXL expects them."""
+    session = _session(xl_dir, xl_data, tmp_path, train_text_encoder=False, clip_skip=clip_skip)
+    assert session.model.family == "sdxl" and session.text_cache is not None
+    pipe = _pipeline(xl_dir)
+    captions = [item.caption for item in session.training_set.items]
+    hidden, pooled = session.text_embeddings_for(captions)
+    with torch.no_grad():
+        want_hidden, _, want_pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
+                                                            clip_skip=clip_skip - 1 or None)
+    assert hidden.shape == (4, 77, 64) and pooled.shape == (4, 32)
+    torch.testing.assert_close(hidden, want_hidden)
+    torch.testing.assert_close(pooled, want_pooled)
+
+    refs = [SampleRef(i, session.training_set.item_buckets[i], False, 0) for i in range(4)]
+    _, time_ids = session.latents_for(refs)
+    expected = [_expected_time_ids(item.path) for item in session.training_set.items]
+    assert time_ids.tolist() == expected
+    assert [64, 96, 0, 16, 64, 64] in expected  # the wide image really is cropped
+
+    # the crop/size conditioning survives the on-disk latent cache: a new session reads it back
+    again = _session(xl_dir, xl_data, tmp_path, train_text_encoder=False, clip_skip=clip_skip)
+    assert again.latents_for(refs)[1].tolist() == expected and again.latent_cache.encoded == 0
+
+
+def test_step_zero_is_the_base_model_and_every_part_gets_gradients(xl_dir, xl_data, tmp_path):
+    session = _session(xl_dir, xl_data, tmp_path, lr=1e-3)
+    assert set(session.trainable_models()) == {"unet", "text_encoder", "text_encoder_2"}
+    assert session.text_cache is None  # the encoders train, so their outputs change every step
+    base = _pipeline(xl_dir)
+    captions = ["zxq, portrait"]
+    g = torch.Generator().manual_seed(0)
+    noisy, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    time_ids = torch.tensor([[64.0, 96, 0, 16, 64, 64]])
+    with torch.no_grad():
+        hidden, pooled = session.text_embeddings_for(captions)
+        got = session.model.unet(noisy, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+        want_hidden, _, want_pooled, _ = base.encode_prompt(captions, do_classifier_free_guidance=False)
+        want = base.unet(noisy, t, want_hidden, added_cond_kwargs={"text_embeds": want_pooled, "time_ids": time_ids})
+    assert torch.equal(hidden, want_hidden) and torch.equal(pooled, want_pooled)
+    assert torch.equal(got.sample, want.sample)
+
+    loss = training_step(session)
+    assert torch.isfinite(loss)
+    for name, model in session.trainable_models().items():
+        grads = {n: p.grad for n, p in model.named_parameters() if ".lora_B." in n}
+        # SDXL reads the first encoder's penultimate layer, so its last layer cannot learn (kohya
+        # trains it all the same); the second encoder's last layer feeds the pooled embedding.
+        dead = {n for n in grads if name == "text_encoder" and ".layers.1." in n}
+        assert grads and all(grads[n] is None for n in dead), name
+        assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in set(grads) - dead), name
+
+
+def _capture_step(monkeypatch, session, timesteps: list[int]) -> dict:
+    """Run one training step with fixed timesteps; return its latents, noise and loss target."""
+    from trainer import loop
+
+    seen: dict = {}
+    latents_for = session.latents_for
+
+    def record_latents(refs):
+        seen["latents"], seen["time_ids"] = latents_for(refs)
+        return seen["latents"], seen["time_ids"]
+
+    def record_noise(latents, offset, generator):
+        seen["noise"] = torch.randn(latents.shape, generator=generator)
+        return seen["noise"]
+
+    def record_loss(prediction, target, scheduler, t, gamma):
+        seen["target"] = target.detach().clone()
+        return torch.nn.functional.mse_loss(prediction, target)
+
+    monkeypatch.setattr(session, "latents_for", record_latents)
+    monkeypatch.setattr(loop, "sample_noise", record_noise)
+    monkeypatch.setattr(loop, "sample_timesteps", lambda n, T, g, device: torch.tensor(timesteps[:n]))
+    monkeypatch.setattr(loop, "diffusion_loss", record_loss)
+    training_step(session)
+    return seen
+
+
+def _zero_terminal_snr_alphas_cumprod() -> torch.Tensor:
+    """SD's scaled-linear schedule rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return root ** 2
+
+
+def test_v_prediction_with_zero_terminal_snr(xl_dir, xl_data, tmp_path, monkeypatch):
+    """NoobAI-style: the target is the velocity, and at t = T the input is pure noise (target = -x0)."""
+    session = _session(xl_dir, xl_data, tmp_path, prediction_type="v_prediction", zero_terminal_snr=True,
+                       train_text_encoder=False)
+    alphas_cumprod = _zero_terminal_snr_alphas_cumprod()
+    torch.testing.assert_close(session.model.noise_scheduler.alphas_cumprod.double(), alphas_cumprod,
+                               rtol=1e-5, atol=1e-7)
+    assert session.model.noise_scheduler.alphas_cumprod[-1] == 0
+    assert session.model.scheduler_config["timestep_spacing"] == "trailing"  # samples start from pure noise
+
+    for t in (400, 999):
+        seen = _capture_step(monkeypatch, session, [t])
+        a = alphas_cumprod[t].float()
+        velocity = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["latents"]
+        torch.testing.assert_close(seen["target"], velocity, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["target"], -seen["latents"])  # t = T: nothing of x0 is left in the input
+
+
+def test_zero_terminal_snr_is_refused_for_an_epsilon_model(xl_dir, xl_data, tmp_path):
+    with pytest.raises(ConfigError, match="zero_terminal_snr needs a v-prediction model"):
+        _session(xl_dir, xl_data, tmp_path, zero_terminal_snr=True)
+
+
+# --- training, export, loading ---------------------------------------------------------------------
+
+
+def _eval_loss(pipe, data: Path) -> float:
+    """Denoising loss of a pipeline on the square training images at fixed noise and timesteps."""
+    images = sorted(p for p in data.glob("*.png") if Image.open(p).size == (64, 64))
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+                          for p in images])
+    captions = [p.with_suffix(".txt").read_text(encoding="utf-8") for p in images]
+    g = torch.Generator().manual_seed(0)
+    total = 0.0
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        hidden, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+        cond = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * len(images))}
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(latents.shape, generator=g)
+            timesteps = torch.full((len(images),), t)
+            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            total += torch.nn.functional.mse_loss(pipe.unet(noisy, timesteps, hidden, added_cond_kwargs=cond).sample,
+                                                  noise).item()
+    return total / 5
+
+
+def _sgm(path: str) -> str:
+    """diffusers UNet path -> SGM path, written out from DESIGN §4 (not from trainer code)."""
+    if m := re.match(r"down_blocks\.(\d)\.attentions\.(\d)\.(.+)", path):
+        return f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"
+    if m := re.match(r"up_blocks\.(\d)\.attentions\.(\d)\.(.+)", path):
+        return f"output_blocks.{3 * int(m[1]) + int(m[2])}.1.{m[3]}"
+    return path.replace("mid_block.attentions.0.", "middle_block.1.")
+
+
+def _independent_names(parts) -> dict[str, torch.nn.Linear]:
+    """kohya name -> layer, for every Linear of the tiny SDXL that a full-target LoRA may hold."""
+    names = {}
+    for path, module in parts.unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attentions." in path:
+            names["lora_unet_" + _sgm(path).replace(".", "_")] = module
+    for prefix, encoder in (("lora_te1_", parts.text_encoder), ("lora_te2_", parts.text_encoder_2)):
+        for path, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in path:
+                names[prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")] = module
+    return names
+
+
+def _hand_merged(file: Path):
+    """A fresh tiny SDXL with W0 + (alpha/r)·up@down added by hand from the file's tensors."""
+    parts = build_tiny_sdxl(seed=0)
+    names = _independent_names(parts)
+    state = safetensors.torch.load_file(str(file))
+    stems = {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
+    assert stems <= set(names), sorted(stems - set(names))[:3]
+    with torch.no_grad():
+        for stem in stems:
+            weight = names[stem].weight
+            down, up = state[f"{stem}.lora_down.weight"].float(), state[f"{stem}.lora_up.weight"].float()
+            weight += state[f"{stem}.alpha"].float().item() / down.shape[0] * (up @ down)
+    return parts
+
+
+def _outputs(unet, text_encoder, text_encoder_2):
+    g = torch.Generator().manual_seed(7)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 9, 64, generator=g)
+    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[64.0, 96, 0, 16, 64, 64]] * 2)}
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407, 49407]])
+    with torch.no_grad():
+        return (unet(x, torch.tensor([10, 600]), ctx, added_cond_kwargs=cond).sample, text_encoder(ids)[0],
+                text_encoder_2(ids).text_embeds)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _library_warnings():
+    """WARNING+ records of diffusers/peft/transformers plus Python warnings, collected in a list."""
+    handler = _ListHandler()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield handler.messages
+        finally:
+            handler.messages.extend(f"{w.category.__name__}: {w.message}" for w in caught
+                                    if not issubclass(w.category, DeprecationWarning))
+            for lg, level in zip(loggers, levels):
+                lg.removeHandler(handler)
+                lg.setLevel(level)
+
+
+def test_training_learns_and_writes_an_sdxl_kohya_file(trained, xl_dir, xl_data):
+    finished = trained[-1]
+    assert isinstance(finished, RunFinished) and finished.step == STEPS
+    progress = [e for e in trained if isinstance(e, StepProgress)]
+    assert all(np.isfinite(p.loss) for p in progress)
+    samples = [e for e in trained if isinstance(e, SamplesMade)]
+    assert len(samples) == 1
+    with Image.open(samples[0].paths[0]) as img:
+        assert img.size == (64, 64)
+
+    tensors = safetensors.torch.load_file(str(finished.output))
+    stems = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")}
+    assert all(s.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for s in stems)
+    assert not any(re.search(r"down_blocks|up_blocks|mid_block", s) for s in stems)  # SGM names only
+    for stem, down_shape in {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (4, 64),  # cross-attn reads both encoders
+        "lora_unet_input_blocks_8_1_transformer_blocks_1_attn1_to_q": (4, 32),  # depth-2 block, second transformer
+        "lora_unet_middle_block_1_transformer_blocks_1_ff_net_0_proj": (4, 32),
+        "lora_unet_output_blocks_2_1_proj_out": (4, 32),  # 2-D: SDXL's proj_in/out are Linear
+        "lora_unet_output_blocks_5_1_proj_in": (4, 32),
+        "lora_te1_text_model_encoder_layers_1_self_attn_q_proj": (4, 32),
+    }.items():
+        assert tuple(tensors[f"{stem}.lora_down.weight"].shape) == down_shape, stem
+    assert tuple(tensors["lora_unet_output_blocks_2_1_proj_out.lora_up.weight"].shape) == (32, 4)
+    assert not any(s.startswith(("lora_unet_input_blocks_1_", "lora_unet_input_blocks_2_")) for s in stems)
+    for layer in (0, 1):  # A1111 applies SDXL TE2 layers only with the full q/k/v/out set
+        assert {f"lora_te2_text_model_encoder_layers_{layer}_self_attn_{p}" for p in
+                ("q_proj", "k_proj", "v_proj", "out_proj")} <= stems
+    assert all(float(v) == 2.0 for k, v in tensors.items() if k.endswith(".alpha"))
+    for key, up in tensors.items():  # every B moved, except where no gradient reaches (see above)
+        if key.endswith("lora_up.weight"):
+            assert (torch.count_nonzero(up) == 0) == key.startswith("lora_te1_text_model_encoder_layers_1_"), key
+
+    meta = read_lora_file(finished.output).metadata
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["ss_v2"] == "False" and meta["modelspec.prediction_type"] == "epsilon"
+
+    base_loss = _eval_loss(_pipeline(xl_dir), xl_data)
+    pipe = _pipeline(xl_dir)
+    pipe.load_lora_weights(str(finished.output), adapter_name="trained")
+    assert _eval_loss(pipe, xl_data) < 0.95 * base_loss  # ~0.90: attention-only LoRA on a random tiny UNet
+
+
+def test_diffusers_loads_the_export_as_the_independent_merge(trained, xl_dir):
+    """StableDiffusionXLPipeline.load_lora_weights: no warning, and W0 + (alpha/r)·BA on all three parts."""
+    output = trained[-1].output
+    pipe = _pipeline(xl_dir)
+    base = _outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    with _library_warnings() as messages:
+        pipe.load_lora_weights(str(output), adapter_name="exported")
+    assert messages == []
+    merged = _hand_merged(output)
+    loaded = _outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    want = _outputs(merged.unet, merged.text_encoder, merged.text_encoder_2)
+    for got, expected, before in zip(loaded, want, base):
+        effect = (expected - before).abs().max().item()
+        assert effect > 0.1  # the LoRA really changes each part, so a wrong scale or name could not pass
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * effect)
+
+
+def _sd1_lora(path: Path) -> Path:
+    """A small SD1 LoRA file (tiny SD1 model, random LoRA weights)."""
+    from trainer.config import NetworkConfig
+    from trainer.lora import inject_lora, plan_lora
+
+    parts = build_tiny_sd1()
+    network = NetworkConfig(rank=2, alpha=2, train_text_encoder=False)
+    plan = plan_lora(network, parts.unet, {})
+    inject_lora(parts.unet, plan.modules["unet"], network)
+    for name, p in parts.unet.named_parameters():
+        if ".lora_B." in name:
+            p.data.normal_()
+    save_kohya_lora(collect_lora_modules("unet", parts.unet, "sd1"),
+                    build_metadata(ExportInfo(family="sd1", output_name=path.stem, rank=2, alpha=2)), path)
+    return path
+
+
+def test_family_is_detected_and_a_mismatch_is_refused(trained, xl_dir, tmp_path):
+    from trainer.config import ModelConfig
+    from trainer.generate import GenerationRequest, Generator, LoraSpec
+    from trainer.models import load_base_model
+
+    xl_file = read_lora_file(trained[-1].output)
+    assert xl_file.family == "sdxl"
+    check_lora_fits(xl_file, "sdxl")
+    with pytest.raises(LoraFileError, match=r"made for SDXL but the loaded model is SD 1\.x"):
+        check_lora_fits(xl_file, "sd1")
+
+    sd1_path = _sd1_lora(tmp_path / "sd1-style.safetensors")
+    assert read_lora_file(sd1_path).family == "sd1"
+    generator = Generator(load_base_model(ModelConfig(base=str(xl_dir)), supported=("sdxl",)), device="cpu")
+    with pytest.raises(LoraFileError, match=r"made for SD 1\.x but the loaded model is SDXL"):
+        generator.prepare(GenerationRequest("zxq", loras=(LoraSpec(sd1_path),)))
+    assert generator.prepare(GenerationRequest("zxq", loras=(LoraSpec(trained[-1].output),))) == []
