@@ -70,6 +70,7 @@ class RunState:
     queued_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    earlier_losses: list[tuple[int, float, float]] = field(default_factory=list, repr=False)  # of a resumed run
     version: int = 0  # bumped on every change; watchers wait for it to move
     commands: RunCommands = field(default_factory=RunCommands, repr=False)
 
@@ -116,6 +117,8 @@ class RunController:
                     raise StudioError(f"The run '{other.name}' is already queued or training.",
                                       hint="Wait for it to finish, or stop it first.")
             run = RunState(id=uuid.uuid4().hex[:12], name=name, config=config)
+            if config.output.resume:
+                run.earlier_losses = read_record(run.run_dir).get("losses", [])
             self._runs[run.id] = run
             self._queue.append(run.id)
             self._touch(run)
@@ -277,8 +280,8 @@ def apply_event(run: RunState, event: Event) -> None:
         run.status = "stopping" if run.commands.stop_requested else "training"
         run.total_steps, run.start_step, run.step = event.total_steps, event.start_step, event.start_step
         run.num_images, run.device = event.num_images, event.device
-        if event.start_step:
-            run.notices.append(f"Resumed from step {event.start_step}.")
+        # A resumed run's curve continues the one it was stopped in.
+        run.losses = [tuple(point) for point in run.earlier_losses if point[0] <= event.start_step] + run.losses
     elif isinstance(event, StepProgress):
         run.step, run.total_steps = event.step, event.total_steps
         run.loss, run.it_per_s = event.loss, event.it_per_s
@@ -325,9 +328,17 @@ class RunRecord:
         return self.last_checkpoint is not None and (self.total_steps == 0 or self.last_checkpoint < self.total_steps)
 
 
+def read_record(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def write_record(run: RunState) -> None:
     record = {"name": run.name, "status": run.status, "step": run.step, "total_steps": run.total_steps,
-              "output": str(run.output_path), "error": run.error}
+              "output": str(run.output_path), "error": run.error,
+              "losses": [[step, round(loss, 6), round(smoothed, 6)] for step, loss, smoothed in run.losses]}
     try:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.run_dir / RECORD_FILE, json.dumps(record, indent=1))
@@ -343,11 +354,7 @@ def runs_on_disk(runs_dir: Path) -> list[RunRecord]:
     folders = [p for p in runs_dir.iterdir() if p.is_dir() and p.name.endswith("_run")]
     for folder in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
         name = folder.name[: -len("_run")]
-        data: dict = {}
-        try:
-            data = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pass
+        data = read_record(folder)
         checkpoints = list_checkpoints(folder / "checkpoints") if (folder / "checkpoints").is_dir() else []
         records.append(RunRecord(
             name=name,

@@ -48,7 +48,19 @@ def output_name(studio: Studio, wanted: str, default_stem: str, suffix: str = ".
     return studio.projects.new_output_path(stem, suffix)
 
 
-def build_tools_tab(studio: Studio) -> None:
+@dataclass(frozen=True)
+class ToolsTab:
+    """What the page refreshes when the tab is opened (new runs, uploads)."""
+
+    pickers: list[gr.components.Component]
+    base: gr.Dropdown
+
+    def refreshed(self, studio: Studio) -> list[Any]:
+        return [*[gr.update(choices=lora_choices(studio)) for _ in self.pickers],
+                gr.update(choices=studio.projects.base_model_choices())]
+
+
+def build_tools_tab(studio: Studio) -> ToolsTab:
     from trainer.tools import bake_loras, inspect_lora, merge_loras, resize_lora
 
     gr.Markdown("Look inside a LoRA, make it smaller, mix several into one, or bake them into a checkpoint. "
@@ -117,9 +129,10 @@ def build_tools_tab(studio: Studio) -> None:
             bake_out = gr.File(label="Checkpoint", interactive=False, elem_id="tools-bake-output", scale=1)
 
     pickers = [inspect_file, resize_file, merge_files, bake_files]
+    tab = ToolsTab(pickers, bake_base)
 
     def refreshed_lists() -> list[Any]:
-        return [gr.update(choices=lora_choices(studio)) for _ in pickers]
+        return tab.refreshed(studio)[:-1]
 
     @user_errors
     def upload_loras(files: list[str] | None):
@@ -175,3 +188,4 @@ def build_tools_tab(studio: Studio) -> None:
                        api_name="merge_loras", **gpu)
     bake_button.click(bake, [bake_base, bake_files, bake_weights, bake_name], [bake_text, bake_out],
                       api_name="bake_checkpoint", **gpu)
+    return tab

@@ -89,7 +89,7 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
         size_line = f"**Output file size:** known once the base model can be read ({exc.message})"
     else:
         modules, size = lora_size(config, arch, config.output.export_dtype)
-        size_line = (f"**Output file:** {Path(config.output.output).name}, exactly {format_bytes(size)} "
+        size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
                      f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
     native = int(arch.unet.config.sample_size) * 8 if arch is not None else 512  # every SD VAE downsamples 8x
     resolution = config.data.resolution or native
@@ -167,6 +167,8 @@ def progress_html(run: RunState | None) -> str:
     parts = [f"<b>{run.name}</b>", STATUS_LABELS.get(run.status, run.status)]
     if run.total_steps:
         parts.append(f"step {run.step} / {run.total_steps}")
+    if run.start_step:
+        parts.append(f"resumed from step {run.start_step}")
     if run.status in ("training", "stopping") and run.it_per_s:
         parts.append(f"{run.it_per_s:.2f} steps/s" if run.it_per_s >= 0.1 else f"{1 / run.it_per_s:.1f} s/step")
         parts.append(f"ETA {format_duration(run.eta_s)}")
@@ -211,10 +213,21 @@ def status_markdown(run: RunState | None) -> str:
     return "\n\n".join(lines[:4]) + ("\n\n" + "\n".join(lines[4:]) if len(lines) > 4 else "")
 
 
+def latest_runs(studio: Studio) -> list[RunState]:
+    """This session's runs, newest first, one per name (a resumed run replaces its stopped attempt)."""
+    seen: set[str] = set()
+    latest = []
+    for run in studio.runs.runs():
+        if run.name not in seen:
+            seen.add(run.name)
+            latest.append(run)
+    return latest
+
+
 def runs_table(studio: Studio) -> list[list[str]]:
     """This session's runs, then earlier runs found on disk."""
     rows, seen = [], set()
-    for run in studio.runs.runs():
+    for run in latest_runs(studio):
         seen.add(run.name)
         rows.append([run.name, STATUS_LABELS.get(run.status, run.status), f"{run.step} / {run.total_steps or '?'}",
                      f"step {run.checkpoints[-1][0]}" if run.checkpoints and run.status != "finished" else "",
@@ -235,7 +248,7 @@ def resumable_runs(studio: Studio) -> list[str]:
 
 
 def run_choices(studio: Studio) -> list[tuple[str, str]]:
-    return [(f"{run.name} ({run.status})", run.id) for run in studio.runs.runs()]
+    return [(f"{run.name} ({run.status})", run.id) for run in latest_runs(studio)]
 
 
 # --- layout and wiring ---------------------------------------------------------------------------

@@ -49,13 +49,15 @@ def build_app(studio: Studio) -> gr.Blocks:
                 train = build_train_tab(studio, demo)
             with gr.Tab("3 · Generate", id="generate", elem_id="tab-generate"):
                 generate = build_generate_tab(studio, demo)
-            with gr.Tab("4 · Tools", id="tools", elem_id="tab-tools"):
-                build_tools_tab(studio)
+            with gr.Tab("4 · Tools", id="tools", elem_id="tab-tools") as tools_item:
+                tools = build_tools_tab(studio)
 
         # The dataset being edited is the one to train; its trigger word is the run's.
         train_item.select(lambda edited, current: pick_dataset(studio, edited, current), [dataset.name, train.dataset],
                           train.dataset, api_name=False)
         dataset.trigger.change(lambda word: word, dataset.trigger, train.trigger, api_name=False)
+        for refresh in (tools_item.select, demo.load):  # runs finished or files uploaded meanwhile
+            refresh(lambda: tools.refreshed(studio), None, [*tools.pickers, tools.base], api_name=False)
         train.open_in_generate.click(
             user_errors(open_in_generate), [train.output_path, generate.loras, generate.slots_version],
             [generate.loras, generate.slots_version], api_name="open_in_generate",

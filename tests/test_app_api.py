@@ -21,6 +21,7 @@ DEMO = DEMO_MODEL_CHOICE
 TINY = {"steps": 4, "rank": 4, "alpha": 4, "resolution": 64, "sample_every": 2, "sample_steps": 2, "save_every": 0,
         "trigger": "zxq"}
 DATASET = "api-set"
+EDITED = "api-edit"
 
 ENDPOINTS = {"/show_dataset", "/upload_images", "/import_folder", "/save_captions", "/add_trigger",
              "/replace_in_captions", "/preset_settings", "/check_training", "/start_training", "/watch_run",
@@ -41,10 +42,19 @@ def client(server) -> Client:
 
 
 @pytest.fixture(scope="module")
-def trained(server, client: Client) -> Path:
+def dataset(client: Client, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Six captioned 64 px pictures uploaded through the endpoint."""
+    files = write_pictures(tmp_path_factory.mktemp("api-pictures"), 6, make_pattern_image)
+    *_, status, _, _ = client.predict(DATASET, [handle_file(f) for f in files], "zxq", 64, api_name="/upload_images")
+    assert status == "Added 6 pictures and 6 caption files."
+    return DATASET
+
+
+@pytest.fixture(scope="module")
+def trained(server, client: Client, dataset: str) -> Path:
     """A finished demo-model run's LoRA file, trained through the endpoints."""
     run_id, plan, _ = client.predict(DATASET, DEMO, "character-lite", "api-run", TINY, api_name="/start_training")
-    assert "exactly" in plan
+    assert "api-run.safetensors, 25.0 kB (24 layers, rank 4, fp16)" in plan
     progress, status, *_ = client.predict(run_id, api_name="/watch_run")  # returns when the run ends
     assert 'data-status="finished"' in progress, status
     output = server.projects.runs_dir / "api-run.safetensors"
@@ -86,31 +96,31 @@ def test_every_working_event_is_a_named_endpoint(client: Client) -> None:
 def test_upload_pictures_then_edit_captions(client: Client, server, tmp_path: Path) -> None:
     files = write_pictures(tmp_path / "in", 6, make_pattern_image)
     table, report, issues, status, *_ = client.predict(
-        DATASET, [handle_file(f) for f in files], "zxq", 64, api_name="/upload_images")
+        EDITED, [handle_file(f) for f in files], "zxq", 64, api_name="/upload_images")
     assert status == "Added 6 pictures and 6 caption files."
     headers, data = table["headers"], rows(table)
     assert [row[1] for row in data] == [f"pic{i:02d}.png" for i in range(6)]
     assert data[2][2] == "zxq, picture 2" and "6 usable pictures of 6" in report
-    folder = server.projects.dataset_dir(DATASET)
+    folder = server.projects.dataset_dir(EDITED)
 
     data[2][2] = "zxq, picture 2, smiling"
-    _, _, status = client.predict(DATASET, as_table(data, headers), "zxq", 64, api_name="/save_captions")
+    _, _, status = client.predict(EDITED, as_table(data, headers), "zxq", 64, api_name="/save_captions")
     assert status == "Saved 1 caption."
     assert (folder / "pic02.txt").read_text(encoding="utf-8").strip() == "zxq, picture 2, smiling"
 
-    table, _, _, status = client.predict(DATASET, as_table(data, headers), "picture", "photo", "zxq", 64,
+    table, _, _, status = client.predict(EDITED, as_table(data, headers), "picture", "photo", "zxq", 64,
                                          api_name="/replace_in_captions")
     assert status == 'Replaced "picture" in 6 captions.' and rows(table)[0][2] == "zxq, photo 0"
     (folder / "pic05.txt").write_text("a photo", encoding="utf-8")
-    table, report, issues, _ = client.predict(DATASET, "zxq", 64, api_name="/show_dataset")
+    table, report, issues, _ = client.predict(EDITED, "zxq", 64, api_name="/show_dataset")
     assert rows(table)[5][2] == "a photo"
-    table, report, _, status = client.predict(DATASET, table, "zxq", 64, api_name="/add_trigger")
+    table, report, _, status = client.predict(EDITED, table, "zxq", 64, api_name="/add_trigger")
     assert status == 'Added "zxq" to 1 caption.' and rows(table)[5][2] == "zxq, a photo"
     assert "in 6 of 6 captions" in report
 
 
 def test_upload_and_import_errors_say_what_to_do(client: Client, server, tmp_path: Path) -> None:
-    expect_error("No files were received", client.predict, DATASET, [], "", 64, api_name="/upload_images")
+    expect_error("No files were received", client.predict, EDITED, [], "", 64, api_name="/upload_images")
     picture = write_pictures(tmp_path / "one", 1, make_pattern_image)[0]
     expect_error("Name the dataset first", client.predict, "", [handle_file(picture)], "", 64,
                  api_name="/upload_images")
@@ -126,19 +136,19 @@ def test_upload_and_import_errors_say_what_to_do(client: Client, server, tmp_pat
     broken_row = next(row for row in rows(table) if row[1] == "broken.png")
     assert "not an image this program can read" in broken_row[3]
     assert any(issue[1] == "broken.png" and issue[0] == "✖" for issue in rows(issues))
-    expect_error("is not a folder", client.predict, DATASET, str(tmp_path / "nowhere"), "", 64,
+    expect_error("is not a folder", client.predict, EDITED, str(tmp_path / "nowhere"), "", 64,
                  api_name="/import_folder")
 
 
-def test_preset_settings_and_plan(client: Client) -> None:
+def test_preset_settings_and_plan(client: Client, dataset: str) -> None:
     values = client.predict("style", api_name="/preset_settings")
     assert 64 in values and "full" in values  # rank 64 on every transformer layer
     plan = client.predict(DATASET, DEMO, "character-lite", "", TINY, api_name="/check_training")
-    assert "6 images per epoch" in plan and "exactly" in plan and "Estimate on CPU" in plan
+    assert "6 images per epoch" in plan and "25.0 kB" in plan and "Estimate on CPU" in plan
     assert "Demo model" in plan
 
 
-@pytest.mark.parametrize("dataset, base, settings, message", [
+@pytest.mark.parametrize("dataset_name, base, settings, message", [
     ("", DEMO, {}, "No dataset is chosen"),
     ("never-made", DEMO, {}, "There is no dataset called 'never-made'"),
     (DATASET, "", {}, "No base model is chosen"),
@@ -146,8 +156,10 @@ def test_preset_settings_and_plan(client: Client) -> None:
     (DATASET, DEMO, {"rank": 0}, "network.rank = 0 is out of range"),
     (DATASET, DEMO, {"rnk": 4}, "Did you mean 'rank'?"),
 ])
-def test_start_refuses_bad_input_with_a_clear_message(client: Client, dataset, base, settings, message) -> None:
-    expect_error(message, client.predict, dataset, base, "character-lite", "", settings, api_name="/start_training")
+def test_start_refuses_bad_input_with_a_clear_message(client: Client, dataset: str, dataset_name: str, base: str,
+                                                      settings: dict, message: str) -> None:
+    # ``dataset`` has pictures, so each case fails for its own reason
+    expect_error(message, client.predict, dataset_name, base, "character-lite", "", settings, api_name="/start_training")
 
 
 def test_start_with_an_empty_dataset_says_there_are_no_pictures(client: Client, server) -> None:
@@ -225,7 +237,7 @@ def test_open_in_generate_fills_a_slot(client: Client, trained: Path) -> None:
     expect_error("no finished LoRA", client.predict, "", [], 0, api_name="/open_in_generate")
 
 
-def test_stop_mid_run_leaves_a_resumable_checkpoint(client: Client, server) -> None:
+def test_stop_mid_run_leaves_a_resumable_checkpoint(client: Client, server, dataset: str) -> None:
     long_run = {**TINY, "steps": 500, "sample_every": 0}
     run_id, _, _ = client.predict(DATASET, DEMO, "character-lite", "api-long", long_run, api_name="/start_training")
     run = server.studio.runs.get(run_id)
@@ -233,6 +245,12 @@ def test_stop_mid_run_leaves_a_resumable_checkpoint(client: Client, server) -> N
     while run.step < 2:
         assert time.monotonic() < deadline and run.active, (run.status, run.error)
         run = server.studio.runs.wait_for_change(run_id, run.version, 5)
+    client.predict(run_id, api_name="/make_samples_now")
+    client.predict(run_id, api_name="/save_checkpoint_now")
+    while not (run.samples and run.checkpoints):  # both happen after the step in flight
+        assert time.monotonic() < deadline and run.active, (run.status, run.error)
+        run = server.studio.runs.wait_for_change(run_id, run.version, 5)
+    assert run.samples[0][0].is_file() and run.checkpoints[0][1].is_dir()
     client.predict(run_id, api_name="/stop_training")
     progress, status, *_ = client.predict(run_id, api_name="/watch_run")
     assert 'data-status="stopped"' in progress and "It can be resumed from step" in status
@@ -246,7 +264,8 @@ def test_stop_mid_run_leaves_a_resumable_checkpoint(client: Client, server) -> N
     resumed = server.studio.runs.get(resumed_id)
     while resumed.start_step == 0 and resumed.active:
         resumed = server.studio.runs.wait_for_change(resumed_id, resumed.version, 5)
-    assert resumed.start_step == stopped.step and f"Resumed from step {stopped.step}." in resumed.notices
+    assert resumed.start_step == stopped.step
+    assert [step for step, _, _ in resumed.losses][: stopped.step] == list(range(1, stopped.step + 1))  # curve kept
     client.predict(resumed_id, api_name="/stop_training")
     progress, _, *_ = client.predict(resumed_id, api_name="/watch_run")
     assert 'data-status="stopped"' in progress

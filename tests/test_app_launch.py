@@ -74,6 +74,36 @@ def test_listen_with_auth_passes_the_login_and_stays_quiet(tmp_path: Path, launc
     assert "WARNING" not in capsys.readouterr().err
 
 
+def test_python_dash_m_app_serves_the_page_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    port = free_port("127.0.0.1", 7850)
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "app", "--no-browser", "--port", str(port),
+                               "--projects", str(tmp_path / "projects")], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        page = ""
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    page = response.read().decode("utf-8")
+                break
+            except OSError:
+                time.sleep(0.5)  # polling a server in another process; no event to wait on
+        assert "LoRA Studio" in page, server.stdout.read() if server.poll() is not None else "no page"
+        assert (tmp_path / "projects" / "datasets").is_dir()
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, output
+    assert "projects in" in output
+
+
 def test_python_dash_m_app_takes_the_same_flags() -> None:
     result = subprocess.run([sys.executable, "-m", "app", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)

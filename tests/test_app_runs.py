@@ -172,10 +172,14 @@ def test_a_failing_run_keeps_its_message_and_the_queue_goes_on(tmp_path: Path, e
 
 
 def test_the_same_output_cannot_be_queued_twice(tmp_path: Path) -> None:
-    controller = RunController(ScriptedEngine())
-    controller.submit("r", make_config(tmp_path, "r"))
+    engine = ScriptedEngine()
+    controller = RunController(engine)
+    run = controller.submit("r", make_config(tmp_path, "r"))
     with pytest.raises(StudioError, match="already queued or training"):
         controller.submit("r", make_config(tmp_path, "r"))
+    engine.free_running = True
+    engine.gate.release()
+    wait_for(controller, run.id, lambda r: not r.active)
     controller.shutdown()
 
 
@@ -207,6 +211,6 @@ def test_apply_event_keeps_samples_newest_last_and_marks_early_stop(tmp_path: Pa
     apply_event(run, SamplesMade(5, (tmp_path / "a.png",), ("zxq",)))
     apply_event(run, Notice("warning", "img.png is small"))
     apply_event(run, RunFinished(6, tmp_path / "r.safetensors", 123, stopped_early=True))
-    assert run.start_step == 4 and run.notices == ["Resumed from step 4.", "⚠ img.png is small"]
+    assert run.start_step == 4 and run.notices == ["⚠ img.png is small"]
     assert run.samples == [(tmp_path / "a.png", "step 5: zxq")]
     assert run.status == "stopped" and run.size_bytes == 123

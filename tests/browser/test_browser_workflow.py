@@ -1,0 +1,235 @@
+"""The artist's whole path in a real browser: pictures → captions → train → generate → tools.
+
+The tests share one server and run in file order (the Generate test uses the LoRA the Train test
+made). Each opens fresh pages; screenshots go to ``test-artifacts/`` for a human to look at, and
+the assertions check what those screenshots show.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from browser.app_server import write_pictures
+from conftest import make_pattern_image
+
+pytestmark = pytest.mark.browser
+
+DATASET = "zxq-girl"
+FIRST_RUN = "first"
+TINY_RUN = {"resolution": "64", "rank": "4", "alpha": "4", "steps": "12", "sample_every": "6", "sample_steps": "2",
+            "save_every": "0"}
+PROGRESS = "#train-progress .ls-progress"
+
+
+# --- helpers: how a person operates gradio's widgets ------------------------------------------------
+
+
+def open_tab(page: Page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def type_into(page: Page, elem_id: str, text: str) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(text)
+    box.press("Tab")
+
+
+def set_number(page: Page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(value)
+    box.press("Enter" if page.locator(f"#{elem_id} input[type=range]").count() else "Tab")
+
+
+def choose(page: Page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option).first.click()
+    expect(page.locator(f"#{elem_id} input").first).to_have_value(re.compile(re.escape(option)))
+
+
+def progress_reached(page: Page, condition: str, timeout: float = 120_000) -> None:
+    """Wait until the progress bar's data attributes satisfy a JS ``condition`` on ``el``."""
+    page.wait_for_function(
+        f"() => {{ const el = document.querySelector('{PROGRESS}'); return !!el && ({condition}); }}",
+        timeout=timeout)
+
+
+def shot(page: Page, artifacts: Path, name: str) -> None:
+    page.screenshot(path=str(artifacts / name), full_page=True)
+
+
+# --- the workflow -------------------------------------------------------------------------------------
+
+
+def test_upload_pictures_and_edit_a_caption(pages, app_server, artifacts, tmp_path: Path) -> None:
+    page = pages.open()
+    expect(page.locator("#dataset-name")).to_be_visible()
+    type_into(page, "dataset-name", DATASET)
+    page.locator("#dataset-name input").press("Enter")
+    files = write_pictures(tmp_path / "pictures", 8, make_pattern_image)
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(f) for f in files])
+    expect(page.locator("#dataset-status")).to_have_text("Added 8 pictures and 8 caption files.")
+    expect(page.locator("#dataset-table img[alt='pic07.png']").first).to_be_visible()  # thumbnails
+    shown = page.eval_on_selector_all("#dataset-table img[alt^=pic]", "images => images.map(i => i.alt)")
+    assert sorted(set(shown)) == [f"pic{i:02d}.png" for i in range(8)]
+    expect(page.locator("#dataset-report")).to_contain_text("8 usable pictures of 8")
+    # At the default 512 px check the 64 px pictures are flagged, with what to do about it.
+    expect(page.locator("#dataset-table")).to_contain_text("smaller than the 512 px training resolution")
+    expect(page.locator("#dataset-issues")).to_contain_text("Replace it with a larger original")
+
+    page.locator("#dataset-table").get_by_text("zxq, picture 3", exact=True).dblclick()
+    editor = page.locator("#dataset-table textarea, #dataset-table input[type=text]").first
+    editor.fill("zxq, picture 3, red scarf")
+    editor.press("Enter")
+    expect(page.locator("#dataset-status")).to_have_text("Saved 1 caption.")
+    sidecar = app_server.projects.dataset_dir(DATASET) / "pic03.txt"
+    assert sidecar.read_text(encoding="utf-8").strip() == "zxq, picture 3, red scarf"
+
+    type_into(page, "dataset-trigger", "zxq")
+    set_number(page, "dataset-resolution", "64")
+    page.locator("#dataset-check").click()
+    expect(page.locator("#dataset-report")).to_contain_text('Trigger word "zxq" is in 8 of 8 captions')
+    expect(page.locator("#dataset-table")).not_to_contain_text("smaller than")
+    shot(page, artifacts, "01-dataset.png")
+
+
+def test_train_the_demo_model_and_watch_it(pages, app_server, artifacts) -> None:
+    page = pages.open()
+    open_tab(page, "2 · Train")
+    expect(page.locator("#train-start")).to_be_visible()
+    expect(page.locator("#train-dataset input")).to_have_value(DATASET)
+    choose(page, "train-base", "Demo model")
+    choose(page, "train-preset", "character-lite")
+    expect(page.locator("#setting-rank input")).to_have_value("8")  # the preset filled the form
+    expect(page.locator("#train-preset-info")).to_contain_text("Small and quick")
+    expect(page.locator("#setting-lr")).to_contain_text("Learning rate of the UNet LoRA.")  # help text
+    for name, value in TINY_RUN.items():
+        set_number(page, f"setting-{name}", value)
+    type_into(page, "setting-trigger", "zxq")
+    type_into(page, "train-run-name", FIRST_RUN)
+
+    page.locator("#train-check").click()
+    plan = page.locator("#train-plan")
+    expect(plan).to_contain_text("8 images per epoch")
+    expect(plan).to_contain_text(f"{FIRST_RUN}.safetensors, 25.0 kB (24 layers, rank 4, fp16)")
+    expect(plan).to_contain_text("Estimate on CPU")
+
+    page.locator("#train-start").click()
+    progress_reached(page, "+el.dataset.step >= 1 || el.dataset.status === 'finished'")
+    running = page.locator(PROGRESS).get_attribute("data-status") == "training"
+    if running:  # caught mid-run: step/total and ETA are on the bar
+        expect(page.locator("#train-progress-label")).to_contain_text(re.compile(r"step \d+ / 12"))
+        shot(page, artifacts, "02-train-running.png")
+    expect(page.locator("#train-samples img").first).to_be_visible(timeout=120_000)
+    progress_reached(page, "el.dataset.status === 'finished'")
+    label = page.locator("#train-progress-label")
+    expect(label).to_contain_text("finished · step 12 / 12")
+    expect(page.locator("#train-loss-plot")).to_contain_text("smoothed")  # the curve's legend: data arrived
+    expect(page.locator("#train-samples img")).to_have_count(2)  # steps 6 and 12
+    expect(page.locator("#train-status")).to_contain_text(f"Finished: {FIRST_RUN}.safetensors (25.0 kB)")
+    expect(page.locator("#train-output-file")).to_contain_text(FIRST_RUN)
+    expect(page.locator("#train-open-generate")).to_be_enabled()
+    size = (app_server.projects.runs_dir / f"{FIRST_RUN}.safetensors").stat().st_size
+    assert abs(size - 25_000) < 500  # as planned: the weights exactly, the metadata within a few hundred bytes
+    shot(page, artifacts, "03-train-finished.png")
+
+
+def second_lora(first: Path, folder: Path) -> Path:
+    """A different LoRA of the same shape: the first one's up-weights scaled by -1.5."""
+    with safe_open(str(first), "pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "sshs_model_hash"}
+    tensors = {k: v * -1.5 if "lora_up" in k else v for k, v in load_file(str(first)).items()}
+    path = folder / "inverse.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_generate_with_the_new_lora_and_a_second_one(pages, app_server, artifacts, tmp_path: Path) -> None:
+    first = app_server.projects.runs_dir / f"{FIRST_RUN}.safetensors"
+    page = pages.open()
+    open_tab(page, "2 · Train")
+    expect(page.locator("#train-open-generate")).to_be_enabled()  # the reloaded page shows the last run
+    page.locator("#train-open-generate").click()
+    expect(page.locator("#gen-run")).to_be_visible()
+    expect(page.locator("#gen-lora-0-file input")).to_have_value(str(first))
+
+    page.locator("#gen-add-lora").click()
+    expect(page.locator("#gen-lora-1-file")).to_be_visible()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#gen-lora-1-upload").click()
+    chooser.value.set_files(str(second_lora(first, tmp_path)))
+    expect(page.locator("#gen-lora-1-file input")).to_have_value(str(app_server.projects.loras_dir / "inverse.safetensors"))
+    set_number(page, "gen-lora-0-weight", "0.8")
+    set_number(page, "gen-lora-1-weight", "-0.5")
+    choose(page, "gen-base", "Demo model")
+    set_number(page, "gen-steps", "2")
+    set_number(page, "gen-batch", "2")
+    page.locator("#gen-seed input").fill("7")
+    page.locator("#gen-seed input").press("Tab")
+    page.locator("#gen-run").click()
+
+    expect(page.locator("#gen-gallery img")).to_have_count(2, timeout=120_000)
+    infotext = page.locator("#gen-infotext textarea")
+    expect(infotext).to_have_value(re.compile(r"<lora:first:0\.8> <lora:inverse:-0\.5>"))
+    expect(infotext).to_have_value(re.compile(r"Seed: 7,"))
+    expect(page.locator("#gen-notes")).to_contain_text("Made 2 images with first × 0.8, inverse × -0.5")
+    assert len(list((app_server.projects.outputs_dir / "images").glob("*.png"))) == 2
+    shot(page, artifacts, "04-generate.png")
+
+
+def test_closed_tab_keeps_training_and_stop_leaves_a_resumable_checkpoint(pages, app_server, artifacts) -> None:
+    page = pages.open()
+    open_tab(page, "2 · Train")
+    choose(page, "train-base", "Demo model")
+    for name, value in {**TINY_RUN, "steps": "400", "sample_every": "0"}.items():
+        set_number(page, f"setting-{name}", value)
+    type_into(page, "train-run-name", "long")
+    page.locator("#train-start").click()
+    progress_reached(page, "el.dataset.status === 'training' && +el.dataset.step >= 1")
+    page.context.close()  # the artist closes the tab; training must go on
+
+    page = pages.open()
+    open_tab(page, "2 · Train")
+    expect(page.locator("#train-run-select input")).to_have_value(re.compile("long"))
+    progress_reached(page, "el.dataset.status === 'training' && +el.dataset.step >= 3")
+    expect(page.locator("#train-progress-label")).to_contain_text("ETA")
+    expect(page.locator("#train-progress-label")).to_contain_text("/ 400")
+    shot(page, artifacts, "05-train-reattached.png")
+
+    page.locator("#train-stop").click()
+    progress_reached(page, "el.dataset.status === 'stopped'")
+    stopped_at = int(page.locator(PROGRESS).get_attribute("data-step"))
+    assert 3 <= stopped_at < 400
+    expect(page.locator("#train-status")).to_contain_text(f"It can be resumed from step {stopped_at}")
+    checkpoint = app_server.projects.runs_dir / "long_run" / "checkpoints" / f"step-{stopped_at:06d}"
+    assert checkpoint.is_dir()
+    assert (app_server.projects.runs_dir / "long.safetensors").is_file()  # a stopped run still exports
+
+    page.locator("#train-runs-accordion").get_by_text("All runs, and resume a run").click()
+    expect(page.locator("#train-runs")).to_contain_text("stopped")
+    choose(page, "train-resume-select", "long")
+    page.locator("#train-resume").click()
+    progress_reached(page, f"el.dataset.status === 'training' && +el.dataset.step > {stopped_at}")
+    expect(page.locator("#train-progress-label")).to_contain_text(f"resumed from step {stopped_at}")
+    shot(page, artifacts, "06-train-resumed.png")
+    page.locator("#train-stop").click()
+    progress_reached(page, "el.dataset.status === 'stopped'")
+
+
+def test_tools_inspect_shows_the_spectrum(pages, app_server, artifacts) -> None:
+    page = pages.open()
+    open_tab(page, "4 · Tools")
+    first = app_server.projects.runs_dir / f"{FIRST_RUN}.safetensors"
+    choose(page, "tools-inspect-file", f"{FIRST_RUN}.safetensors")
+    page.locator("#tools-inspect-run").click()
+    summary = page.locator("#tools-inspect-summary textarea")
+    expect(summary).to_have_value(re.compile(rf"{FIRST_RUN}\.safetensors: LoRA for SD 1\.x"))
+    expect(summary).to_have_value(re.compile("Trigger phrase: zxq"))
+    expect(page.locator("#tools-inspect-plot img")).to_be_visible()
+    assert first.is_file()
+    shot(page, artifacts, "07-tools-inspect.png")
