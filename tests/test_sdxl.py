@@ -34,7 +34,9 @@ from trainer.formats import (
     save_kohya_lora,
 )
 from trainer.loop import train, training_step
+from trainer.models import make_inference_scheduler
 from trainer.presets import resolve_config
+from trainer.sampling import make_samples
 from trainer.session import open_session
 
 STEPS = 80
@@ -200,7 +202,8 @@ def test_v_prediction_with_zero_terminal_snr(xl_dir, xl_data, tmp_path, monkeypa
     torch.testing.assert_close(session.model.noise_scheduler.alphas_cumprod.double(), alphas_cumprod,
                                rtol=1e-5, atol=1e-7)
     assert session.model.noise_scheduler.alphas_cumprod[-1] == 0
-    assert session.model.scheduler_config["timestep_spacing"] == "trailing"  # samples start from pure noise
+    sampler = make_inference_scheduler(session.model, "dpmpp_2m")  # samples start from pure noise
+    assert sampler.config.rescale_betas_zero_snr and sampler.config.timestep_spacing == "trailing"
 
     for t in (400, 999):
         seen = _capture_step(monkeypatch, session, [t])
@@ -208,6 +211,10 @@ def test_v_prediction_with_zero_terminal_snr(xl_dir, xl_data, tmp_path, monkeypa
         velocity = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["latents"]
         torch.testing.assert_close(seen["target"], velocity, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(seen["target"], -seen["latents"])  # t = T: nothing of x0 is left in the input
+
+    sample = make_samples(session, 0)  # trailing timesteps on the rescaled schedule: a finite picture
+    with Image.open(sample.paths[0]) as img:
+        assert img.size == (64, 64) and np.asarray(img).std() > 0
 
 
 def test_zero_terminal_snr_is_refused_for_an_epsilon_model(xl_dir, xl_data, tmp_path):

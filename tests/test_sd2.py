@@ -1,0 +1,267 @@
+"""SD 2.x end to end on a tiny SD2-shaped model: detection, v-prediction training, export, loading.
+
+The tiny model has what sets SD 2.x apart from SD1: an OpenCLIP-style text encoder (gelu, padded
+with "!"), Linear proj_in/proj_out (``use_linear_projection``) and a v-prediction schedule like
+the 768 px SD 2.1 model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import make_pattern_image
+from PIL import Image
+
+from trainer.config import ModelConfig
+from trainer.demo_model import build_tiny_sd2, write_tiny_sd2
+from trainer.errors import LoraFileError
+from trainer.events import RunFinished, SamplesMade
+from trainer.formats import check_lora_fits, read_lora_file
+from trainer.loop import train, training_step
+from trainer.models import load_base_model
+from trainer.presets import resolve_config
+from trainer.session import open_session
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models run ~10x faster on one thread when other work shares the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_sd2(tmp_path_factory.mktemp("models") / "tiny-sd2", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd2_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sd2") / "data"
+    folder.mkdir()
+    for i in range(4):
+        make_pattern_image((64, 64), i).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"zxq, picture {i}", encoding="utf-8")
+    return folder
+
+
+def _config(model: Path, data: Path, out: Path, **overrides):
+    settings = {"base": str(model), "data": str(data), "output": str(out / "lora.safetensors"), "rank": 4, "alpha": 2,
+                "steps": STEPS, "seed": 5, "min_snr_gamma": 0.0, "targets": "full"}
+    return resolve_config("character", overrides={**settings, **overrides})
+
+
+def _pipeline(model_dir: Path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(sd2_dir: Path, sd2_data: Path, tmp_path_factory: pytest.TempPathFactory) -> RunFinished:
+    out = tmp_path_factory.mktemp("sd2-run")
+    events = list(train(_config(sd2_dir, sd2_data, out, lr=1e-2, te_lr=1e-2, sample_every=STEPS, sample_steps=2)))
+    assert isinstance(events[-1], RunFinished)
+    samples = [e for e in events if isinstance(e, SamplesMade)]
+    assert len(samples) == 1 and Image.open(samples[0].paths[0]).size == (64, 64)  # v-prediction sampling runs
+    return events[-1]
+
+
+def _alphas_cumprod() -> torch.Tensor:
+    """SD's scaled-linear schedule, written out here rather than taken from a scheduler."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+# --- detection and the v-prediction objective ------------------------------------------------------
+
+
+def test_sd2_is_detected_from_the_model_itself(sd2_dir):
+    model = load_base_model(ModelConfig(base=str(sd2_dir)), supported=("sd1", "sd2", "sdxl"))
+    assert (model.family, model.prediction_type) == ("sd2", "v_prediction")
+    assert model.noise_scheduler.config.prediction_type == "v_prediction"
+    assert isinstance(model.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
+    assert model.tokenizer.pad_token == "!" and model.text_encoder_2 is None
+    forced = load_base_model(ModelConfig(base=str(sd2_dir), prediction_type="epsilon"), supported=("sd2",))
+    assert forced.noise_scheduler.config.prediction_type == "epsilon"
+
+
+def test_training_target_is_the_velocity_and_step_zero_is_the_base(sd2_dir, sd2_data, tmp_path, monkeypatch):
+    from trainer import loop
+
+    session = open_session(_config(sd2_dir, sd2_data, tmp_path, batch_size=2), lambda level, text: None)
+    base = _pipeline(sd2_dir)
+    ids = base.tokenizer(["zxq, portrait"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    noisy, t, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        assert torch.equal(session.text_embeddings_for(["zxq, portrait"])[0], base.text_encoder(ids)[0])
+        assert torch.equal(session.model.unet(noisy, t, ctx).sample, base.unet(noisy, t, ctx).sample)
+
+    seen: dict = {}
+    latents_for = session.latents_for
+
+    def record_latents(refs):
+        seen["latents"], time_ids = latents_for(refs)
+        assert time_ids is None  # size conditioning is SDXL's alone
+        return seen["latents"], time_ids
+
+    def record_noise(latents, offset, generator):
+        seen["noise"] = torch.randn(latents.shape, generator=generator)
+        return seen["noise"]
+
+    def record_loss(prediction, target, scheduler, timesteps, gamma):
+        seen["target"] = target.detach().clone()
+        return torch.nn.functional.mse_loss(prediction, target)
+
+    monkeypatch.setattr(session, "latents_for", record_latents)
+    monkeypatch.setattr(loop, "sample_noise", record_noise)
+    monkeypatch.setattr(loop, "sample_timesteps", lambda n, T, gen, device: torch.tensor([10, 900]))
+    monkeypatch.setattr(loop, "diffusion_loss", record_loss)
+    training_step(session)
+    a = _alphas_cumprod()[[10, 900]].float().view(2, 1, 1, 1)
+    velocity = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["latents"]
+    torch.testing.assert_close(seen["target"], velocity, rtol=1e-5, atol=1e-6)
+    from diffusers import DDIMScheduler
+
+    reference = DDIMScheduler.from_pretrained(str(sd2_dir), subfolder="scheduler")
+    torch.testing.assert_close(seen["target"], reference.get_velocity(seen["latents"], seen["noise"],
+                                                                      torch.tensor([10, 900])))
+    assert not torch.allclose(seen["target"], seen["noise"])  # not the epsilon target
+
+
+# --- training, export, loading ---------------------------------------------------------------------
+
+
+def _eval_loss(pipe, data: Path) -> float:
+    """v-prediction loss of a pipeline on the training images at fixed noise and timesteps."""
+    images = sorted(data.glob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+                          for p in images])
+    ids = pipe.tokenizer([p.with_suffix(".txt").read_text(encoding="utf-8") for p in images], padding="max_length",
+                         max_length=77, return_tensors="pt").input_ids
+    alphas_cumprod = _alphas_cumprod().float()
+    g = torch.Generator().manual_seed(0)
+    total = 0.0
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        text = pipe.text_encoder(ids)[0]
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(latents.shape, generator=g)
+            a = alphas_cumprod[t]
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            velocity = a.sqrt() * noise - (1 - a).sqrt() * latents
+            prediction = pipe.unet(noisy, torch.full((len(images),), t), text).sample
+            total += torch.nn.functional.mse_loss(prediction, velocity).item()
+    return total / 5
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _library_warnings():
+    """WARNING+ records of diffusers/peft/transformers plus Python warnings, collected in a list."""
+    handler = _ListHandler()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield handler.messages
+        finally:
+            handler.messages.extend(f"{w.category.__name__}: {w.message}" for w in caught
+                                    if not issubclass(w.category, DeprecationWarning))
+            for lg, level in zip(loggers, levels):
+                lg.removeHandler(handler)
+                lg.setLevel(level)
+
+
+def _hand_merged(file: Path):
+    """A fresh tiny SD2 with W0 + (alpha/r)·up@down added from the file, names built from DESIGN §4."""
+    parts = build_tiny_sd2(seed=0)
+    names = {"lora_unet_" + path.replace(".", "_"): module for path, module in parts.unet.named_modules()
+             if isinstance(module, torch.nn.Linear) and ".attentions." in path}
+    names |= {"lora_te_text_model_" + path.removeprefix("text_model.").replace(".", "_"): module
+              for path, module in parts.text_encoder.named_modules()
+              if isinstance(module, torch.nn.Linear) and ".layers." in path}
+    state = safetensors.torch.load_file(str(file))
+    stems = {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
+    assert stems <= set(names), sorted(stems - set(names))[:3]
+    with torch.no_grad():
+        for stem in stems:
+            down, up = state[f"{stem}.lora_down.weight"].float(), state[f"{stem}.lora_up.weight"].float()
+            names[stem].weight += state[f"{stem}.alpha"].float().item() / down.shape[0] * (up @ down)
+    return parts
+
+
+def _outputs(unet, text_encoder):
+    g = torch.Generator().manual_seed(7)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 9, 32, generator=g)
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407, 0]])
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 600]), ctx).sample, text_encoder(ids)[0]
+
+
+def test_training_learns_and_writes_an_sd2_kohya_file(trained, sd2_dir, sd2_data):
+    tensors = safetensors.torch.load_file(str(trained.output))
+    stems = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")}
+    assert all(s.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_",
+                             "lora_te_text_model_encoder_layers_")) for s in stems)  # diffusers names, like SD1
+    proj_in = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert tensors[f"{proj_in}.lora_down.weight"].shape == (4, 32)  # Linear in SD2: 2-D, not [r, C, 1, 1]
+    assert tensors["lora_unet_up_blocks_1_attentions_0_proj_out.lora_up.weight"].shape == (32, 4)
+    assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj" in stems
+
+    meta = read_lora_file(trained.output).metadata
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert meta["modelspec.prediction_type"] == "v"
+
+    base_loss = _eval_loss(_pipeline(sd2_dir), sd2_data)
+    pipe = _pipeline(sd2_dir)
+    pipe.load_lora_weights(str(trained.output), adapter_name="trained")
+    assert _eval_loss(pipe, sd2_data) < 0.9 * base_loss
+
+
+def test_diffusers_loads_the_export_as_the_independent_merge(trained, sd2_dir):
+    pipe = _pipeline(sd2_dir)
+    base = _outputs(pipe.unet, pipe.text_encoder)
+    with _library_warnings() as messages:
+        pipe.load_lora_weights(str(trained.output), adapter_name="exported")
+    assert messages == []
+    merged = _hand_merged(trained.output)
+    for got, want, before in zip(_outputs(pipe.unet, pipe.text_encoder), _outputs(merged.unet, merged.text_encoder),
+                                 base):
+        effect = (want - before).abs().max().item()
+        assert effect > 0.1
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * effect)
+
+
+def test_family_is_detected_and_a_mismatch_is_refused(trained):
+    file = read_lora_file(trained.output)
+    assert file.family == "sd2"
+    check_lora_fits(file, "sd2")
+    for other, label in (("sd1", r"SD 1\.x"), ("sdxl", "SDXL")):
+        with pytest.raises(LoraFileError, match=rf"made for SD 2\.x but the loaded model is {label}"):
+            check_lora_fits(file, other)
