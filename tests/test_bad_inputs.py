@@ -9,7 +9,10 @@ Each case says what must happen -- ``used`` (handled correctly, maybe with a war
 - the CLI: ``lora-studio train --check`` / ``train`` / ``generate`` / ``inspect`` through
   ``main([...])`` with the exit code and the one-line message asserted (a traceback would fail
   the test), plus one real ``lora-studio train`` subprocess on a folder holding every tolerable
-  case at once.
+  case at once;
+- the GUI: the same files uploaded to a real server through gradio_client (``/upload_images``,
+  ``/check_training``, ``/start_training``, ``/upload_loras``, ``/inspect_lora``, ``/generate``),
+  checking the grid's problem column and the error toasts.
 
 The files are generated here (no binaries in the repository). Unit-level decoding details live
 in test_images/test_dataset/test_formats; this module checks what the user sees end to end.
@@ -701,3 +704,111 @@ def test_good_control_files_pass_the_same_paths(tmp_path: Path, tiny_sd1_dir: Pa
     assert read_lora_file(good).family == "sd1"
     code, out, _ = _cli(["inspect", str(good)], capsys)
     assert code == 0 and "SD 1.x" in out
+
+
+# --- the same corpus through the GUI's endpoints (gradio_client, a real server) ------------------
+
+DEMO_SETTINGS = {"steps": 1, "rank": 4, "alpha": 4, "resolution": 64, "sample_every": 0, "save_every": 0}
+# Cases the browser cannot express: a --data path, symlinks, and dotfiles (a browser upload of
+# "._name.png" is stored as "_name.png"; the Dataset tab then shows it as an unreadable picture).
+GUI_SKIPPED = {"data path is a file", "data folder does not exist", "dangling symlink", "macOS ._ resource fork is ignored"}
+GUI_DATA_CASES = [c for c in DATA_CASES if c.name not in GUI_SKIPPED]
+
+
+@pytest.fixture(scope="module")
+def gui(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path):
+    from gradio_client import Client
+
+    from browser.app_server import running_app
+
+    with running_app(tmp_path_factory.mktemp("corpus-projects"), tiny_sd1_dir, first_port=7900) as server:
+        yield server, Client(server.url, verbose=False, download_files=False)
+
+
+def _app_error(call, *args, **kwargs) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "Traceback" not in message and "internal error" not in message, message
+    return message
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")[:60]
+
+
+@pytest.mark.parametrize("case", GUI_DATA_CASES, ids=[c.name for c in GUI_DATA_CASES])
+def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, gui) -> None:
+    from gradio_client import handle_file
+
+    from app.projects import DEMO_MODEL_CHOICE, safe_name
+    from trainer.images import image_extensions
+
+    server, client = gui
+    folder = tmp_path / "set"
+    _build(case, folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    name = _slug(case.name)
+    table, report, issues, status, *_ = client.predict(name, [handle_file(p) for p in files], "", 64,
+                                                       api_name="/upload_images")
+    assert "Traceback" not in report + status
+    rows = {row[1]: row for row in table["data"]}
+    issue_text = " ".join(" ".join(map(str, row)) for row in issues["data"])
+
+    if case.expect == "error":
+        if "Found 0" in case.words or "cannot read" in case.words:  # nothing the app takes as a picture
+            message = _app_error(client.predict, name, DEMO_MODEL_CHOICE, "character-lite", "", DEMO_SETTINGS,
+                                 api_name="/start_training")
+            assert "Found 0 images" in message
+        else:  # pictures that cannot be read: the plan says so before any training
+            plan = client.predict(name, DEMO_MODEL_CHOICE, "character-lite", "", DEMO_SETTINGS,
+                                  api_name="/check_training")
+            assert "✖ The dataset has 3 error(s)" in plan  # two unreadable files, and nothing usable
+        return
+
+    target = Path(case.target).name
+    if Path(target).suffix.lower() not in image_extensions():
+        assert f"{target}: not a picture type" in status  # refused at the upload, with the reason
+        return
+    expect, code = _resolved(case, folder)
+    row = rows[safe_name(target)]
+    if code in ("few_images",):
+        assert case.words in issue_text
+    elif code and code != "caption_encoding":  # captions arrive re-encoded as UTF-8: nothing left to warn about
+        assert case.words in row[3], row
+        assert row[3].startswith("✖" if case.severity == "error" else "⚠"), row
+    else:
+        assert row[3] == "✔", row
+    if "caption" in case.name:  # the grid shows the caption as the engine reads it
+        text = (folder / case.target).with_suffix(".txt")
+        if text.is_file() and readable(text):
+            from trainer.dataset import read_caption_file
+
+            assert row[2] == read_caption_file(text)[0]
+
+
+@pytest.mark.parametrize("case", LORA_CASES, ids=[c.name for c in LORA_CASES])
+def test_lora_file_case_through_the_gui(case: LoraCase, tmp_path: Path, gui, no_unpickling) -> None:
+    from gradio_client import handle_file
+
+    from app.projects import DEMO_MODEL_CHOICE
+
+    server, client = gui
+    path = case.write(tmp_path)
+    if path.suffix != ".safetensors":
+        message = _app_error(client.predict, [handle_file(path)], api_name="/upload_loras")
+        assert ".safetensors" in message  # refused at the upload (gradio's file-type check or the app's)
+        return
+    *_, status, _ = client.predict([handle_file(path)], api_name="/upload_loras")
+    stored = server.projects.loras_dir / path.name
+    assert stored.is_file() and path.name in status
+    if case.inspect_ok:
+        summary, _ = client.predict(str(stored), api_name="/inspect_lora")
+        assert path.name in summary
+    else:
+        assert case.words in _app_error(client.predict, str(stored), api_name="/inspect_lora")
+    message = _app_error(client.predict, DEMO_MODEL_CHOICE, [{"file": str(stored), "weight": 0.8, "enabled": True}],
+                         "zxq", "", 1, 1, 5.0, 0, 0, "Euler a", 1, False, api_name="/generate")
+    assert case.words in message
