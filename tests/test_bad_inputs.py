@@ -812,3 +812,30 @@ def test_lora_file_case_through_the_gui(case: LoraCase, tmp_path: Path, gui, no_
     message = _app_error(client.predict, DEMO_MODEL_CHOICE, [{"file": str(stored), "weight": 0.8, "enabled": True}],
                          "zxq", "", 1, 1, 5.0, 0, 0, "Euler a", 1, False, api_name="/generate")
     assert case.words in message
+
+
+def test_an_unreadable_sub_folder_is_reported_not_silently_skipped(tmp_path: Path, tiny_sd1_dir: Path,
+                                                                   monkeypatch, capsys) -> None:
+    """chmod 000 does not stop root (these tests may run as root), so the folder is made unreadable
+    the way a non-root user meets it: listing it fails with EACCES."""
+    import errno
+
+    folder = tmp_path / "set"
+    for i in range(5):
+        picture(folder / f"good{i}.png", f"zxq, good picture {i}", seed=100 + i)
+    picture(folder / "private" / "hidden.png", "zxq, private", seed=120)
+    locked = (folder / "private").resolve()
+    scandir = os.scandir
+
+    def guarded_scandir(path=".", *args):
+        if Path(os.fsdecode(path)).resolve() == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    scan = scan_dataset(DataConfig(data=str(folder)))
+    assert len(scan.items) == 5
+    issue = next(i for i in scan.issues if i.code == "unreadable_folder")
+    assert issue.path.name == "private" and "Permission denied" in issue.message and issue.fix
+    code, out, _ = _cli(["train", "--check", "--base", str(tiny_sd1_dir), "--data", str(folder)], capsys)
+    assert code == 0 and "Cannot open the folder" in out and "private" in out

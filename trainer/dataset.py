@@ -208,7 +208,14 @@ def _find_images(root: Path) -> tuple[list[Path], list[DatasetIssue]]:
     found: list[Path] = []
     issues: list[DatasetIssue] = []
     visited: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable_folder(exc: OSError) -> None:  # os.walk would otherwise skip it without a word
+        folder = Path(exc.filename) if exc.filename else root
+        issues.append(DatasetIssue(
+            "warning", "unreadable_folder", folder, f"Cannot open the folder {folder}: {exc.strerror or exc}; "
+            "its pictures are skipped.", "Check the folder's permissions."))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable_folder):
         try:
             stat = os.stat(dirpath)
         except OSError:
