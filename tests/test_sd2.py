@@ -97,6 +97,18 @@ def test_sd2_is_detected_from_the_model_itself(sd2_dir):
     assert forced.noise_scheduler.config.prediction_type == "epsilon"
 
 
+def test_single_file_sd2_checkpoint_loads_as_v_prediction_sd2(sd2_dir, tmp_path):
+    from trainer.ldm import save_single_file
+
+    folder_model = load_base_model(ModelConfig(base=str(sd2_dir)), supported=("sd2",))
+    single = save_single_file(folder_model, tmp_path / "tiny-sd2.safetensors", dtype=torch.float32)
+    model = load_base_model(ModelConfig(base=str(single), base_config=str(sd2_dir)), supported=("sd1", "sd2", "sdxl"))
+    assert (model.family, model.prediction_type) == ("sd2", "v_prediction")
+    for part in ("unet", "text_encoder"):
+        loaded, original = getattr(model, part).state_dict(), getattr(folder_model, part).state_dict()
+        assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in loaded)
+
+
 def test_training_target_is_the_velocity_and_step_zero_is_the_base(sd2_dir, sd2_data, tmp_path, monkeypatch):
     from trainer import loop
 

@@ -115,7 +115,7 @@ def test_conditioning_matches_diffusers_sdxl_pipeline(xl_dir, xl_data, tmp_path,
     with torch.no_grad():
         want_hidden, _, want_pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
                                                             clip_skip=clip_skip - 1 or None)
-    assert hidden.shape == (4, 77, 64) and pooled.shape == (4, 32)
+    assert hidden.shape == (4, 77, 32 + 48) and pooled.shape == (4, 48)
     torch.testing.assert_close(hidden, want_hidden)
     torch.testing.assert_close(pooled, want_pooled)
 
@@ -217,6 +217,25 @@ def test_v_prediction_with_zero_terminal_snr(xl_dir, xl_data, tmp_path, monkeypa
         assert img.size == (64, 64) and np.asarray(img).std() > 0
 
 
+def test_single_file_sdxl_with_a_v_pred_marker_trains_as_v_prediction(xl_dir, xl_data, tmp_path):
+    """An A1111/ComfyUI-layout SDXL file (NoobAI-style ``v_pred`` key) loads bit-identically."""
+    from trainer.config import ModelConfig
+    from trainer.ldm import save_single_file
+    from trainer.models import load_base_model
+
+    folder_model = load_base_model(ModelConfig(base=str(xl_dir)), supported=("sdxl",))
+    single = save_single_file(folder_model, tmp_path / "tiny-xl-vpred.safetensors", dtype=torch.float32,
+                              prediction_type="v_prediction")
+    model = load_base_model(ModelConfig(base=str(single), base_config=str(xl_dir)), supported=("sdxl",))
+    assert (model.family, model.prediction_type) == ("sdxl", "v_prediction")
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        loaded, original = getattr(model, part).state_dict(), getattr(folder_model, part).state_dict()
+        assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in loaded)
+    session = _session(single, xl_data, tmp_path, base_config=str(xl_dir))
+    assert session.model.noise_scheduler.config.prediction_type == "v_prediction"
+    assert torch.isfinite(training_step(session))
+
+
 def test_zero_terminal_snr_is_refused_for_an_epsilon_model(xl_dir, xl_data, tmp_path):
     with pytest.raises(ConfigError, match="zero_terminal_snr needs a v-prediction model"):
         _session(xl_dir, xl_data, tmp_path, zero_terminal_snr=True)
@@ -285,8 +304,8 @@ def _hand_merged(file: Path):
 
 def _outputs(unet, text_encoder, text_encoder_2):
     g = torch.Generator().manual_seed(7)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 9, 64, generator=g)
-    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[64.0, 96, 0, 16, 64, 64]] * 2)}
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 9, 80, generator=g)
+    cond = {"text_embeds": torch.randn(2, 48, generator=g), "time_ids": torch.tensor([[64.0, 96, 0, 16, 64, 64]] * 2)}
     ids = torch.tensor([[49406, 320, 1125, 539, 49407, 49407]])
     with torch.no_grad():
         return (unet(x, torch.tensor([10, 600]), ctx, added_cond_kwargs=cond).sample, text_encoder(ids)[0],
@@ -338,12 +357,13 @@ def test_training_learns_and_writes_an_sdxl_kohya_file(trained, xl_dir, xl_data)
     assert all(s.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for s in stems)
     assert not any(re.search(r"down_blocks|up_blocks|mid_block", s) for s in stems)  # SGM names only
     for stem, down_shape in {
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (4, 64),  # cross-attn reads both encoders
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (4, 80),  # cross-attn reads both encoders
         "lora_unet_input_blocks_8_1_transformer_blocks_1_attn1_to_q": (4, 32),  # depth-2 block, second transformer
         "lora_unet_middle_block_1_transformer_blocks_1_ff_net_0_proj": (4, 32),
         "lora_unet_output_blocks_2_1_proj_out": (4, 32),  # 2-D: SDXL's proj_in/out are Linear
         "lora_unet_output_blocks_5_1_proj_in": (4, 32),
         "lora_te1_text_model_encoder_layers_1_self_attn_q_proj": (4, 32),
+        "lora_te2_text_model_encoder_layers_1_self_attn_q_proj": (4, 48),
     }.items():
         assert tuple(tensors[f"{stem}.lora_down.weight"].shape) == down_shape, stem
     assert tuple(tensors["lora_unet_output_blocks_2_1_proj_out.lora_up.weight"].shape) == (32, 4)

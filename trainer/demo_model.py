@@ -133,10 +133,11 @@ SD2_SCHEDULER = dict(
 # SDXL: the real block layout at toy widths. Three levels (no attention in the first), two
 # layers per block and transformer depths (1, 1, 2) give the SGM block numbering of the real
 # model (input_blocks 4, 5, 7, 8; middle_block 1; output_blocks 0-5) and blocks with more than
-# one transformer. Two encoders of width 32 -> cross-attention width 64; the size/crop
-# conditioning ("text_time") gets 6 time ids x 8 plus the second encoder's 32-wide projection.
+# one transformer. Encoders of widths 32 and 48 (different, as 768 and 1280 are: single-file
+# loaders tell them apart by width) -> cross-attention width 80; the size/crop conditioning
+# ("text_time") gets 6 time ids x 8 plus the second encoder's 48-wide projection.
 TINY_SDXL_TIME_EMBED_DIM = 8
-TINY_SDXL_TEXT_2 = dict(TINY_SD1_TEXT, hidden_act="gelu", projection_dim=32)
+TINY_SDXL_TEXT_2 = dict(TINY_SD1_TEXT, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=48)
 TINY_SDXL_UNET = dict(
     sample_size=8,
     in_channels=4,
