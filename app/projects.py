@@ -239,6 +239,16 @@ class Projects:
             return str(self.demo_model())
         return text
 
+    def base_choice_for(self, base: str) -> str:
+        """The base-model field value that names ``base`` (the demo label for the demo model's folder)."""
+        demo = self.models_dir / DEMO_MODEL_DIR
+        try:
+            if Path(base).resolve() == demo.resolve():
+                return DEMO_MODEL_CHOICE
+        except OSError:
+            pass
+        return base
+
     def is_demo(self, choice: str) -> bool:
         return str(choice or "").strip() == DEMO_MODEL_CHOICE
 

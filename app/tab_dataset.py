@@ -187,6 +187,10 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
         replace_with = gr.Textbox(label="Replace with", elem_id="dataset-replace", scale=2)
         replace_button = gr.Button("Replace in all captions", elem_id="dataset-replace-button", scale=1)
         check = gr.Button("Check again", elem_id="dataset-check", scale=1)
+    with gr.Row():
+        selected = gr.Textbox(label="Selected picture", info="Click a row in the grid to select it.",
+                              interactive=False, elem_id="dataset-selected", scale=3)
+        remove = gr.Button("Remove selected picture", variant="stop", elem_id="dataset-remove", scale=1)
     table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["markdown", "str", "str", "markdown"], type="array",
                          interactive=True, static_columns=[0, 1, 3], column_widths=["110px", "16%", "42%", "32%"],
                          wrap=True, max_height=720, label="Pictures and captions (edits are saved as .txt files)",
@@ -243,6 +247,18 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
         return show(dataset_view(studio, dataset, trigger_word, check_resolution),
                     f'Replaced "{find_text}" in {count} caption{"s" * (count != 1)}.')
 
+    def select_row(rows: list[list[Any]], evt: gr.SelectData) -> str:
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return str(rows[row][FILE_COLUMN]) if rows and 0 <= row < len(rows) else ""
+
+    @user_errors
+    def remove_picture(dataset: str, file_name: str, trigger_word: str, check_resolution: float):
+        if not str(file_name or "").strip():
+            raise DatasetError("No picture is selected.", hint="Click its row in the grid first.")
+        studio.projects.remove_file(dataset, file_name)
+        return (*show(dataset_view(studio, dataset, trigger_word, check_resolution),
+                      f"Removed {file_name} and its caption."), "")
+
     lint_inputs = [trigger, resolution]
     name.change(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name="show_dataset")
     check.click(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
@@ -254,6 +270,9 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
                         api_name="import_folder")
     table.input(save_caption_edits, [name, table, *lint_inputs], [report, issues, status], api_name="save_captions",
                 trigger_mode="always_last")
+    table.select(select_row, [table], selected, api_name=False)
+    remove.click(remove_picture, [name, selected, *lint_inputs], [*view_outputs, status, selected],
+                 api_name="remove_picture")
     add_trigger.click(add_trigger_to_all, [name, table, *lint_inputs], [*view_outputs, status], api_name="add_trigger")
     replace_button.click(replace_in_captions, [name, table, find, replace_with, *lint_inputs],
                          [*view_outputs, status], api_name="replace_in_captions")

@@ -67,8 +67,11 @@ def resolve_lora_path(studio: Studio, file: str) -> Path:
                         hint="Pick one from the list, upload it, or type the full path of a .safetensors file.")
 
 
-def lora_choices(studio: Studio) -> list[str]:
-    return [str(p) for p in studio.projects.lora_files()]
+def lora_choices(studio: Studio) -> list[tuple[str, str]]:
+    """(label, path) of every LoRA this app knows: the label says where it came from."""
+    origin = {studio.projects.runs_dir: "trained here", studio.projects.loras_dir: "uploaded",
+              studio.projects.outputs_dir: "made in Tools"}
+    return [(f"{p.name} ({origin.get(p.parent, 'file')})", str(p)) for p in studio.projects.lora_files()]
 
 
 def _number(value: Any, label: str, path: Path) -> float:
@@ -91,6 +94,7 @@ def _optional_number(value: Any, label: str, path: Path) -> float | None:
 class GenerateTab:
     """Components other tabs link to."""
 
+    base: gr.Dropdown
     loras: gr.JSON
     slots_version: gr.Number
 
@@ -227,7 +231,7 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
               [gallery, infotext, infotexts, notes], api_name="generate", concurrency_id="gpu", concurrency_limit=1)
     gallery.select(show_infotext, [infotexts], infotext, api_name=False)
     demo.load(lambda: gr.update(choices=studio.projects.base_model_choices()), None, base, api_name=False)
-    return GenerateTab(loras=loras, slots_version=slots_version)
+    return GenerateTab(base=base, loras=loras, slots_version=slots_version)
 
 
 def _slot_setter(sid: str, field_name: str) -> str:
@@ -237,17 +241,17 @@ def _slot_setter(sid: str, field_name: str) -> str:
             f"if (slot) {{ slot[{json.dumps(field_name)}] = value; }} return [copy]; }}")
 
 
-def open_in_generate(path: str, slots: list[dict[str, Any]], version: float) -> tuple[list[dict[str, Any]], float]:
-    """Put ``path`` into the first empty LoRA slot (or a new one)."""
+def open_in_generate(path: str, base: str, slots: list[dict[str, Any]],
+                     version: float) -> tuple[list[dict[str, Any]], float, Any]:
+    """Put ``path`` into the first empty LoRA slot (or a new one) and choose the base it was trained on."""
     if not path:
         raise StudioError("There is no finished LoRA to open yet.")
     slots = [dict(s) for s in (slots or [])]
-    if any(s.get("file") == path for s in slots):
-        return slots, version + 1
-    for slot in slots:
-        if not slot.get("file"):
-            slot["file"] = path
-            break
-    else:
-        slots.append(new_slot(path))
-    return slots, version + 1
+    if not any(s.get("file") == path for s in slots):
+        for slot in slots:
+            if not slot.get("file"):
+                slot["file"] = path
+                break
+        else:
+            slots.append(new_slot(path))
+    return slots, version + 1, base or gr.skip()

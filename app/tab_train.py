@@ -261,6 +261,7 @@ class TrainTab:
     dataset: gr.Dropdown
     trigger: gr.components.Component
     output_path: gr.Textbox
+    output_base: gr.Textbox
     open_in_generate: gr.Button
 
 
@@ -307,6 +308,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         output_file = gr.File(label="The trained LoRA", interactive=False, elem_id="train-output-file", scale=3)
         open_in_generate = gr.Button("Open in Generate", elem_id="train-open-generate", scale=1, interactive=False)
     output_path = gr.Textbox(visible=False, elem_id="train-output-path")
+    output_base = gr.Textbox(visible=False, elem_id="train-output-base")  # the base it was trained on
 
     with gr.Accordion("All runs, and resume a run", open=False, elem_id="train-runs-accordion"):
         runs = gr.Dataframe(headers=RUN_HEADERS, value=runs_table(studio), type="array", interactive=False,
@@ -375,7 +377,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
 
     def empty_view() -> dict:
         return {progress: progress_html(None), status: "", loss_plot: loss_frame(None), samples: [],
-                output_file: None, output_path: "", open_in_generate: gr.update(interactive=False)}
+                output_file: None, output_path: "", output_base: "", open_in_generate: gr.update(interactive=False)}
 
     def run_view(run: RunState, shown: dict[str, Any]) -> dict:
         """Updates for the parts of the page that changed since the last yield."""
@@ -391,6 +393,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
             shown["finished"] = finished
             update[output_file] = str(run.output) if finished else None
             update[output_path] = str(run.output) if finished else ""
+            update[output_base] = studio.projects.base_choice_for(run.config.model.base) if finished else ""
             update[open_in_generate] = gr.update(interactive=finished)
         if shown.get("status") != run.status:
             shown["status"] = run.status
@@ -446,7 +449,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         start_training, [dataset, base, preset, run_name, overrides], [started, plan, runs],
         api_name="start_training").success(show_run, started, run_select, api_name=False)
     run_select.change(watch_run, [run_select, watch_token],
-                      [progress, status, loss_plot, samples, output_file, output_path, open_in_generate, runs,
+                      [progress, status, loss_plot, samples, output_file, output_path, output_base, open_in_generate, runs,
                        resume_select, run_select],
                       api_name="watch_run", concurrency_limit=None, show_progress="hidden")
     stop.click(stop_training, [run_select], status, api_name="stop_training", concurrency_limit=None)
@@ -457,7 +460,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     refresh.click(refresh_runs, None, [runs, resume_select, run_select], api_name="list_runs")
     demo.load(attach, None, [run_select, dataset, base, runs, resume_select], api_name=False)
     return TrainTab(dataset=dataset, trigger=form.components["trigger"], output_path=output_path,
-                    open_in_generate=open_in_generate)
+                    output_base=output_base, open_in_generate=open_in_generate)
 
 
 def _require_run(run_id: str) -> str:

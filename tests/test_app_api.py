@@ -24,7 +24,7 @@ DATASET = "api-set"
 EDITED = "api-edit"
 
 ENDPOINTS = {"/show_dataset", "/upload_images", "/import_folder", "/save_captions", "/add_trigger",
-             "/replace_in_captions", "/preset_settings", "/check_training", "/start_training", "/watch_run",
+             "/replace_in_captions", "/remove_picture", "/preset_settings", "/check_training", "/start_training", "/watch_run",
              "/stop_training", "/save_checkpoint_now", "/make_samples_now", "/resume_training", "/list_runs",
              "/generate", "/open_in_generate", "/upload_loras", "/inspect_lora", "/resize_lora", "/merge_loras",
              "/bake_checkpoint"}
@@ -117,6 +117,13 @@ def test_upload_pictures_then_edit_captions(client: Client, server, tmp_path: Pa
     table, report, _, status = client.predict(EDITED, table, "zxq", 64, api_name="/add_trigger")
     assert status == 'Added "zxq" to 1 caption.' and rows(table)[5][2] == "zxq, a photo"
     assert "in 6 of 6 captions" in report
+
+    table, report, _, status, selected = client.predict(EDITED, "pic05.png", "zxq", 64, api_name="/remove_picture")
+    assert status == "Removed pic05.png and its caption." and selected == ""
+    assert len(rows(table)) == 5 and not (folder / "pic05.png").exists() and not (folder / "pic05.txt").exists()
+    expect_error("No picture is selected", client.predict, EDITED, "", "zxq", 64, api_name="/remove_picture")
+    expect_error("is not in dataset", client.predict, EDITED, "../../etc/passwd", "zxq", 64,
+                 api_name="/remove_picture")
 
 
 def test_upload_and_import_errors_say_what_to_do(client: Client, server, tmp_path: Path) -> None:
@@ -231,10 +238,10 @@ def test_inspect_merge_and_bake(client: Client, server, trained: Path) -> None:
 
 
 def test_open_in_generate_fills_a_slot(client: Client, trained: Path) -> None:
-    slots, version = client.predict(str(trained), [{"id": "a", "file": "", "weight": 1.0}], 3,
-                                    api_name="/open_in_generate")
-    assert slots[0]["file"] == str(trained) and version == 4
-    expect_error("no finished LoRA", client.predict, "", [], 0, api_name="/open_in_generate")
+    slots, version, base = client.predict(str(trained), DEMO, [{"id": "a", "file": "", "weight": 1.0}], 3,
+                                          api_name="/open_in_generate")
+    assert slots[0]["file"] == str(trained) and version == 4 and base == DEMO
+    expect_error("no finished LoRA", client.predict, "", "", [], 0, api_name="/open_in_generate")
 
 
 def test_stop_mid_run_leaves_a_resumable_checkpoint(client: Client, server, dataset: str) -> None:

@@ -72,8 +72,16 @@ def test_upload_pictures_and_edit_a_caption(pages, app_server, artifacts, tmp_pa
     type_into(page, "dataset-name", DATASET)
     page.locator("#dataset-name input").press("Enter")
     files = write_pictures(tmp_path / "pictures", 8, make_pattern_image)
-    page.locator("#dataset-upload input[type=file]").set_input_files([str(f) for f in files])
-    expect(page.locator("#dataset-status")).to_have_text("Added 8 pictures and 8 caption files.")
+    duplicate = tmp_path / "pictures" / "pic00_copy.png"
+    duplicate.write_bytes(files[0].read_bytes())
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(f) for f in [*files, duplicate]])
+    expect(page.locator("#dataset-status")).to_have_text("Added 9 pictures and 8 caption files.")
+    # The copy is flagged on its row with what to do; the artist selects it and removes it.
+    expect(page.locator("#dataset-table")).to_contain_text("pic00_copy.png is an exact copy of pic00.png")
+    page.locator("#dataset-table span").get_by_text("pic00_copy.png", exact=True).click()
+    expect(page.locator("#dataset-selected textarea, #dataset-selected input").first).to_have_value("pic00_copy.png")
+    page.locator("#dataset-remove").click()
+    expect(page.locator("#dataset-status")).to_have_text("Removed pic00_copy.png and its caption.")
     expect(page.locator("#dataset-table img[alt='pic07.png']").first).to_be_visible()  # thumbnails
     shown = page.eval_on_selector_all("#dataset-table img[alt^=pic]", "images => images.map(i => i.alt)")
     assert sorted(set(shown)) == [f"pic{i:02d}.png" for i in range(8)]
@@ -156,17 +164,17 @@ def test_generate_with_the_new_lora_and_a_second_one(pages, app_server, artifact
     expect(page.locator("#train-open-generate")).to_be_enabled()  # the reloaded page shows the last run
     page.locator("#train-open-generate").click()
     expect(page.locator("#gen-run")).to_be_visible()
-    expect(page.locator("#gen-lora-0-file input")).to_have_value(str(first))
+    expect(page.locator("#gen-lora-0-file input")).to_have_value("first.safetensors (trained here)")
+    expect(page.locator("#gen-base input")).to_have_value(re.compile("Demo model"))  # the base it was trained on
 
     page.locator("#gen-add-lora").click()
     expect(page.locator("#gen-lora-1-file")).to_be_visible()
     with page.expect_file_chooser() as chooser:
         page.locator("#gen-lora-1-upload").click()
     chooser.value.set_files(str(second_lora(first, tmp_path)))
-    expect(page.locator("#gen-lora-1-file input")).to_have_value(str(app_server.projects.loras_dir / "inverse.safetensors"))
+    expect(page.locator("#gen-lora-1-file input")).to_have_value("inverse.safetensors (uploaded)")
     set_number(page, "gen-lora-0-weight", "0.8")
     set_number(page, "gen-lora-1-weight", "-0.5")
-    choose(page, "gen-base", "Demo model")
     set_number(page, "gen-steps", "2")
     set_number(page, "gen-batch", "2")
     page.locator("#gen-seed input").fill("7")
