@@ -274,17 +274,22 @@ def _sgm(path: str) -> str:
     return path.replace("mid_block.attentions.0.", "middle_block.1.")
 
 
-def _independent_names(parts) -> dict[str, torch.nn.Linear]:
-    """kohya name -> layer, for every Linear of the tiny SDXL that a full-target LoRA may hold."""
+def _independent_names(parts) -> dict[str, tuple[str, str]]:
+    """kohya name -> (component, module path) for every Linear of the tiny SDXL a LoRA may hold."""
     names = {}
     for path, module in parts.unet.named_modules():
         if isinstance(module, torch.nn.Linear) and ".attentions." in path:
-            names["lora_unet_" + _sgm(path).replace(".", "_")] = module
-    for prefix, encoder in (("lora_te1_", parts.text_encoder), ("lora_te2_", parts.text_encoder_2)):
-        for path, module in encoder.named_modules():
+            names["lora_unet_" + _sgm(path).replace(".", "_")] = ("unet", path)
+    for prefix, component in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+        for path, module in getattr(parts, component).named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in path:
-                names[prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")] = module
+                names[prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")] = (component, path)
     return names
+
+
+def _layer(parts, where: tuple[str, str]) -> torch.nn.Module:
+    component, path = where
+    return getattr(parts, component).get_submodule(path)
 
 
 def _hand_merged(file: Path):
@@ -296,7 +301,7 @@ def _hand_merged(file: Path):
     assert stems <= set(names), sorted(stems - set(names))[:3]
     with torch.no_grad():
         for stem in stems:
-            weight = names[stem].weight
+            weight = _layer(parts, names[stem]).weight
             down, up = state[f"{stem}.lora_down.weight"].float(), state[f"{stem}.lora_up.weight"].float()
             weight += state[f"{stem}.alpha"].float().item() / down.shape[0] * (up @ down)
     return parts
@@ -438,3 +443,59 @@ def test_family_is_detected_and_a_mismatch_is_refused(trained, xl_dir, tmp_path)
     with pytest.raises(LoraFileError, match=r"made for SD 1\.x but the loaded model is SDXL"):
         generator.prepare(GenerationRequest("zxq", loras=(LoraSpec(sd1_path),)))
     assert generator.prepare(GenerationRequest("zxq", loras=(LoraSpec(trained[-1].output),))) == []
+
+
+def _delta(tensors: dict[str, torch.Tensor], stem: str) -> torch.Tensor:
+    down, up = tensors[f"{stem}.lora_down.weight"].double(), tensors[f"{stem}.lora_up.weight"].double()
+    return (tensors[f"{stem}.alpha"].double() / down.shape[0] * up @ down).float()
+
+
+def _effective_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The weight a Linear's live forward applies (peft adapters or fused weights alike)."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    with torch.no_grad():
+        return (layer(torch.eye(base.in_features)) - (0 if base.bias is None else base.bias)).T
+
+
+def test_generator_mixes_two_sdxl_loras_exactly_and_renders(trained, xl_dir, tmp_path):
+    """W = W0 + 0.7·ΔW1 - 0.5·ΔW2 on the UNet and both encoders, then an SDXL image with both."""
+    from trainer.config import ModelConfig
+    from trainer.formats import LoraModule
+    from trainer.generate import GenerationRequest, Generator, LoraSpec
+    from trainer.models import load_base_model
+
+    model = load_base_model(ModelConfig(base=str(xl_dir)), supported=("sdxl",))
+    names = _independent_names(model)
+    first_path = trained[-1].output
+    first = safetensors.torch.load_file(str(first_path))
+    g = torch.Generator().manual_seed(11)
+    second_names = [n for n in names if n.endswith(("attn2_to_k", "attn2_to_v"))
+                    or n.startswith("lora_te2_text_model_encoder_layers_0_self_attn_")]
+    second_modules = []
+    for name in second_names:
+        out_features, in_features = _layer(model, names[name]).weight.shape
+        second_modules.append(LoraModule(name, torch.randn(2, in_features, generator=g) * 0.3,
+                                         torch.randn(out_features, 2, generator=g) * 0.3, 3.0))
+    second_path = tmp_path / "second.safetensors"
+    save_kohya_lora(second_modules, build_metadata(ExportInfo(family="sdxl", output_name="second", rank=2, alpha=3)),
+                    second_path, dtype="fp32")
+    second = safetensors.torch.load_file(str(second_path))
+    stems = {k.rsplit(".", 2)[0] for k in [*first, *second] if k.endswith(".lora_down.weight")}
+    base = {stem: _layer(model, names[stem]).weight.detach().clone() for stem in stems}
+
+    generator = Generator(model, device="cpu")
+    specs = (LoraSpec(first_path, 0.7), LoraSpec(second_path, -0.5))
+    request = GenerationRequest("zxq, portrait", steps=2, width=64, height=64, seed=5, loras=specs)
+    assert generator.prepare(request) == []
+    generator.apply(specs)
+    for stem in sorted(stems):
+        want = base[stem].clone()
+        if f"{stem}.alpha" in first:
+            want += 0.7 * _delta(first, stem)
+        if f"{stem}.alpha" in second:
+            want -= 0.5 * _delta(second, stem)
+        torch.testing.assert_close(_effective_weight(_layer(model, names[stem])), want, atol=1e-5, rtol=1e-5,
+                                   msg=stem)
+    images = generator.generate(request)
+    assert len(images) == 1 and images[0].image.size == (64, 64)
+    assert "<lora:lora:0.7>" in images[0].infotext.prompt and "<lora:second:-0.5>" in images[0].infotext.prompt
