@@ -459,12 +459,11 @@ def _effective_weight(layer: torch.nn.Module) -> torch.Tensor:
 
 def test_generator_mixes_two_sdxl_loras_exactly_and_renders(trained, xl_dir, tmp_path):
     """W = W0 + 0.7·ΔW1 - 0.5·ΔW2 on the UNet and both encoders, then an SDXL image with both."""
-    from trainer.config import ModelConfig
     from trainer.formats import LoraModule
     from trainer.generate import GenerationRequest, Generator, LoraSpec
-    from trainer.models import load_base_model
 
-    model = load_base_model(ModelConfig(base=str(xl_dir)), supported=("sdxl",))
+    generator = Generator.from_base(str(xl_dir), device="cpu")
+    model = generator.model
     names = _independent_names(model)
     first_path = trained[-1].output
     first = safetensors.torch.load_file(str(first_path))
@@ -483,7 +482,6 @@ def test_generator_mixes_two_sdxl_loras_exactly_and_renders(trained, xl_dir, tmp
     stems = {k.rsplit(".", 2)[0] for k in [*first, *second] if k.endswith(".lora_down.weight")}
     base = {stem: _layer(model, names[stem]).weight.detach().clone() for stem in stems}
 
-    generator = Generator(model, device="cpu")
     specs = (LoraSpec(first_path, 0.7), LoraSpec(second_path, -0.5))
     request = GenerationRequest("zxq, portrait", steps=2, width=64, height=64, seed=5, loras=specs)
     assert generator.prepare(request) == []

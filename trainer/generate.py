@@ -364,7 +364,7 @@ class Generator:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
             precision, torch.float16 if target.type == "cuda" else torch.float32)
         model = load_base_model(ModelConfig(base=base, base_config=base_config), dtype=dtype,
-                                supported=("sd1", "sd2"))
+                                supported=("sd1", "sd2", "sdxl"))
         return cls(model, device=target, fuse=fuse)
 
     # --- LoRA files ------------------------------------------------------------------------------
