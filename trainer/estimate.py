@@ -1,0 +1,443 @@
+"""How much memory and time a training run will take, predicted before anything is loaded.
+
+Method. The model's *shapes* come from a forward pass on PyTorch's ``meta`` device: the real
+diffusers/transformers modules built from the model's configs, run on tensors that have shapes
+but no storage, at the run's resolution and batch size, in well under a second and with no
+weights in memory. Hooks on that pass count, per component:
+
+- FLOPs of every Linear and Conv2d (2·in·out per output element) and of attention
+  (4·queries·keys·inner_dim: QKᵀ and PV);
+- an activation-size proxy: the elements of every leaf module's output (what autograd keeps for
+  the backward pass scales with it);
+- the inputs of the layers LoRA goes on (``trainer.lora``'s target sets): LoRA's A matrix needs
+  them for its weight gradient, so they stay alive until the backward pass; shared inputs
+  (q/k/v read the same tensor) count once in fp32, once per layer under autocast (each layer
+  casts its own copy).
+
+Memory = frozen weights in their dtype (UNet, text encoder(s); VAE in fp32, as
+``trainer.session`` keeps it) + LoRA parameters, gradients and optimiser state in fp32 +
+activations (``ACTIVATION_BYTES_PER_ELEMENT`` × proxy × bytes of the compute dtype, plus the LoRA
+inputs) ; when latents are not cached the VAE encoder's no-grad peak counts too (it runs before
+the UNet, so the larger of the two). It predicts what ``bench.train_step`` measures:
+``torch.cuda.max_memory_allocated`` on a GPU (the CUDA context, ~0.3–0.5 GB, comes on top: see
+``runtime_overhead_bytes``), and resident tensors plus transient growth on a CPU.
+
+Time = FLOPs of one step / the device's effective FLOP rate + a fixed cost per module call.
+A step is forward + activation-gradient backward of the UNet (2× the forward FLOPs, attention
+3× because the fused kernels recompute), LoRA's own matmuls (3× their forward FLOPs: forward,
+input gradient, weight gradients), the text encoder when it is trained (same rule) or not
+cached (forward only), the VAE encoder when latents are not cached, and one extra UNet forward
+with gradient checkpointing. Caching adds one VAE encoder forward per image and bucket.
+
+Calibration. ``CPU_FLOPS_PER_THREAD``, ``SECONDS_PER_MODULE_CALL`` and
+``ACTIVATION_BYTES_PER_ELEMENT`` were fitted to ``python -m bench.train_step`` on the real SD 1.5
+architecture (random weights) on a 2-core x86 CPU in fp32 at 128 and 256 px; the bench prints
+the estimator's error next to every measurement and the constants implied by that run, so they
+can be re-fitted on other hardware. GPU FLOP rates are a fraction of each card's dense fp16/bf16
+tensor rate (``GPU_EFFICIENCY``), not yet measured: treat GPU step times as ±50% until a
+``--device cuda`` bench run calibrates them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import StudioConfig
+
+MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
+BUNDLED = {"sd1": "sd15", "sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
+
+# --- calibrated constants (see the module docstring) -----------------------------------------
+ACTIVATION_BYTES_PER_ELEMENT = 1.0  # autograd-saved bytes per proxy element, per byte of dtype
+LORA_SAVED_FRACTION = 1.0  # share of LoRA-layer inputs autograd keeps beyond the frozen model's own
+CPU_FLOPS_PER_THREAD = 40e9  # effective fp32 FLOP/s of one thread on SD-sized convs/matmuls
+SECONDS_PER_MODULE_CALL = {"cpu": 40e-6, "cuda": 12e-6}  # dispatch cost of one module's forward+backward
+CHECKPOINTED_ACTIVATION_SHARE = 0.3  # block outputs kept, the rest recomputed in the backward
+VAE_NO_GRAD_FRACTION = 0.1  # share of the VAE encoder's outputs alive at once without autograd
+CUDA_ALLOCATOR_OVERHEAD = 1.10  # caching-allocator rounding and fragmentation on top of live tensors
+CPU_RUNTIME_BYTES = 600 * 1024**2  # Python, torch and diffusers themselves (not in the bench's peak)
+CUDA_CONTEXT_BYTES = 450 * 1024**2  # CUDA context and kernels: outside max_memory_allocated
+
+# Dense fp16/bf16 tensor-core FLOP/s by GPU name fragment; fp32 runs at FP32_SHARE of it.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A6000": 155e12, "4090": 165e12,
+    "4080": 97e12, "4070": 58e12, "4060": 30e12, "3090": 71e12, "3080": 60e12, "3070": 40e12,
+    "3060": 25e12, "A10": 125e12, "L4": 121e12, "T4": 65e12, "V100": 125e12, "2080": 40e12,
+}
+GPU_EFFICIENCY = 0.25  # achieved share of peak on a batch-1 diffusion step (small kernels, norms)
+FP32_SHARE = 0.25  # fp32 (TF32 off) against the fp16 tensor rate
+DEFAULT_GPU_PEAK = 40e12
+
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  # per LoRA parameter
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+TEXT_TOKENS = 77
+
+
+# --- which model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """A model's architecture as its configs describe it; no weights."""
+
+    family: str
+    unet_config: Mapping[str, Any]
+    vae_config: Mapping[str, Any]
+    text_encoder_configs: tuple[Mapping[str, Any], ...]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ModelArch:
+        """From a diffusers folder or config folder (``unet/config.json`` etc.)."""
+        folder = Path(folder)
+
+        def read(sub: str) -> dict[str, Any]:
+            return json.loads((folder / sub / "config.json").read_text(encoding="utf-8"))
+
+        encoders = [read(sub) for sub in ("text_encoder", "text_encoder_2") if (folder / sub / "config.json").is_file()]
+        unet = read("unet")
+        family = "sdxl" if len(encoders) > 1 or unet.get("addition_embed_type") == "text_time" else (
+            "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1")
+        return cls(family, unet, read("vae"), tuple(encoders))
+
+    @classmethod
+    def bundled(cls, name: str) -> ModelArch:
+        """``sd15`` / ``sd1``, ``sd2`` or ``sdxl`` from the configs shipped in ``trainer/model_configs``."""
+        if name not in BUNDLED:
+            raise ValueError(f"unknown architecture {name!r}; use one of {sorted(BUNDLED)}")
+        return cls.from_folder(MODEL_CONFIGS_DIR / BUNDLED[name])
+
+
+def model_arch(model_or_arch: Any) -> ModelArch:
+    """A ``ModelArch`` from an arch, a loaded ``BaseModel``, a bundled name or a config folder."""
+    if isinstance(model_or_arch, ModelArch):
+        return model_or_arch
+    if isinstance(model_or_arch, str) and model_or_arch in BUNDLED:
+        return ModelArch.bundled(model_or_arch)
+    if isinstance(model_or_arch, (str, Path)) and Path(model_or_arch).is_dir():
+        return ModelArch.from_folder(model_or_arch)
+    unet = getattr(model_or_arch, "unet", None)
+    if unet is not None:
+        encoders = [te for te in (getattr(model_or_arch, "text_encoder", None),
+                                  getattr(model_or_arch, "text_encoder_2", None)) if te is not None]
+        unet = getattr(unet, "module", unet)  # accelerate/DDP wrappers
+        return ModelArch(getattr(model_or_arch, "family", "sd1"), dict(unet.config),
+                         dict(model_or_arch.vae.config), tuple(te.config.to_dict() for te in encoders))
+    raise ValueError(f"cannot tell the architecture of {model_or_arch!r}: pass a BaseModel, a ModelArch, "
+                     f"a bundled name ({', '.join(sorted(BUNDLED))}) or a diffusers folder")
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComponentProfile:
+    """One component's forward at a given input size, counted on the meta device."""
+
+    params: int
+    flops: float  # Linear + Conv2d + attention FLOPs of one forward
+    attention_flops: float
+    activation_elements: int  # sum of leaf-module output elements
+    module_calls: int
+    lora_params_per_rank: int = 0
+    lora_flops_per_rank: float = 0.0  # forward FLOPs of the LoRA branches at rank 1
+    lora_input_elements_shared: int = 0  # distinct LoRA-layer inputs (fp32: one saved tensor each)
+    lora_input_elements_per_layer: int = 0  # per-layer sum (autocast: each layer saves its own cast)
+    lora_tokens: int = 0  # rows through LoRA layers: x·Aᵀ (tokens × rank) is kept for B's gradient
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """Counts for batch 1 (everything but parameter counts scales linearly with the batch)."""
+
+    unet: ComponentProfile
+    text_encoders: tuple[ComponentProfile, ...]
+    vae_encoder: ComponentProfile
+    vae_params: int
+
+
+def profile_step(arch: ModelArch, width: int, height: int, targets: str, train_text_encoder: bool,
+                 te_mlp: bool) -> StepProfile:
+    """Count FLOPs, activations and LoRA sizes of a batch-1 training step by a forward on ``meta``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.lora import text_encoder_target_modules, unet_target_modules
+
+    batch = 1
+    scale = 2 ** (len(arch.vae_config["block_out_channels"]) - 1)
+    lh, lw = height // scale, width // scale
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(arch.unet_config))
+        vae = AutoencoderKL.from_config(dict(arch.vae_config))
+        encoders = []
+        for i, cfg in enumerate(arch.text_encoder_configs):
+            cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
+            encoders.append(cls(CLIPTextConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})))
+
+    unet_targets = unet_target_modules(unet, targets)
+    cross_dim = int(arch.unet_config.get("cross_attention_dim") or 768)
+    kwargs: dict[str, Any] = {}
+    if arch.unet_config.get("addition_embed_type") == "text_time":
+        time_dim = int(arch.unet_config["addition_time_embed_dim"])
+        pooled = int(arch.unet_config["projection_class_embeddings_input_dim"]) - 6 * time_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device="meta"),
+                                       "time_ids": torch.empty(batch, 6, device="meta")}
+    unet_profile = _count(unet, unet_targets, lambda m: m(
+        torch.empty(batch, int(arch.unet_config.get("in_channels", 4)), lh, lw, device="meta"),
+        torch.zeros(batch, dtype=torch.long, device="meta"),
+        torch.empty(batch, TEXT_TOKENS, cross_dim, device="meta"), **kwargs))
+    te_profiles = []
+    for encoder in encoders:
+        te_targets = text_encoder_target_modules(encoder, te_mlp) if train_text_encoder else []
+        te_profiles.append(_count(encoder, te_targets, lambda m: m(
+            torch.zeros(batch, TEXT_TOKENS, dtype=torch.long, device="meta"))))
+    vae_profile = _count(vae.encoder, [], lambda m: m(
+        torch.empty(1, int(arch.vae_config.get("in_channels", 3)), height, width, device="meta")))
+    return StepProfile(unet_profile, tuple(te_profiles), vae_profile, _numel(vae))
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _count(model: torch.nn.Module, lora_targets: list[str], run) -> ComponentProfile:
+    flops = attention_flops = 0.0
+    activation = calls = 0
+    target_set = set(lora_targets)
+    lora_params = lora_tokens = per_layer = 0
+    lora_flops = 0.0
+    shared: dict[int, int] = {}
+    keep_alive: list[torch.Tensor] = []  # ids stay unique while the inputs are referenced
+
+    def leaf_hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        nonlocal flops, activation, calls
+        calls += 1
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor):
+            activation += out.numel()
+            if isinstance(module, torch.nn.Linear):
+                flops += 2.0 * out.numel() * module.in_features
+            elif isinstance(module, torch.nn.Conv2d):
+                kh, kw = module.kernel_size
+                flops += 2.0 * out.numel() * module.in_channels // module.groups * kh * kw
+
+    def lora_hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        nonlocal lora_params, lora_flops, lora_tokens, per_layer
+        x = args[0]
+        keep_alive.append(x)
+        features_in = module.in_features if isinstance(module, torch.nn.Linear) else module.in_channels
+        features_out = module.out_features if isinstance(module, torch.nn.Linear) else module.out_channels
+        tokens = x.numel() // features_in
+        lora_params += features_in + features_out
+        lora_flops += 2.0 * tokens * (features_in + features_out)
+        lora_tokens += tokens
+        shared[id(x)] = x.numel()
+        per_layer += x.numel()
+
+    def attention_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        nonlocal attention_flops
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        context = kwargs.get("encoder_hidden_states")
+        if context is None and len(args) > 1:
+            context = args[1]
+        if hidden is None:
+            return
+        queries = hidden.shape[-2] if hidden.dim() == 3 else hidden.shape[-1] * hidden.shape[-2]
+        keys = context.shape[-2] if context is not None else queries
+        attention_flops += 4.0 * hidden.shape[0] * queries * keys * module.inner_dim
+
+    handles = []
+    for name, module in model.named_modules():
+        if not any(True for _ in module.children()):
+            handles.append(module.register_forward_hook(leaf_hook))
+        if name in target_set:
+            handles.append(module.register_forward_hook(lora_hook))
+        if type(module).__name__ == "Attention" and hasattr(module, "inner_dim"):
+            handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ComponentProfile(
+        params=_numel(model), flops=flops + attention_flops, attention_flops=attention_flops,
+        activation_elements=activation, module_calls=calls, lora_params_per_rank=lora_params,
+        lora_flops_per_rank=lora_flops, lora_input_elements_shared=sum(shared.values()),
+        lora_input_elements_per_layer=per_layer, lora_tokens=lora_tokens,
+    )
+
+
+# --- the estimate ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted cost of a run. ``peak_memory_bytes`` is comparable to
+    ``torch.cuda.max_memory_allocated`` (GPU) or resident tensors + transients (CPU); add
+    ``runtime_overhead_bytes`` for what the process needs in total."""
+
+    peak_memory_bytes: int
+    step_seconds: float
+    total_seconds: float  # caching + all steps (0 when the number of images is unknown and steps=0)
+    device: str
+    caching_seconds: float = 0.0
+    total_steps: int = 0
+    runtime_overhead_bytes: int = 0
+    breakdown: dict[str, int] = field(default_factory=dict)  # weights / lora_state / activations / vae_encode
+    step_flops: float = 0.0
+    notes: tuple[str, ...] = ()
+
+
+class Estimator:
+    """Estimates for one model; keeps the shape profiles it has counted, so changing the rank,
+    batch, precision, device or caching settings costs no new meta forward (the GUI keeps one
+    per loaded model)."""
+
+    def __init__(self, model_or_arch: Any) -> None:
+        self.arch = model_arch(model_or_arch)
+        self._profiles: dict[tuple, StepProfile] = {}
+
+    def profile(self, width: int, height: int, targets: str, train_text_encoder: bool, te_mlp: bool) -> StepProfile:
+        key = (width, height, targets, train_text_encoder, te_mlp and train_text_encoder)
+        if key not in self._profiles:
+            self._profiles[key] = profile_step(self.arch, width, height, targets, train_text_encoder, key[-1])
+        return self._profiles[key]
+
+    def estimate(self, config: StudioConfig, *, device: str | torch.device | None = None,
+                 num_images: int | None = None, resolution: int | None = None) -> Estimate:
+        """See ``estimate_run``."""
+        dev = _device(device if device is not None else config.train.device)
+        precision = _precision(config.train.precision, dev)
+        side = resolution or config.data.resolution or _native_resolution(self.arch)
+        net = config.network
+        profile = self.profile(side, side, net.targets, net.train_text_encoder, net.te_mlp)
+        return _estimate(config, profile, dev, precision, num_images)
+
+
+def estimate_run(config: StudioConfig, model_or_arch: Any, *, device: str | torch.device | None = None,
+                 num_images: int | None = None, resolution: int | None = None) -> Estimate:
+    """Predict peak memory and time of training ``config`` on ``model_or_arch``.
+
+    ``model_or_arch``: a loaded ``BaseModel``, a ``ModelArch``, a bundled name (``sd15``, ``sd2``,
+    ``sdxl``) or a diffusers folder (only its configs are read). ``device`` defaults to
+    ``config.train.device`` (``auto``: CUDA when present). ``num_images`` (images × repeats)
+    turns epochs into steps when ``config.train.steps`` is 0. ``resolution`` overrides
+    ``config.data.resolution`` (0 there means the model's native size).
+    """
+    return Estimator(model_or_arch).estimate(config, device=device, num_images=num_images, resolution=resolution)
+
+
+def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, precision: str,
+              num_images: int | None) -> Estimate:
+    dtype_bytes = DTYPE_BYTES[precision]
+    batch, rank = config.train.batch_size, config.network.rank
+    unet, encoders, vae = profile.unet, profile.text_encoders, profile.vae_encoder
+    te_trained = config.network.train_text_encoder
+    text_cached = config.train.cache_text and not te_trained and not config.data.shuffle_captions \
+        and config.data.caption_dropout == 0
+    latents_cached = config.train.cache_latents
+    trained = [unet] + (list(encoders) if te_trained else [])
+
+    # Memory: weights + LoRA state + activations (or the no-grad VAE encode, if larger).
+    weights = (unet.params + sum(te.params for te in encoders)) * dtype_bytes + profile.vae_params * 4
+    lora_params = rank * sum(part.lora_params_per_rank for part in trained)
+    state_per_param = 4 + 4 + OPTIMIZER_STATE_BYTES.get(config.optim.optimizer, 8)  # weight, grad, state
+    lora_state = lora_params * state_per_param
+    activations = 0.0
+    for part in trained:
+        inputs = part.lora_input_elements_shared if precision == "fp32" else part.lora_input_elements_per_layer
+        saved = LORA_SAVED_FRACTION * inputs + part.lora_tokens * rank
+        activations += batch * (ACTIVATION_BYTES_PER_ELEMENT * part.activation_elements + saved) * dtype_bytes
+    if config.train.grad_checkpointing:
+        activations *= CHECKPOINTED_ACTIVATION_SHARE
+    vae_peak = 0 if latents_cached else VAE_NO_GRAD_FRACTION * vae.activation_elements * 4  # one image at a time
+    peak = weights + lora_state + max(activations, vae_peak)
+    if dev.type == "cuda":
+        peak *= CUDA_ALLOCATOR_OVERHEAD
+
+    # Time: FLOPs / effective rate + per-call dispatch.
+    flops, calls = 0.0, 0
+    for part in trained:
+        flops += batch * (2.0 * part.flops + part.attention_flops + 3.0 * rank * part.lora_flops_per_rank)
+        calls += 2 * part.module_calls
+    if not te_trained and not text_cached:
+        flops += batch * sum(te.flops for te in encoders)
+        calls += sum(te.module_calls for te in encoders)
+    if not latents_cached:
+        flops += batch * vae.flops
+        calls += batch * vae.module_calls
+    if config.train.grad_checkpointing:
+        flops += batch * unet.flops
+        calls += unet.module_calls
+    rate, per_call = _speed(dev, precision)
+    step_seconds = flops / rate + calls * per_call
+
+    total_steps = config.train.steps
+    if not total_steps and num_images:
+        total_steps = config.train.epochs * math.ceil(num_images * config.data.repeats / batch / config.optim.grad_accum)
+    caching_seconds = 0.0
+    if num_images and latents_cached:
+        caching_seconds += num_images * (vae.flops / rate + vae.module_calls * per_call)
+    if num_images and text_cached:
+        caching_seconds += num_images * sum(te.flops / rate + te.module_calls * per_call for te in encoders)
+    total_seconds = caching_seconds + total_steps * config.optim.grad_accum * step_seconds
+    return Estimate(
+        peak_memory_bytes=int(peak), step_seconds=step_seconds, total_seconds=total_seconds,
+        device=_device_label(dev), caching_seconds=caching_seconds, total_steps=total_steps,
+        runtime_overhead_bytes=CUDA_CONTEXT_BYTES if dev.type == "cuda" else CPU_RUNTIME_BYTES, step_flops=flops,
+        breakdown={"weights": int(weights), "lora_state": int(lora_state), "activations": int(activations),
+                   "vae_encode": int(vae_peak)},
+        notes=("GPU step times are not calibrated yet (±50%); memory is.",) if dev.type == "cuda" else (),
+    )
+
+
+def _native_resolution(arch: ModelArch) -> int:
+    scale = 2 ** (len(arch.vae_config["block_out_channels"]) - 1)
+    return int(arch.unet_config.get("sample_size", 64)) * scale
+
+
+def _device(wanted: str | torch.device) -> torch.device:
+    if isinstance(wanted, torch.device):
+        return wanted
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def _precision(precision: str, device: torch.device) -> str:
+    """Same rule as ``trainer.session.choose_precision``: half precision only on CUDA by default."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _speed(device: torch.device, precision: str) -> tuple[float, float]:
+    """(effective FLOP/s, seconds per module call) of ``device`` at ``precision``."""
+    if device.type == "cuda":
+        peak = DEFAULT_GPU_PEAK
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), DEFAULT_GPU_PEAK)
+        rate = peak * GPU_EFFICIENCY * (FP32_SHARE if precision == "fp32" else 1.0)
+        return rate, SECONDS_PER_MODULE_CALL["cuda"]
+    threads = torch.get_num_threads()
+    rate = CPU_FLOPS_PER_THREAD * threads * (0.5 if precision != "fp32" else 1.0)
+    return rate, SECONDS_PER_MODULE_CALL["cpu"]
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
