@@ -117,7 +117,8 @@ class Projects:
     def dataset_dir(self, name: str, *, create: bool = False) -> Path:
         """The folder of dataset ``name`` (created when asked)."""
         if not str(name or "").strip():
-            raise DatasetError("No dataset is chosen.", hint="Pick a dataset or type a name for a new one in the Dataset tab.")
+            raise DatasetError("No dataset is chosen.",
+                               hint="Pick a dataset or type a name for a new one in the Dataset tab.")
         folder = self.datasets_dir / safe_name(name, "dataset name")
         if create:
             folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,8 @@ class Projects:
             elif suffix in CAPTION_EXTENSIONS:
                 captions.append(path)
             else:
-                summary.skipped.append((path.name, "not a picture type LoRA Studio reads (PNG, JPEG, WebP, BMP, GIF, TIFF)"))
+                summary.skipped.append(
+                    (path.name, "not a picture type LoRA Studio reads (PNG, JPEG, WebP, BMP, GIF, TIFF)"))
         stems: dict[str, str] = {}  # original stem -> stem used in the dataset
         for path in images:
             try:
@@ -234,7 +236,8 @@ class Projects:
         text = str(choice or "").strip()
         if not text:
             raise ModelLoadError("No base model is chosen.",
-                                 hint="Pick the demo model, or type the path of a diffusers folder or .safetensors checkpoint.")
+                                 hint="Pick the demo model, or type the path of a diffusers folder or "
+                                      ".safetensors checkpoint.")
         if text == DEMO_MODEL_CHOICE:
             return str(self.demo_model())
         return text

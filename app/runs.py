@@ -30,8 +30,16 @@ from trainer.atomic import atomic_write_text
 from trainer.checkpoints import list_checkpoints
 from trainer.config import StudioConfig, config_from_dict, load_toml
 from trainer.errors import StudioError
-from trainer.events import (CheckpointSaved, Event, Notice, RunCommands, RunFinished, RunStarted, SamplesMade,
-                            StepProgress)
+from trainer.events import (
+    CheckpointSaved,
+    Event,
+    Notice,
+    RunCommands,
+    RunFinished,
+    RunStarted,
+    SamplesMade,
+    StepProgress,
+)
 from trainer.session import run_dir_for
 
 log = logging.getLogger("lora_studio.runs")

@@ -19,8 +19,14 @@ from app.projects import safe_name
 from app.studio import Studio
 from trainer.atomic import atomic_write_text
 from trainer.config import DataConfig
-from trainer.dataset import (DatasetIssue, LintReport, has_trigger, lint_dataset,
-                             read_caption_file, scan_dataset)
+from trainer.dataset import (
+    DatasetIssue,
+    LintReport,
+    has_trigger,
+    lint_dataset,
+    read_caption_file,
+    scan_dataset,
+)
 from trainer.errors import DatasetError, StudioError
 from trainer.images import image_extensions
 
@@ -49,10 +55,12 @@ def dataset_view(studio: Studio, name: str, trigger: str, resolution: int | floa
         return DatasetView([], "Choose a dataset, or type a name for a new one and drop pictures in.", [])
     folder = studio.projects.datasets_dir / safe_name(name, "dataset name")
     if not folder.is_dir():
-        return DatasetView([], f"New dataset **{safe_name(name, 'dataset name')}**: drop pictures above to create it.", [])
+        new = safe_name(name, "dataset name")
+        return DatasetView([], f"New dataset **{new}**: drop pictures above to create it.", [])
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in image_extensions())
     if not images:
-        return DatasetView([], f"**{name}** has no pictures yet: drop 20–50 pictures (and their .txt captions) above.", [])
+        return DatasetView([], f"**{name}** has no pictures yet: drop 20–50 pictures (and their .txt captions) "
+                               "above.", [])
     report = lint(studio, folder, trigger, resolution)
     problems: dict[Path, list[DatasetIssue]] = {}
     for issue in report.issues:
@@ -84,9 +92,11 @@ def report_markdown(name: str, report: LintReport) -> str:
     lines = [f"### {name}: {report.num_images} usable pictures of {report.num_files}",
              f"{verdict} ({errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)})"]
     if report.trigger.strip():
-        lines.append(f'Trigger word **"{report.trigger}"** is in {report.trigger_count} of {report.num_images} captions.')
+        lines.append(f'Trigger word **"{report.trigger}"** is in {report.trigger_count} of {report.num_images} '
+                     "captions.")
     if report.bucket_counts:
-        buckets = ", ".join(f"{w}×{h}: {n}" for (w, h), n in sorted(report.bucket_counts.items(), key=lambda kv: -kv[1]))
+        by_size = sorted(report.bucket_counts.items(), key=lambda kv: -kv[1])
+        buckets = ", ".join(f"{w}×{h}: {n}" for (w, h), n in by_size)
         lines.append(f"Aspect buckets at {report.resolution} px: {buckets}")
     return "\n\n".join(lines)
 
@@ -211,7 +221,8 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
     @user_errors
     def upload_images(dataset: str, files: list[str] | None, trigger_word: str, check_resolution: float):
         if not str(dataset or "").strip():
-            raise DatasetError("Name the dataset first.", hint="Type a name in the Dataset box, then drop the pictures again.")
+            raise DatasetError("Name the dataset first.",
+                               hint="Type a name in the Dataset box, then drop the pictures again.")
         if not files:
             raise DatasetError("No files were received.", hint="Drop pictures onto the upload area.")
         summary = studio.projects.add_files(dataset, [Path(f) for f in files])

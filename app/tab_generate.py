@@ -166,15 +166,16 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
     with gr.Row():
         width = gr.Number(value=0, precision=0, label="Width", info="0 = the model's own size.", elem_id="gen-width")
         height = gr.Number(value=0, precision=0, label="Height", info="0 = the model's own size.", elem_id="gen-height")
-        scheduler = gr.Dropdown(choices=sampler_names(), value=DEFAULT_SAMPLER, label="Sampler", allow_custom_value=True,
-                                elem_id="gen-scheduler")
+        scheduler = gr.Dropdown(choices=sampler_names(), value=DEFAULT_SAMPLER, label="Sampler",
+                                allow_custom_value=True, elem_id="gen-scheduler")
         batch = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-batch")
         compare = gr.Checkbox(value=False, label="Compare with LoRA off",
                               info="Same seed, each image also without any LoRA.", elem_id="gen-compare")
     run = gr.Button("Generate", variant="primary", elem_id="gen-run")
     notes = gr.Markdown(elem_id="gen-notes")
     with gr.Row():
-        gallery = gr.Gallery(label="Images", columns=4, height=420, object_fit="contain", elem_id="gen-gallery", scale=3)
+        gallery = gr.Gallery(label="Images", columns=4, height=420, object_fit="contain", elem_id="gen-gallery",
+                             scale=3)
         infotext = gr.Textbox(label="Generation parameters (A1111 infotext of the selected image)", lines=8,
                               buttons=["copy"], elem_id="gen-infotext", scale=2)
     infotexts = gr.State([])
@@ -194,12 +195,14 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
         from trainer.generate import GenerationRequest, save_images
 
         if not str(base_model or "").strip():
-            raise ConfigError("No base model is chosen.", hint="Pick the demo model or the model your LoRA was trained on.")
+            raise ConfigError("No base model is chosen.",
+                              hint="Pick the demo model or the model your LoRA was trained on.")
         if isinstance(lora_slots, str):
             lora_slots = json.loads(lora_slots or "[]")
         request = GenerationRequest(
             prompt=str(prompt_text or ""), negative_prompt=str(negative_prompt or ""),
-            seed=int(seed_value if seed_value is not None else -1), steps=int(sampling_steps), cfg_scale=float(cfg_scale),
+            seed=int(seed_value if seed_value is not None else -1), steps=int(sampling_steps),
+            cfg_scale=float(cfg_scale),
             width=int(image_width or 0), height=int(image_height or 0), scheduler=sampler, batch_count=int(images),
             loras=tuple(lora_specs(studio, lora_slots)), compare_without_loras=bool(compare_off),
         )
@@ -213,7 +216,8 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
 
         results = generator.generate(request, on_progress)
         paths = save_images(results, studio.projects.outputs_dir / "images")
-        items = [(str(path), f"seed {r.seed}" + ("" if r.loras_on else " · LoRA off")) for path, r in zip(paths, results, strict=True)]
+        items = [(str(path), f"seed {r.seed}" + ("" if r.loras_on else " · LoRA off"))
+                 for path, r in zip(paths, results, strict=True)]
         texts = [r.infotext.to_text() for r in results]
         enabled = [s for s in request.loras if s.enabled]
         summary = (f"Made {len(results)} image{'s' * (len(results) != 1)} with "

@@ -34,7 +34,8 @@ def weighted_files(studio: Studio, files: list[str] | None, weights_text: str) -
     try:
         weights = [float(w) for w in text.replace(";", ",").split(",") if w.strip()] if text else []
     except ValueError:
-        raise ConfigError(f"Cannot read the weights {text!r}.", hint="Type numbers separated by commas, e.g. 0.7, 0.3.") from None
+        raise ConfigError(f"Cannot read the weights {text!r}.",
+                          hint="Type numbers separated by commas, e.g. 0.7, 0.3.") from None
     if not weights:
         weights = [1.0] * len(paths)
     if len(weights) != len(paths):
@@ -139,7 +140,8 @@ def build_tools_tab(studio: Studio) -> ToolsTab:
         if not files:
             raise StudioError("No files were received.", hint="Drop .safetensors LoRA files onto the upload area.")
         stored = [studio.projects.store_lora_upload(f) for f in files]
-        return (*refreshed_lists(), f"Added {', '.join(p.name for p in stored)} to `{studio.projects.loras_dir}`.", None)
+        names = ", ".join(p.name for p in stored)
+        return (*refreshed_lists(), f"Added {names} to `{studio.projects.loras_dir}`.", None)
 
     @user_errors
     def inspect(file: str):

@@ -8,247 +8,31 @@ tab only ends the watcher; a reloaded page attaches to the active run again (``a
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from app.errors import user_errors
-from app.projects import safe_name
-from app.runs import RunState, resume_config, runs_on_disk
+from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
+from app.run_view import (
+    RUN_HEADERS,
+    loss_frame,
+    progress_html,
+    resumable_runs,
+    run_choices,
+    runs_table,
+    status_markdown,
+)
+from app.runs import RunState, resume_config
 from app.settings_form import SettingsForm, build_settings_form
 from app.studio import Studio
-from trainer.config import StudioConfig
-from trainer.errors import ConfigError, DatasetError, StudioError
+from trainer.errors import ConfigError, StudioError
 from trainer.presets import DEFAULT_PRESET, list_presets, load_preset, resolve_config
 
 WATCH_INTERVAL_S = 0.25  # at most four page updates a second, however fast the steps are
 WATCH_HEARTBEAT_S = 10.0
-RUN_HEADERS = ["Run", "Status", "Step", "Resumable from", "LoRA file"]
-STATUS_LABELS = {
-    "queued": "… queued", "preparing": "⚙ preparing", "training": "▶ training", "stopping": "■ stopping",
-    "finished": "✔ finished", "stopped": "■ stopped", "failed": "✖ failed", "cancelled": "⊘ cancelled",
-}
-
-
-# --- handlers ------------------------------------------------------------------------------------
-
-
-def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: str,
-               overrides: dict[str, Any] | None) -> StudioConfig:
-    """The validated config a Start would queue: preset ⊕ form overrides ⊕ the tab's pickers."""
-    if not str(dataset or "").strip():
-        raise DatasetError("No dataset is chosen.", hint="Pick one in the Dataset box (make one in the Dataset tab).")
-    folder = studio.projects.dataset_dir(dataset)
-    picked = {"base": studio.projects.resolve_base(base) if base else "", "data": str(folder),
-              "output": str(studio.projects.run_output(run_name or "run"))}
-    flat = {**(overrides or {}), **picked}
-    flat.pop("resume", None)
-    return resolve_config(preset or None, None, flat)
-
-
-def check_base_exists(studio: Studio, base_choice: str) -> None:
-    """A typed path that does not exist is reported now, not by the worker after a wait in the queue."""
-    from trainer.errors import ModelLoadError
-    from trainer.models import HUB_ID
-
-    text = str(base_choice or "").strip()
-    if studio.projects.is_demo(text) or Path(text).expanduser().exists():
-        return
-    if HUB_ID.match(text) and not text.startswith((".", "~", "/")):
-        return
-    raise ModelLoadError(f"Base model not found: {text}.",
-                         hint="Type the full path of a diffusers folder or a .safetensors checkpoint, or pick the demo model.")
-
-
-def unique_run_name(studio: Studio, wanted: str, dataset: str) -> str:
-    """``wanted`` (or the dataset's name), numbered if a run of that name exists already."""
-    base = safe_name(str(wanted or "").strip() or f"{dataset}-lora", "run name")
-    name, n = base, 2
-    runs = studio.projects.runs_dir
-    while (runs / f"{name}.safetensors").exists() or (runs / f"{name}_run").exists():
-        name, n = f"{base}-{n}", n + 1
-    return name
-
-
-def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str:
-    """What a run will do and produce, before it starts: steps math, exact file size, device."""
-    from trainer.dataset import lint_dataset, scan_dataset
-    from trainer.sizing import architecture_for, lora_size
-
-    lines = []
-    arch = None
-    try:
-        with studio.build_lock:
-            arch = architecture_for(config.model.base, config.model.base_config or None)
-    except StudioError as exc:
-        size_line = f"**Output file size:** known once the base model can be read ({exc.message})"
-    else:
-        modules, size = lora_size(config, arch, config.output.export_dtype)
-        size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
-                     f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
-    native = int(arch.unet.config.sample_size) * 8 if arch is not None else 512  # every SD VAE downsamples 8x
-    resolution = config.data.resolution or native
-    scan = scan_dataset(config.data)
-    report = lint_dataset(scan, config.data, resolution, None, epochs=config.train.epochs,
-                          batch_size=config.train.batch_size, steps=config.train.steps)
-    if report.steps is not None:
-        lines.append(f"**Steps:** {report.steps.text()} at {resolution} px.")
-    if not report.ok:
-        lines.append(f"✖ The dataset has {report.count('error')} error(s) at {resolution} px: see the Dataset tab.")
-    lines.append(size_line)
-    lines.append(estimate_line(studio, config, arch, report.steps.total_steps if report.steps else 0,
-                               scan.num_samples, resolution))
-    if studio.projects.is_demo(base_choice):
-        lines.append("**Demo model:** tiny and random. It trains in seconds but its images are noise.")
-    return "\n\n".join(lines)
-
-
-def estimate_line(studio: Studio, config: StudioConfig, arch: Any, steps: int, samples: int, resolution: int) -> str:
-    """Predicted memory and duration on the device the run will use."""
-    device = device_label(config.train.device)
-    try:
-        from trainer.estimate import estimate_run
-    except ImportError:  # an engine build without the estimator: say what we know
-        return f"**Device:** {device}. The progress bar shows the measured speed and ETA from the first steps."
-    if arch is None:
-        return f"**Device:** {device}. Memory and time are estimated once the base model can be read."
-    source = config.model.base if Path(config.model.base).is_dir() else arch.family
-    with studio.build_lock:
-        estimate = estimate_run(config, source, num_images=samples, resolution=resolution)
-    memory = estimate.peak_memory_bytes + estimate.runtime_overhead_bytes
-    kind = "GPU memory" if estimate.device.startswith("cuda") else "RAM"
-    notes = "".join(f" {note}" for note in estimate.notes)
-    return (f"**Estimate on {device}:** about {format_bytes(memory)} of {kind}, {format_duration(estimate.total_seconds)} "
-            f"in all ({estimate.step_seconds:.2f} s per step × {estimate.total_steps or steps} steps, plus caching).{notes}")
-
-
-def device_label(wanted: str) -> str:
-    import torch
-
-    if wanted.startswith("cuda") or (wanted == "auto" and torch.cuda.is_available()):
-        if torch.cuda.is_available():
-            index = int(wanted.split(":")[1]) if ":" in wanted else 0
-            props = torch.cuda.get_device_properties(index)
-            return f"{props.name} ({props.total_memory / 2**30:.0f} GB)"
-        return f"{wanted} (not available here)"
-    return "CPU (slow: fine for the demo model, hours for a real one)"
-
-
-def format_bytes(size: float) -> str:
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "—"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def progress_html(run: RunState | None) -> str:
-    """The progress bar: step/total, speed, ETA, current loss."""
-    if run is None:
-        return ('<div class="ls-progress" data-status="idle"><div class="ls-progress-label">'
-                'No run yet: choose a dataset and press Start.</div>'
-                '<div class="ls-progress-track"><div class="ls-progress-fill" style="width:0%"></div></div></div>')
-    total = max(run.total_steps, 1)
-    fraction = min(run.step / total, 1.0) if run.total_steps else 0.0
-    parts = [f"<b>{run.name}</b>", STATUS_LABELS.get(run.status, run.status)]
-    if run.total_steps:
-        parts.append(f"step {run.step} / {run.total_steps}")
-    if run.start_step:
-        parts.append(f"resumed from step {run.start_step}")
-    if run.status in ("training", "stopping") and run.it_per_s:
-        parts.append(f"{run.it_per_s:.2f} steps/s" if run.it_per_s >= 0.1 else f"{1 / run.it_per_s:.1f} s/step")
-        parts.append(f"ETA {format_duration(run.eta_s)}")
-    if run.loss is not None:
-        parts.append(f"loss {run.loss:.4f}")
-    label = " · ".join(parts)
-    return (f'<div class="ls-progress" data-status="{run.status}" data-step="{run.step}" '
-            f'data-total="{run.total_steps}"><div class="ls-progress-label" id="train-progress-label">{label}</div>'
-            f'<div class="ls-progress-track"><div class="ls-progress-fill ls-{run.status}" '
-            f'style="width:{fraction * 100:.1f}%"></div></div></div>')
-
-
-def loss_frame(run: RunState | None) -> pd.DataFrame | None:
-    """The loss curve; None until there is a first step (an empty frame would fix the plot's legend empty)."""
-    if run is None or not run.losses:
-        return None
-    rows = []
-    for step, loss, smoothed in run.losses:
-        rows.append({"step": step, "loss": loss, "curve": "loss per step"})
-        rows.append({"step": step, "loss": smoothed, "curve": "smoothed"})
-    return pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": "int64", "loss": "float64"})
-
-
-def status_markdown(run: RunState | None) -> str:
-    if run is None:
-        return ""
-    lines = []
-    if run.status == "failed":
-        lines.append(f"✖ **{run.error}**")
-    elif run.status in ("finished", "stopped") and run.output is not None:
-        verb = "Finished" if run.status == "finished" else f"Stopped at step {run.step} of {run.total_steps}"
-        lines.append(f"✔ **{verb}:** `{run.output.name}` ({format_bytes(run.size_bytes)}) in `{run.output.parent}`")
-        if run.status == "stopped" and run.checkpoints:
-            lines.append(f"It can be resumed from step {run.checkpoints[-1][0]}: choose it under *Resume a run* below.")
-    elif run.status == "queued":
-        lines.append("… Waiting for the runs before it to finish.")
-    if run.device and run.status in ("training", "stopping"):
-        lines.append(f"Training on {run.device}: {run.num_images} pictures, {run.total_steps} steps.")
-    if run.checkpoints and run.status not in ("finished",):
-        lines.append(f"Last checkpoint: step {run.checkpoints[-1][0]}.")
-    lines.extend(f"- {notice}" for notice in run.notices[-6:])
-    return "\n\n".join(lines[:4]) + ("\n\n" + "\n".join(lines[4:]) if len(lines) > 4 else "")
-
-
-def latest_runs(studio: Studio) -> list[RunState]:
-    """This session's runs, newest first, one per name (a resumed run replaces its stopped attempt)."""
-    seen: set[str] = set()
-    latest = []
-    for run in studio.runs.runs():
-        if run.name not in seen:
-            seen.add(run.name)
-            latest.append(run)
-    return latest
-
-
-def runs_table(studio: Studio) -> list[list[str]]:
-    """This session's runs, then earlier runs found on disk."""
-    rows, seen = [], set()
-    for run in latest_runs(studio):
-        seen.add(run.name)
-        rows.append([run.name, STATUS_LABELS.get(run.status, run.status), f"{run.step} / {run.total_steps or '?'}",
-                     f"step {run.checkpoints[-1][0]}" if run.checkpoints and run.status != "finished" else "",
-                     str(run.output) if run.output else ""])
-    for record in runs_on_disk(studio.projects.runs_dir):
-        if record.name in seen:
-            continue
-        rows.append([record.name, STATUS_LABELS.get(record.status, record.status),
-                     f"{record.step} / {record.total_steps or '?'}",
-                     f"step {record.last_checkpoint}" if record.resumable else "",
-                     str(record.output) if record.output.is_file() else ""])
-    return rows
-
-
-def resumable_runs(studio: Studio) -> list[str]:
-    active = {run.name for run in studio.runs.runs() if run.active}
-    return [r.name for r in runs_on_disk(studio.projects.runs_dir) if r.resumable and r.name not in active]
-
-
-def run_choices(studio: Studio) -> list[tuple[str, str]]:
-    return [(f"{run.name} ({run.status})", run.id) for run in latest_runs(studio)]
 
 
 # --- layout and wiring ---------------------------------------------------------------------------
@@ -337,7 +121,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         return {**form.updates(config), preset_info: load_preset(preset_name).description}
 
     @user_errors
-    def check_training(dataset_name: str, base_model: str, preset_name: str, name: str, settings: dict[str, Any]) -> str:
+    def check_training(dataset_name: str, base_model: str, preset_name: str, name: str,
+                       settings: dict[str, Any]) -> str:
         config = run_config(studio, dataset_name, base_model, preset_name, unique_run_name(studio, name, dataset_name),
                             settings)
         return plan_markdown(studio, config, base_model)
@@ -418,7 +203,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     @user_errors
     def resume_training(name: str):
         if not name:
-            raise StudioError("Choose a run to resume first.", hint="Only runs that stopped before their last step are listed.")
+            raise StudioError("Choose a run to resume first.",
+                              hint="Only runs that stopped before their last step are listed.")
         run = studio.runs.submit(name, resume_config(studio.projects.runs_dir, name))
         return run.id, runs_table(studio)
 
@@ -449,8 +235,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         start_training, [dataset, base, preset, run_name, overrides], [started, plan, runs],
         api_name="start_training").success(show_run, started, run_select, api_name=False)
     run_select.change(watch_run, [run_select, watch_token],
-                      [progress, status, loss_plot, samples, output_file, output_path, output_base, open_in_generate, runs,
-                       resume_select, run_select],
+                      [progress, status, loss_plot, samples, output_file, output_path, output_base, open_in_generate,
+                       runs, resume_select, run_select],
                       api_name="watch_run", concurrency_limit=None, show_progress="hidden")
     stop.click(stop_training, [run_select], status, api_name="stop_training", concurrency_limit=None)
     save_now.click(save_checkpoint_now, [run_select], status, api_name="save_checkpoint_now", concurrency_limit=None)

@@ -59,7 +59,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         for refresh in (tools_item.select, demo.load):  # runs finished or files uploaded meanwhile
             refresh(lambda: tools.refreshed(studio), None, [*tools.pickers, tools.base], api_name=False)
         train.open_in_generate.click(
-            user_errors(open_in_generate), [train.output_path, train.output_base, generate.loras, generate.slots_version],
+            user_errors(open_in_generate),
+            [train.output_path, train.output_base, generate.loras, generate.slots_version],
             [generate.loras, generate.slots_version, generate.base], api_name="open_in_generate",
         ).success(lambda: gr.Tabs(selected="generate"), None, tabs, api_name=False)
     return demo

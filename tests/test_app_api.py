@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from browser.app_server import running_app, write_pictures
+from conftest import make_pattern_image
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from app.projects import DEMO_MODEL_CHOICE
-from browser.app_server import running_app, write_pictures
-from conftest import make_pattern_image
 
 DEMO = DEMO_MODEL_CHOICE
 TINY = {"steps": 4, "rank": 4, "alpha": 4, "resolution": 64, "sample_every": 2, "sample_steps": 2, "save_every": 0,
@@ -24,7 +24,8 @@ DATASET = "api-set"
 EDITED = "api-edit"
 
 ENDPOINTS = {"/show_dataset", "/upload_images", "/import_folder", "/save_captions", "/add_trigger",
-             "/replace_in_captions", "/remove_picture", "/preset_settings", "/check_training", "/start_training", "/watch_run",
+             "/replace_in_captions", "/remove_picture", "/preset_settings", "/check_training", "/start_training",
+             "/watch_run",
              "/stop_training", "/save_checkpoint_now", "/make_samples_now", "/resume_training", "/list_runs",
              "/generate", "/open_in_generate", "/upload_loras", "/inspect_lora", "/resize_lora", "/merge_loras",
              "/bake_checkpoint"}
@@ -166,7 +167,8 @@ def test_preset_settings_and_plan(client: Client, dataset: str) -> None:
 def test_start_refuses_bad_input_with_a_clear_message(client: Client, dataset: str, dataset_name: str, base: str,
                                                       settings: dict, message: str) -> None:
     # ``dataset`` has pictures, so each case fails for its own reason
-    expect_error(message, client.predict, dataset_name, base, "character-lite", "", settings, api_name="/start_training")
+    expect_error(message, client.predict, dataset_name, base, "character-lite", "", settings,
+                 api_name="/start_training")
 
 
 def test_start_with_an_empty_dataset_says_there_are_no_pictures(client: Client, server) -> None:

@@ -14,11 +14,26 @@ from pathlib import Path
 
 import pytest
 
-from app.runs import RECORD_FILE, RunController, RunState, apply_event, resume_config, runs_on_disk
+from app.runs import (
+    RECORD_FILE,
+    RunController,
+    RunState,
+    apply_event,
+    resume_config,
+    runs_on_disk,
+)
 from trainer.config import StudioConfig, save_toml
 from trainer.errors import StudioError, TrainingError
-from trainer.events import (CheckpointSaved, Event, Notice, RunCommands, RunFinished, RunStarted, SamplesMade,
-                            StepProgress)
+from trainer.events import (
+    CheckpointSaved,
+    Event,
+    Notice,
+    RunCommands,
+    RunFinished,
+    RunStarted,
+    SamplesMade,
+    StepProgress,
+)
 from trainer.presets import resolve_config
 
 TIMEOUT = 10.0

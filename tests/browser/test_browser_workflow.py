@@ -11,12 +11,12 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import make_pattern_image
 from playwright.sync_api import Page, expect
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from browser.app_server import write_pictures
-from conftest import make_pattern_image
 
 pytestmark = pytest.mark.browser
 

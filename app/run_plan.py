@@ -1,0 +1,122 @@
+"""What a Start would do, worked out before anything trains: the config, the run name, the plan.
+
+``run_config`` turns the Train tab's pickers and form into one validated ``StudioConfig``;
+``plan_markdown`` shows the steps math, the output file size and the predicted memory and time
+for the device the run will use, all from the engine (``trainer.dataset``, ``trainer.sizing``,
+``trainer.estimate``) without loading any weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from app.projects import safe_name
+from app.run_view import format_bytes, format_duration
+from app.studio import Studio
+from trainer.config import StudioConfig
+from trainer.errors import DatasetError, StudioError
+from trainer.presets import resolve_config
+
+
+def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: str,
+               overrides: dict[str, Any] | None) -> StudioConfig:
+    """The validated config a Start would queue: preset ⊕ form overrides ⊕ the tab's pickers."""
+    if not str(dataset or "").strip():
+        raise DatasetError("No dataset is chosen.", hint="Pick one in the Dataset box (make one in the Dataset tab).")
+    folder = studio.projects.dataset_dir(dataset)
+    picked = {"base": studio.projects.resolve_base(base) if base else "", "data": str(folder),
+              "output": str(studio.projects.run_output(run_name or "run"))}
+    flat = {**(overrides or {}), **picked}
+    flat.pop("resume", None)
+    return resolve_config(preset or None, None, flat)
+
+
+def check_base_exists(studio: Studio, base_choice: str) -> None:
+    """A typed path that does not exist is reported now, not by the worker after a wait in the queue."""
+    from trainer.errors import ModelLoadError
+    from trainer.models import HUB_ID
+
+    text = str(base_choice or "").strip()
+    if studio.projects.is_demo(text) or Path(text).expanduser().exists():
+        return
+    if HUB_ID.match(text) and not text.startswith((".", "~", "/")):
+        return
+    raise ModelLoadError(f"Base model not found: {text}.",
+                         hint="Type the full path of a diffusers folder or a .safetensors checkpoint, "
+                              "or pick the demo model.")
+
+
+def unique_run_name(studio: Studio, wanted: str, dataset: str) -> str:
+    """``wanted`` (or the dataset's name), numbered if a run of that name exists already."""
+    base = safe_name(str(wanted or "").strip() or f"{dataset}-lora", "run name")
+    name, n = base, 2
+    runs = studio.projects.runs_dir
+    while (runs / f"{name}.safetensors").exists() or (runs / f"{name}_run").exists():
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str:
+    """What a run will do and produce, before it starts: steps math, exact file size, device."""
+    from trainer.dataset import lint_dataset, scan_dataset
+    from trainer.sizing import architecture_for, lora_size
+
+    lines = []
+    arch = None
+    try:
+        with studio.build_lock:
+            arch = architecture_for(config.model.base, config.model.base_config or None)
+    except StudioError as exc:
+        size_line = f"**Output file size:** known once the base model can be read ({exc.message})"
+    else:
+        modules, size = lora_size(config, arch, config.output.export_dtype)
+        size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
+                     f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
+    native = int(arch.unet.config.sample_size) * 8 if arch is not None else 512  # every SD VAE downsamples 8x
+    resolution = config.data.resolution or native
+    scan = scan_dataset(config.data)
+    report = lint_dataset(scan, config.data, resolution, None, epochs=config.train.epochs,
+                          batch_size=config.train.batch_size, steps=config.train.steps)
+    if report.steps is not None:
+        lines.append(f"**Steps:** {report.steps.text()} at {resolution} px.")
+    if not report.ok:
+        lines.append(f"✖ The dataset has {report.count('error')} error(s) at {resolution} px: see the Dataset tab.")
+    lines.append(size_line)
+    lines.append(estimate_line(studio, config, arch, report.steps.total_steps if report.steps else 0,
+                               scan.num_samples, resolution))
+    if studio.projects.is_demo(base_choice):
+        lines.append("**Demo model:** tiny and random. It trains in seconds but its images are noise.")
+    return "\n\n".join(lines)
+
+
+def estimate_line(studio: Studio, config: StudioConfig, arch: Any, steps: int, samples: int, resolution: int) -> str:
+    """Predicted memory and duration on the device the run will use."""
+    device = device_label(config.train.device)
+    try:
+        from trainer.estimate import estimate_run
+    except ImportError:  # an engine build without the estimator: say what we know
+        return f"**Device:** {device}. The progress bar shows the measured speed and ETA from the first steps."
+    if arch is None:
+        return f"**Device:** {device}. Memory and time are estimated once the base model can be read."
+    source = config.model.base if Path(config.model.base).is_dir() else arch.family
+    with studio.build_lock:
+        estimate = estimate_run(config, source, num_images=samples, resolution=resolution)
+    memory = estimate.peak_memory_bytes + estimate.runtime_overhead_bytes
+    kind = "GPU memory" if estimate.device.startswith("cuda") else "RAM"
+    notes = "".join(f" {note}" for note in estimate.notes)
+    return (f"**Estimate on {device}:** about {format_bytes(memory)} of {kind}, "
+            f"{format_duration(estimate.total_seconds)} in all ({estimate.step_seconds:.2f} s per step × "
+            f"{estimate.total_steps or steps} steps, plus caching).{notes}")
+
+
+def device_label(wanted: str) -> str:
+    import torch
+
+    if wanted.startswith("cuda") or (wanted == "auto" and torch.cuda.is_available()):
+        if torch.cuda.is_available():
+            index = int(wanted.split(":")[1]) if ":" in wanted else 0
+            props = torch.cuda.get_device_properties(index)
+            return f"{props.name} ({props.total_memory / 2**30:.0f} GB)"
+        return f"{wanted} (not available here)"
+    return "CPU (slow: fine for the demo model, hours for a real one)"
