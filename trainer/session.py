@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from trainer import lora as lora_mod
 from trainer.caching import LatentCache, TextEmbeddingCache
@@ -58,6 +60,9 @@ def _accelerator(config: StudioConfig) -> Accelerator:
         cpu=cpu,
         mixed_precision=choose_precision(config, probe),
         gradient_accumulation_steps=1,  # accumulation is done by the loop (it knows the step count)
+        # With several processes the others wait while the main one fills the latent cache or makes
+        # samples; NCCL's 10-minute default would abort a big dataset's first encoding pass.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=1))],
     )
 
 
