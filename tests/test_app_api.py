@@ -203,6 +203,14 @@ def test_generate_mixes_two_loras(client: Client, server, trained: Path) -> None
     assert "api-run × 0.8, api-run-r2 × -0.5" in notes
 
 
+def test_generate_with_split_and_block_weights(client: Client, trained: Path) -> None:
+    slot = {"file": str(trained), "weight": 1.0, "te_weight": 0.2, "unet_weight": 0.9, "blocks": "down=1,mid=0,up=0.5"}
+    _, infotext, _ = client.predict(DEMO, [slot], "zxq", "", 5, 1, 5.0, 0, 0, "Euler a", 1, False, api_name="/generate")
+    assert "<lora:api-run:0.2:0.9:lbw=1,1,0,0.5,0.5>" in infotext  # BASE, 1 down, MID, 2 up (tiny UNet)
+    expect_error("Cannot read the block weights", client.predict, DEMO, [{**slot, "blocks": "up=lots"}], "zxq", "", 5,
+                 1, 5.0, 0, 0, "Euler a", 1, False, api_name="/generate")
+
+
 def test_generate_compare_with_lora_off(client: Client, trained: Path) -> None:
     gallery, _, _ = client.predict(DEMO, [{"file": str(trained), "weight": 1.0}], "zxq", "", 3, 2, 5.0, 0, 0,
                                    "Euler a", 1, True, api_name="/generate")
@@ -260,9 +268,14 @@ def test_stop_mid_run_leaves_a_resumable_checkpoint(client: Client, server, data
         assert time.monotonic() < deadline and run.active, (run.status, run.error)
         run = server.studio.runs.wait_for_change(run_id, run.version, 5)
     assert run.samples[0][0].is_file() and run.checkpoints[0][1].is_dir()
+    queued_id, _, _ = client.predict(DATASET, DEMO, "character-lite", "api-next", {**TINY, "steps": 2},
+                                     api_name="/start_training")
+    assert server.studio.runs.get(queued_id).status == "queued"  # one run at a time
     client.predict(run_id, api_name="/stop_training")
     progress, status, *_ = client.predict(run_id, api_name="/watch_run")
     assert 'data-status="stopped"' in progress and "It can be resumed from step" in status
+    progress, _, *_ = client.predict(queued_id, api_name="/watch_run")  # then the queued one runs
+    assert 'data-status="finished"' in progress
     stopped = server.studio.runs.get(run_id)
     checkpoint = server.projects.runs_dir / "api-long_run" / "checkpoints" / f"step-{stopped.step:06d}"
     assert 2 <= stopped.step < 500 and checkpoint.is_dir()
