@@ -465,3 +465,16 @@ def test_bucketing_off_gives_one_square_bucket(mixed_set: Callable[..., Training
     pixels, crop, original = ts.load_pixels(next(r for b in ts.epoch_batches(0, 1, 0) for r in b
                                                  if ts.items[r.index].width == 128))
     assert pixels.shape == (3, 64, 64) and crop == (0, 32) and original == (64, 128)
+
+
+@pytest.mark.parametrize(("resolution", "size", "bucket"), [
+    (1024, (1600, 900), (1344, 768)),  # SDXL 16:9 trains at kohya's size, not capped at 1024 wide
+    (512, (1600, 900), (640, 384)),
+    (512, (900, 1600), (384, 640)),
+])
+def test_default_largest_bucket_side_scales_with_the_resolution(tmp_path: Path, resolution, size, bucket):
+    Image.new("RGB", size, (90, 120, 30)).save(tmp_path / "wide.png")
+    (tmp_path / "wide.txt").write_text("zxq", encoding="utf-8")
+    cfg = DataConfig(data=str(tmp_path))
+    training_set = TrainingSet(scan_dataset(cfg), cfg, resolution, bucket_step=64)
+    assert training_set.item_buckets == (bucket,)

@@ -54,7 +54,7 @@ class DataConfig:
     resolution: int = field(default=0, metadata={"help": "Training resolution in pixels; 0 = the base model's native size."})
     buckets: bool = field(default=True, metadata={"help": "Aspect-ratio bucketing: keep each image's shape instead of square-cropping."})
     min_bucket_side: int = field(default=256, metadata={"help": "Smallest bucket side in pixels."})
-    max_bucket_side: int = field(default=1024, metadata={"help": "Largest bucket side in pixels."})
+    max_bucket_side: int = field(default=0, metadata={"help": "Largest bucket side in pixels; 0 = twice the training resolution (1024 for SD 1.5, 2048 for SDXL)."})
     flip: bool = field(default=False, metadata={"help": "Random horizontal flip (off for asymmetric characters)."})
     shuffle_captions: bool = field(default=False, metadata={"help": "Shuffle comma-separated caption tags each step."})
     keep_tokens: int = field(default=1, metadata={"help": "Tags at the start of the caption kept in place when shuffling."})
@@ -269,8 +269,9 @@ def validate(config: StudioConfig) -> None:
     _require(d.resolution == 0 or d.resolution >= 64, "data.resolution", d.resolution,
              "Use 0 (the model's native size) or at least 64 pixels.")
     _require(d.resolution <= 4096, "data.resolution", d.resolution, "Use 4096 pixels or less.")
-    _require(64 <= d.min_bucket_side <= d.max_bucket_side, "data.min_bucket_side", d.min_bucket_side,
-             "Use at least 64 and no more than data.max_bucket_side.")
+    _require(d.min_bucket_side >= 64, "data.min_bucket_side", d.min_bucket_side, "Use at least 64 pixels.")
+    _require(d.max_bucket_side == 0 or d.max_bucket_side >= d.min_bucket_side, "data.max_bucket_side",
+             d.max_bucket_side, "Use 0 (twice the resolution) or at least data.min_bucket_side.")
     _require(0 <= d.caption_dropout < 1, "data.caption_dropout", d.caption_dropout, "Use a value in [0, 1).")
     _require(d.keep_tokens >= 0, "data.keep_tokens", d.keep_tokens, "Use 0 or more.")
     _require(config.model.clip_skip >= 1, "model.clip_skip", config.model.clip_skip, "Use 1 (last layer) or 2.")

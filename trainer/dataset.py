@@ -427,7 +427,8 @@ class TrainingSet:
         self.cfg = cfg
         self.resolution = resolution
         if cfg.buckets:
-            self.buckets = make_buckets(resolution, bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
+            max_side = cfg.max_bucket_side or 2 * resolution  # kohya's SDXL 1344x768 needs more than 1024
+            self.buckets = make_buckets(resolution, bucket_step, cfg.min_bucket_side, max_side)
         else:
             self.buckets = [(resolution, resolution)]
         self.item_buckets: tuple[Bucket, ...] = tuple(
