@@ -13,6 +13,7 @@ import pandas as pd
 from app.runs import RunState, runs_on_disk
 from app.studio import Studio
 
+PLOT_POINTS = 400  # points per curve sent to the page
 RUN_HEADERS = ["Run", "Status", "Step", "Resumable from", "LoRA file"]
 STATUS_LABELS = {
     "queued": "… queued", "preparing": "⚙ preparing", "training": "▶ training", "stopping": "■ stopping",
@@ -67,7 +68,8 @@ def loss_frame(run: RunState | None) -> pd.DataFrame | None:
     if run is None or not run.losses:
         return None
     rows = []
-    for step, loss, smoothed in run.losses:
+    stride = max(1, len(run.losses) // PLOT_POINTS)  # a long run is thinned: the browser redraws it often
+    for step, loss, smoothed in run.losses[::stride]:
         rows.append({"step": step, "loss": loss, "curve": "loss per step"})
         rows.append({"step": step, "loss": smoothed, "curve": "smoothed"})
     return pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": "int64", "loss": "float64"})

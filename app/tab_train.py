@@ -33,6 +33,9 @@ from trainer.presets import DEFAULT_PRESET, list_presets, load_preset, resolve_c
 
 WATCH_INTERVAL_S = 0.25  # at most four page updates a second, however fast the steps are
 WATCH_HEARTBEAT_S = 10.0
+# The loss plot is redrawn from scratch by the browser on every update; on a CPU busy training, a
+# redraw four times a second never finishes, so the curve follows at a calmer pace.
+PLOT_INTERVAL_S = 2.0
 
 
 # --- layout and wiring ---------------------------------------------------------------------------
@@ -167,8 +170,9 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     def run_view(run: RunState, shown: dict[str, Any]) -> dict:
         """Updates for the parts of the page that changed since the last yield."""
         update: dict = {progress: progress_html(run), status: status_markdown(run)}
-        if shown.get("losses") != len(run.losses):
-            shown["losses"] = len(run.losses)
+        plot_due = time.monotonic() - shown.get("plotted_at", 0.0) >= PLOT_INTERVAL_S or not run.active
+        if shown.get("losses") != len(run.losses) and plot_due:
+            shown["losses"], shown["plotted_at"] = len(run.losses), time.monotonic()
             update[loss_plot] = loss_frame(run)
         if shown.get("samples") != len(run.samples):
             shown["samples"] = len(run.samples)

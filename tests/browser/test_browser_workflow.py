@@ -207,6 +207,7 @@ def test_closed_tab_keeps_training_and_stop_leaves_a_resumable_checkpoint(pages,
     progress_reached(page, "el.dataset.status === 'training' && +el.dataset.step >= 3")
     expect(page.locator("#train-progress-label")).to_contain_text("ETA")
     expect(page.locator("#train-progress-label")).to_contain_text("/ 400")
+    expect(page.locator("#train-loss-plot")).to_contain_text("smoothed")  # the curve so far, not just new steps
     shot(page, artifacts, "05-train-reattached.png")
 
     page.locator("#train-stop").click()
