@@ -10,7 +10,7 @@ import math
 
 import pandas as pd
 
-from app.runs import RunState, runs_on_disk
+from app.runs import ACTIVE, RunState, runs_on_disk
 from app.studio import Studio
 
 PLOT_POINTS = 400  # points per curve sent to the page
@@ -118,7 +118,9 @@ def runs_table(studio: Studio) -> list[list[str]]:
     for record in runs_on_disk(studio.projects.runs_dir):
         if record.name in seen:
             continue
-        rows.append([record.name, STATUS_LABELS.get(record.status, record.status),
+        # Not of this session: a run recorded as still going was cut off (app closed or crashed).
+        status = "⚠ interrupted" if record.status in ACTIVE else STATUS_LABELS.get(record.status, record.status)
+        rows.append([record.name, status,
                      f"{record.step} / {record.total_steps or '?'}",
                      f"step {record.last_checkpoint}" if record.resumable else "",
                      str(record.output) if record.output.is_file() else ""])

@@ -113,7 +113,7 @@ class RunController:
         self._changed = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closing = False
-        self._recorded: dict[str, str] = {}  # run id -> status last written to its record
+        self._recorded: dict[str, tuple[str, int]] = {}  # run id -> (status, checkpoints) last recorded
 
     # --- commands from the page ------------------------------------------------------------------
 
@@ -276,9 +276,11 @@ class RunController:
     def _touch(self, run: RunState) -> None:
         run.version += 1
         self._changed.notify_all()
-        # The record on disk only needs what a later session lists: written when the status moves.
-        if run.status != "queued" and run.status != self._recorded.get(run.id):
-            self._recorded[run.id] = run.status
+        # The record on disk only needs what a later session lists: written when the status moves
+        # or a checkpoint lands (the step a cut-off run can be resumed from).
+        mark = (run.status, len(run.checkpoints))
+        if run.status != "queued" and mark != self._recorded.get(run.id):
+            self._recorded[run.id] = mark
             write_record(run)
 
 

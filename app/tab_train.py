@@ -77,7 +77,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=2)
     plan = gr.Markdown(elem_id="train-plan")
 
-    gr.Markdown("### Progress")
+    gr.Markdown("### Progress", elem_id="train-progress-heading")
     with gr.Row():
         run_select = gr.Dropdown(choices=run_choices(studio), value=None, label="Showing run", allow_custom_value=True,
                                  elem_id="train-run-select", scale=3)

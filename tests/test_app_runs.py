@@ -229,3 +229,19 @@ def test_apply_event_keeps_samples_newest_last_and_marks_early_stop(tmp_path: Pa
     assert run.start_step == 4 and run.notices == ["⚠ img.png is small"]
     assert run.samples == [(tmp_path / "a.png", "step 5: zxq")]
     assert run.status == "stopped" and run.size_bytes == 123
+
+
+def test_a_run_cut_off_by_a_closed_app_is_listed_as_interrupted_and_resumable(tmp_path: Path) -> None:
+    from app.run_view import resumable_runs, runs_table
+    from app.studio import Studio
+    from trainer import checkpoints
+
+    studio = Studio.create(tmp_path / "projects", train_fn=ScriptedEngine())
+    config = make_config(tmp_path / "projects", "cut")
+    state = RunState(id="x", name="cut", config=config, status="training", step=7, total_steps=20)
+    from app.runs import write_record
+
+    write_record(state)  # what the earlier session last wrote before it died
+    checkpoints.save_checkpoint(state.run_dir / "checkpoints", 6, {"step": 6}, keep_last=2)
+    assert runs_table(studio) == [["cut", "⚠ interrupted", "7 / 20", "step 6", ""]]
+    assert resumable_runs(studio) == ["cut"]
