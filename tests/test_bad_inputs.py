@@ -721,7 +721,7 @@ def gui(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path):
 
     from browser.app_server import running_app
 
-    with running_app(tmp_path_factory.mktemp("corpus-projects"), tiny_sd1_dir, first_port=7900) as server:
+    with running_app(tmp_path_factory.mktemp("corpus-projects"), tiny_sd1_dir, first_port=7980) as server:
         yield server, Client(server.url, verbose=False, download_files=False)
 
 

@@ -146,7 +146,7 @@ def test_base_models_and_checkpoints_with_absurd_headers_are_refused_cheaply(tmp
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path):
     from browser.app_server import running_app
 
-    with running_app(tmp_path_factory.mktemp("security-projects"), tiny_sd1_dir, first_port=7890) as app:
+    with running_app(tmp_path_factory.mktemp("security-projects"), tiny_sd1_dir, first_port=7950) as app:
         yield app
 
 
@@ -228,7 +228,7 @@ def test_uploaded_file_names_cannot_leave_the_project_folder(server, tmp_path: P
 def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
     from app.__main__ import free_port
 
-    port = free_port("127.0.0.1", 7930)
+    port = free_port("127.0.0.1", 7940)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "CI": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "--listen", "--no-browser", "--port", str(port),
                              "--projects", str(tmp_path / "projects")], cwd=REPO, env=env,

@@ -130,6 +130,7 @@ def _print_check(config) -> int:
     from trainer.models import load_base_model
     from trainer.text import count_tokens
 
+    quiet_libraries()
     model = load_base_model(config.model, supported=("sd1", "sd2", "sdxl"))
     resolution = config.data.resolution or model.native_resolution
     check_resolution_multiple(resolution, model.resolution_multiple)  # training would refuse it
@@ -149,12 +150,19 @@ def format_size(size_bytes: int) -> str:
 
 def quiet_libraries() -> None:
     """Our progress bar and messages only: no per-file loading bars or library chatter."""
+    import warnings
+
     import diffusers
     import transformers
+    from PIL import Image
 
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
+    # The dataset check reports oversized pictures and bad EXIF itself, saying what to do; Pillow's
+    # own warnings ("could be decompression bomb DOS attack") would only alarm.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", message="Corrupt EXIF data", module="PIL")
 
 
 def _train_with_progress_bar(config) -> int:
