@@ -96,11 +96,12 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _build(folder: Path, family: str, label: str) -> Architecture:
-    from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    with init_empty_weights():
+    # torch.device("meta") is scoped to this thread; accelerate's init_empty_weights patches torch
+    # globally and would break a model load running concurrently in the GUI's training thread.
+    with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(_read(folder / "unet" / "config.json"))
         encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig(**_read(folder / "text_encoder" / "config.json")))}
         if family == "sdxl":
