@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import math
 import re
 import struct
-import warnings
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from library_logs import library_warnings
 
 from trainer.config import NetworkConfig
 from trainer.demo_model import build_tiny_sd1
@@ -122,35 +120,6 @@ def _outputs(unet, text_encoder):
     ids = torch.tensor([[49406, 320, 1125, 539, 49407, 49407]])
     with torch.no_grad():
         return unet(x, torch.tensor([10, 600]), ctx).sample, text_encoder(ids)[0]
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(f"{record.name}: {record.getMessage()}")
-
-
-@contextlib.contextmanager
-def _library_warnings():
-    """Collect WARNING+ log records of diffusers/peft/transformers and Python warnings."""
-    handler = _ListHandler()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield handler.messages
-        finally:
-            handler.messages.extend(f"{w.category.__name__}: {w.message}" for w in caught)
-            for lg, level in zip(loggers, levels):
-                lg.removeHandler(handler)
-                lg.setLevel(level)
 
 
 def _pipeline(folder: Path):
@@ -356,7 +325,7 @@ def test_metadata_estimate_is_close_to_typical_metadata():
 def _assert_loads_like_hand_merge(tiny_sd1_dir, file: Path, reference: Path, parts, network: NetworkConfig):
     """diffusers loads ``file`` with no warning, and its outputs equal a hand merge of ``reference``."""
     pipe = _pipeline(tiny_sd1_dir)
-    with _library_warnings() as messages:
+    with library_warnings() as messages:
         pipe.load_lora_weights(str(file), adapter_name="exported")
     assert messages == []
     base = build_tiny_sd1()
@@ -408,7 +377,7 @@ def test_warning_capture_sees_diffusers_warnings(tmp_path, tiny_sd1_dir):
     out = tmp_path / "unet_only.safetensors"
     save_kohya_lora(_export_modules(parts, network), {}, out)
     pipe = _pipeline(tiny_sd1_dir)
-    with _library_warnings() as messages:
+    with library_warnings() as messages:
         pipe.load_lora_weights(str(out))
     assert any("No LoRA keys associated to CLIPTextModel" in m for m in messages)
 
@@ -676,7 +645,7 @@ def test_sdxl_export_uses_sgm_names_and_loads_in_diffusers(tmp_path):
     save_kohya_lora(modules, build_metadata(_info(family="sdxl", resolution=(1024, 1024))), out)
 
     pipe = _tiny_sdxl_pipeline()
-    with _library_warnings() as messages:
+    with library_warnings() as messages:
         pipe.load_lora_weights(str(out), adapter_name="exported")
     assert messages == []
     for got, want, base_out in zip(_sdxl_outputs(pipe), _sdxl_outputs(trained), base_outputs):

@@ -7,15 +7,13 @@ the 768 px SD 2.1 model.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from library_logs import library_warnings
 from conftest import make_pattern_image
 from PIL import Image
 
@@ -179,36 +177,6 @@ def _eval_loss(pipe, data: Path) -> float:
     return total / 5
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(f"{record.name}: {record.getMessage()}")
-
-
-@contextlib.contextmanager
-def _library_warnings():
-    """WARNING+ records of diffusers/peft/transformers plus Python warnings, collected in a list."""
-    handler = _ListHandler()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield handler.messages
-        finally:
-            handler.messages.extend(f"{w.category.__name__}: {w.message}" for w in caught
-                                    if not issubclass(w.category, DeprecationWarning))
-            for lg, level in zip(loggers, levels):
-                lg.removeHandler(handler)
-                lg.setLevel(level)
-
-
 def _hand_merged(file: Path):
     """A fresh tiny SD2 with W0 + (alpha/r)·up@down added from the file, names built from DESIGN §4."""
     parts = build_tiny_sd2(seed=0)
@@ -259,7 +227,7 @@ def test_training_learns_and_writes_an_sd2_kohya_file(trained, sd2_dir, sd2_data
 def test_diffusers_loads_the_export_as_the_independent_merge(trained, sd2_dir):
     pipe = _pipeline(sd2_dir)
     base = _outputs(pipe.unet, pipe.text_encoder)
-    with _library_warnings() as messages:
+    with library_warnings() as messages:
         pipe.load_lora_weights(str(trained.output), adapter_name="exported")
     assert messages == []
     merged = _hand_merged(trained.output)

@@ -8,16 +8,14 @@ image geometry, LoRA on both encoders, SGM block names and ``lora_te1_``/``lora_
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from library_logs import library_warnings
 from conftest import make_pattern_image
 from PIL import Image
 
@@ -317,36 +315,6 @@ def _outputs(unet, text_encoder, text_encoder_2):
                 text_encoder_2(ids).text_embeds)
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(f"{record.name}: {record.getMessage()}")
-
-
-@contextlib.contextmanager
-def _library_warnings():
-    """WARNING+ records of diffusers/peft/transformers plus Python warnings, collected in a list."""
-    handler = _ListHandler()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield handler.messages
-        finally:
-            handler.messages.extend(f"{w.category.__name__}: {w.message}" for w in caught
-                                    if not issubclass(w.category, DeprecationWarning))
-            for lg, level in zip(loggers, levels):
-                lg.removeHandler(handler)
-                lg.setLevel(level)
-
-
 def test_training_learns_and_writes_an_sdxl_kohya_file(trained, xl_dir, xl_data):
     finished = trained[-1]
     assert isinstance(finished, RunFinished) and finished.step == STEPS
@@ -397,7 +365,7 @@ def test_diffusers_loads_the_export_as_the_independent_merge(trained, xl_dir):
     output = trained[-1].output
     pipe = _pipeline(xl_dir)
     base = _outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
-    with _library_warnings() as messages:
+    with library_warnings() as messages:
         pipe.load_lora_weights(str(output), adapter_name="exported")
     assert messages == []
     merged = _hand_merged(output)
