@@ -68,6 +68,19 @@ class ImportSummary:
         return line
 
 
+def hidden_file_reason(name: str) -> str:
+    """Why a hidden file is not a picture (empty for a normal name).
+
+    Copying a folder from a Mac brings ``._name.png`` resource forks (metadata, not image data)
+    and ``.DS_Store``; stored under a safe name (``_name.png``) they would look like unreadable pictures.
+    """
+    if name.startswith("._"):
+        return "a macOS resource fork (Finder metadata, not a picture)"
+    if name.startswith("."):
+        return "a hidden file (system metadata, not a picture)"
+    return ""
+
+
 class Projects:
     """One project root on disk and the few operations the tabs need on it."""
 
@@ -135,7 +148,10 @@ class Projects:
         for raw in files:
             path = Path(raw)
             suffix = path.suffix.lower()
-            if suffix in image_extensions():
+            hidden = hidden_file_reason(path.name)
+            if hidden:
+                summary.skipped.append((path.name, hidden))
+            elif suffix in image_extensions():
                 images.append(path)
             elif suffix in CAPTION_EXTENSIONS:
                 captions.append(path)
@@ -177,7 +193,7 @@ class Projects:
                                hint="Type the full path of a folder that holds your pictures.")
         wanted = image_extensions() | set(CAPTION_EXTENSIONS)
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in wanted)
-        if not any(p.suffix.lower() in image_extensions() for p in files):
+        if not any(p.suffix.lower() in image_extensions() and not hidden_file_reason(p.name) for p in files):
             raise DatasetError(f"Found 0 pictures in {folder}.",
                                hint="Choose the folder that holds the .png/.jpg/.webp files themselves.")
         return self.add_files(dataset, files)

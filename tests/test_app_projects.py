@@ -113,3 +113,29 @@ def test_lora_upload_refuses_pickles(tmp_path: Path) -> None:
     assert stored == projects.loras_dir / "style.safetensors"
     assert projects.store_lora_upload(good) == stored  # same content: stored once
     assert stored in projects.lora_files()
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("._face.png", "macOS resource fork"),
+    ("._face.txt", "macOS resource fork"),
+    (".DS_Store", "hidden file"),
+    (".secret.png", "hidden file"),
+])
+def test_hidden_files_and_macos_resource_forks_are_skipped_with_a_reason(tmp_path: Path, image_folder: Path,
+                                                                         name: str, reason: str) -> None:
+    projects = Projects(tmp_path / "projects").ensure()
+    files = _upload_dir(tmp_path, {"face.png": (image_folder / "img00.png").read_bytes(),
+                                   "face.txt": b"zxq, smiling", name: b"\x00\x05\x16\x07Mac OS X"})
+    summary = projects.add_files("set", files)
+    assert sorted(p.name for p in projects.dataset_dir("set").iterdir()) == ["face.png", "face.txt"]
+    assert summary.added == ["face.png"] and summary.captions == ["face.txt"]
+    assert summary.skipped == [(name, summary.skipped[0][1])] and reason in summary.skipped[0][1]
+    assert f"Skipped 1: {name}: " in summary.text()
+
+
+def test_import_folder_of_only_resource_forks_finds_no_pictures(tmp_path: Path, image_folder: Path) -> None:
+    copied = tmp_path / "from-a-mac"
+    copied.mkdir()
+    (copied / "._img00.png").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(DatasetError, match="Found 0 pictures"):
+        Projects(tmp_path / "projects").ensure().import_folder("set", str(copied))
