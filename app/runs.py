@@ -103,8 +103,12 @@ class RunState:
 class RunController:
     """Queue of training runs, one worker thread, progress state per run."""
 
-    def __init__(self, train_fn: TrainFn | None = None, build_lock: threading.Lock | None = None) -> None:
+    def __init__(self, train_fn: TrainFn | None = None, build_lock: threading.Lock | None = None,
+                 before_run: Callable[[str], None] | None = None) -> None:
         self._train_fn = train_fn
+        # Called in the worker with the run's device before it loads its model (the Studio uses it to
+        # let a generation in flight finish and to unload the generator from that GPU).
+        self.before_run = before_run
         # Held while a run builds its model (until its first event): other code that builds modules
         # on the meta device (trainer.sizing) patches torch process-wide and must not overlap it.
         self._build_lock = build_lock or threading.Lock()
@@ -188,6 +192,15 @@ class RunController:
                 return self._runs[self._queue[0]].snapshot()
             return None
 
+    def training_on(self, device: str) -> RunState | None:
+        """The run preparing or training on the same GPU as ``device`` (never on the CPU), if any."""
+        with self._changed:
+            for run in self._runs.values():
+                if run.status in ("preparing", "training", "stopping") and \
+                        shares_accelerator(run.device or planned_device(run.config), device):
+                    return run.snapshot()
+            return None
+
     def wait_for_change(self, run_id: str, seen_version: int, timeout: float) -> RunState:
         """The run's state once its version differs from ``seen_version`` (or after ``timeout``)."""
         deadline = time.monotonic() + timeout
@@ -237,6 +250,8 @@ class RunController:
     def _execute(self, run: RunState) -> None:
         train = self._train_fn or _engine_train
         try:
+            if self.before_run is not None:
+                self.before_run(planned_device(run.config))
             events = train(run.config, run.commands)
             with self._build_lock:
                 first = next(events, None)
@@ -311,6 +326,27 @@ def apply_event(run: RunState, event: Event) -> None:
         run.output, run.size_bytes = Path(event.output), event.size_bytes
         run.status = "stopped" if event.stopped_early else "finished"
         run.eta_s = 0.0
+
+
+def planned_device(config: StudioConfig) -> str:
+    """The device a run will train on, as the engine picks it (``auto``: the first CUDA GPU, else the CPU)."""
+    wanted = config.train.device
+    if wanted != "auto":
+        return wanted
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def shares_accelerator(a: str, b: str) -> bool:
+    """Whether two device names are the same GPU (``cuda`` is ``cuda:0``); the CPU is never shared out."""
+    import torch
+
+    try:
+        first, second = torch.device(a), torch.device(b)
+    except (RuntimeError, ValueError):
+        return False
+    return first.type == second.type != "cpu" and (first.index or 0) == (second.index or 0)
 
 
 def _engine_train(config: StudioConfig, commands: RunCommands) -> Iterator[Event]:

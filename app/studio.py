@@ -7,12 +7,16 @@ state through this object instead of globals, and tests can build an app on a te
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from app.projects import Projects
-from app.runs import RunController, TrainFn
+from app.runs import RunController, RunState, TrainFn, shares_accelerator
+
+GPU_WAIT_POLL_S = 5.0  # how often a waiting generation re-reads the run it waits for (it also wakes on changes)
 
 
 @dataclass
@@ -27,12 +31,56 @@ class Studio:
     # trainer.sizing builds modules under accelerate's init_empty_weights, which patches torch
     # for every thread while it runs.
     build_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Held by a generation from loading the model to the last image, and by a training run while it
+    # makes room on its GPU: one model on an accelerator at a time (gradio's "gpu" queue already
+    # runs one GPU job at a time; training runs in the run worker, outside that queue).
+    _gpu: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.runs.before_run = self.make_room_for_training
 
     @classmethod
     def create(cls, projects_root: str | Path, train_fn: TrainFn | None = None) -> Studio:
         build_lock = threading.Lock()
         return cls(projects=Projects(projects_root, build_lock).ensure(), runs=RunController(train_fn, build_lock),
                    build_lock=build_lock)
+
+    def generation_device(self) -> str:
+        """Where the generator runs, as ``Generator.from_base`` picks it: the first CUDA GPU, else the CPU."""
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @contextmanager
+    def gpu_job(self, on_wait: Callable[[RunState], None]) -> Iterator[None]:
+        """Hold the generation device for one job.
+
+        On a GPU a training run already holds its model, optimiser and activations; a generator
+        beside it would need a second model in memory and slow both, so the job waits until the run
+        ends (``on_wait`` is told which run, again after each change). On the CPU both go ahead.
+        """
+        device = self.generation_device()
+        while True:
+            self._gpu.acquire()
+            run = self.runs.training_on(device)
+            if run is None:
+                break
+            self._gpu.release()
+            on_wait(run)
+            self.runs.wait_for_change(run.id, run.version, GPU_WAIT_POLL_S)
+        try:
+            yield
+        finally:
+            self._gpu.release()
+
+    def make_room_for_training(self, device: str) -> None:
+        """Before a run loads its model on ``device``: let a generation in flight finish, unload the generator there."""
+        with self._gpu, self._lock:
+            if self._generator is not None and shares_accelerator(str(self._generator.device), device):
+                self._generator, self._generator_key = None, None
+                import torch
+
+                torch.cuda.empty_cache()
 
     def count_tokens(self, caption: str) -> int:
         """CLIP tokens of a caption (the dataset linter's 75-token check), with the bundled tokenizer."""

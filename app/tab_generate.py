@@ -206,15 +206,23 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
             width=int(image_width or 0), height=int(image_height or 0), scheduler=sampler, batch_count=int(images),
             loras=tuple(lora_specs(studio, lora_slots)), compare_without_loras=bool(compare_off),
         )
-        progress(0, desc="Loading the base model…")
-        generator = studio.generator(base_model)
-        found = generator.prepare(request)
+        waited: list[str] = []  # ids of the runs this request waited for
+
+        def on_wait(run) -> None:
+            if not waited:
+                gr.Info(waiting_text(run), duration=10)
+            waited.append(run.id)
+            progress(0, desc=waiting_text(run))
 
         def on_progress(p) -> None:
             progress((p.image * p.steps + p.step) / max(p.images * p.steps, 1),
                      desc=f"Image {p.image + 1} of {p.images}")
 
-        results = generator.generate(request, on_progress)
+        with studio.gpu_job(on_wait):
+            progress(0, desc="Loading the base model…")
+            generator = studio.generator(base_model)
+            found = generator.prepare(request)
+            results = generator.generate(request, on_progress)
         paths = save_images(results, studio.projects.outputs_dir / "images")
         items = [(str(path), f"seed {r.seed}" + ("" if r.loras_on else " · LoRA off"))
                  for path, r in zip(paths, results, strict=True)]
@@ -223,7 +231,9 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
         summary = (f"Made {len(results)} image{'s' * (len(results) != 1)} with "
                    + (", ".join(f"{s.name} × {s.weight:g}" for s in enabled) if enabled else "no LoRA")
                    + f". Saved in `{paths[0].parent}`." if paths else "")
-        return items, texts[0] if texts else "", texts, "\n\n".join([summary, *[f"⚠ {n}" for n in found]])
+        waited_note = ["Waited for the training run to finish first (it used the GPU)."] if waited else []
+        notes_text = "\n\n".join([summary, *waited_note, *[f"⚠ {n}" for n in found]])
+        return items, texts[0] if texts else "", texts, notes_text
 
     def show_infotext(texts: list[str], evt: gr.SelectData) -> str:
         return texts[evt.index] if texts and 0 <= evt.index < len(texts) else ""
@@ -236,6 +246,13 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
     gallery.select(show_infotext, [infotexts], infotext, api_name=False)
     demo.load(lambda: gr.update(choices=studio.projects.base_model_choices()), None, base, api_name=False)
     return GenerateTab(base=base, loras=loras, slots_version=slots_version)
+
+
+def waiting_text(run: Any) -> str:
+    """What a generation waiting for the GPU tells the user."""
+    where = f" (step {run.step} of {run.total_steps})" if run.total_steps else ""
+    return (f"Waiting for the training run '{run.name}'{where} to finish: it is using the GPU, and generating "
+            "beside it would need a second model in GPU memory. Stop the run on the Train tab to generate now.")
 
 
 def _slot_setter(sid: str, field_name: str) -> str:
