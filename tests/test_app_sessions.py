@@ -42,6 +42,11 @@ def generate_args(seed: int) -> tuple:
     return DEMO, [], "zxq, a portrait", "", seed, 2, 5.0, 0, 0, "Euler a", 1, False
 
 
+def session(url: str) -> Client:
+    """One browser session, as a script sees it (file outputs as paths on the server)."""
+    return Client(url, verbose=False, download_files=False)
+
+
 @contextmanager
 def serve(root: Path, demo_model: Path, first_port: int, train_fn=None) -> Iterator[tuple[Studio, gr.Blocks, str]]:
     shutil.copytree(demo_model, root / "models" / DEMO_MODEL_DIR)
@@ -86,7 +91,7 @@ def session_states(demo: gr.Blocks, client: Client) -> dict[str, object]:
 def test_one_session_trains_while_another_generates(tmp_path: Path, tiny_sd1_dir: Path,
                                                     generations: list[tuple[float, float]]) -> None:
     with serve(tmp_path, tiny_sd1_dir, 7930) as (studio, demo, url):
-        trainer, artist = Client(url, verbose=False, download_files=False), Client(url, verbose=False, download_files=False)
+        trainer, artist = session(url), session(url)
         assert trainer.session_hash != artist.session_hash
 
         run_id, _, _ = trainer.predict(DATASET, DEMO, "character-lite", "sessions-run", RUN,
@@ -143,8 +148,8 @@ def test_on_a_gpu_generation_waits_for_the_training_run_and_says_so(tmp_path: Pa
         yield RunFinished(2, tmp_path / "gpu-run.safetensors", 0, False)
 
     monkeypatch.setattr(Studio, "generation_device", lambda self: "cuda")
-    with serve(tmp_path, tiny_sd1_dir, 7940, train_on_gpu) as (studio, demo, url):
-        trainer, artist = Client(url, verbose=False, download_files=False), Client(url, verbose=False, download_files=False)
+    with serve(tmp_path, tiny_sd1_dir, 7940, train_on_gpu) as (studio, _demo, url):
+        trainer, artist = session(url), session(url)
         run_id, _, _ = trainer.predict(DATASET, DEMO, "character-lite", "gpu-run", RUN, api_name="/start_training")
         run = studio.runs.get(run_id)
         while run.status != "training":
