@@ -282,7 +282,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     if config.train.grad_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for name in trained_encoders:
-            encoders[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_text_encoder_checkpointing(encoders[name])
 
     for trainable in (model.unet, *encoders.values()):
         trainable.train()  # LoRA dropout is active in train mode; the frozen layers have none
@@ -310,6 +310,14 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         run_dir=run_dir, resolution=resolution, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
         fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
     )
+
+
+def _enable_text_encoder_checkpointing(encoder: torch.nn.Module) -> None:
+    """transformers >= 5 renamed gradient checkpointing to activation checkpointing."""
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def run_fingerprint(config: StudioConfig, training_set: TrainingSet) -> str:
