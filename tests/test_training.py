@@ -136,3 +136,14 @@ def test_missing_dataset_is_a_clear_error(tiny_sd1_dir: Path, tmp_path: Path):
     empty.mkdir()
     with pytest.raises(StudioError, match="0 images"):
         _run(_config(tiny_sd1_dir, empty, tmp_path))
+
+
+def test_gradient_checkpointing_trades_compute_not_results(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
+    """Checkpointing (UNet and text encoder) recomputes activations; the trained weights must not change."""
+    plain = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "plain", steps=3, lr=1e-3))[-1]
+    checkpointed = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "ckpt", steps=3, lr=1e-3,
+                                grad_checkpointing=True))[-1]
+    a, b = load_file(plain.output), load_file(checkpointed.output)
+    assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
