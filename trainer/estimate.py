@@ -2,8 +2,9 @@
 
 Method. The model's *shapes* come from a forward pass on PyTorch's ``meta`` device: the real
 diffusers/transformers modules built from the model's configs, run on tensors that have shapes
-but no storage, at the run's resolution and batch size, in well under a second and with no
-weights in memory. Hooks on that pass count, per component:
+but no storage, at the run's resolution, in about a second and with no weights in memory (an
+``Estimator`` keeps these counts per resolution and target set, so changing rank, batch,
+precision, device or caching re-estimates instantly). Hooks on that pass count, per component:
 
 - FLOPs of every Linear and Conv2d (2·in·out per output element) and of attention
   (4·queries·keys·inner_dim: QKᵀ and PV);
@@ -16,26 +17,35 @@ weights in memory. Hooks on that pass count, per component:
 
 Memory = frozen weights in their dtype (UNet, text encoder(s); VAE in fp32, as
 ``trainer.session`` keeps it) + LoRA parameters, gradients and optimiser state in fp32 +
-activations (``ACTIVATION_BYTES_PER_ELEMENT`` × proxy × bytes of the compute dtype, plus the LoRA
-inputs) ; when latents are not cached the VAE encoder's no-grad peak counts too (it runs before
-the UNet, so the larger of the two). It predicts what ``bench.train_step`` measures:
+activations (``ACTIVATION_BYTES_PER_ELEMENT`` × proxy × 4 bytes in fp32, 3 under fp16/bf16
+autocast, plus the LoRA inputs) + on CPU ``CPU_TRANSIENT_SHARE`` of the UNet's weight bytes (oneDNN's
+reordered weight copies and scratch: 280 MB for SD 1.5); when latents are not
+cached the VAE encoder's no-grad peak counts instead if larger (it runs before the UNet, one
+image at a time), and gradient checkpointing keeps ~30% of the activations. Batch scales the
+activations linearly. It predicts what ``bench.train_step`` measures:
 ``torch.cuda.max_memory_allocated`` on a GPU (the CUDA context, ~0.3–0.5 GB, comes on top: see
 ``runtime_overhead_bytes``), and resident tensors plus transient growth on a CPU.
 
-Time = FLOPs of one step / the device's effective FLOP rate + a fixed cost per module call.
-A step is forward + activation-gradient backward of the UNet (2× the forward FLOPs, attention
-3× because the fused kernels recompute), LoRA's own matmuls (3× their forward FLOPs: forward,
-input gradient, weight gradients), the text encoder when it is trained (same rule) or not
-cached (forward only), the VAE encoder when latents are not cached, and one extra UNet forward
-with gradient checkpointing. Caching adds one VAE encoder forward per image and bucket.
+Time = FLOPs / the device's effective rate, with spatial (3×3) convolutions and everything else
+(Linear, 1×1, attention) at separate rates, + weight traffic (each forward or backward pass reads
+every frozen weight; at batch 1 and low resolution on a CPU that, not arithmetic, dominates:
+~0.9 s of a 1.6 s SD 1.5 step at 128 px) + a dispatch/launch cost per module call. A step is forward +
+activation-gradient backward of the UNet (2× the forward FLOPs, attention 3× because the fused
+kernels recompute), LoRA's own matmuls (3× their forward FLOPs: forward, input gradient, weight
+gradients; 3 extra module calls per LoRA layer), the text encoder when it is trained (same rule)
+or not cached (forward only), the VAE encoder when latents are not cached, and one extra UNet
+forward with gradient checkpointing. Caching costs one VAE encoder forward per image and bucket
+(and one text-encoder forward per caption).
 
-Calibration. ``CPU_FLOPS_PER_THREAD``, ``SECONDS_PER_MODULE_CALL`` and
-``ACTIVATION_BYTES_PER_ELEMENT`` were fitted to ``python -m bench.train_step`` on the real SD 1.5
-architecture (random weights) on a 2-core x86 CPU in fp32 at 128 and 256 px; the bench prints
-the estimator's error next to every measurement and the constants implied by that run, so they
-can be re-fitted on other hardware. GPU FLOP rates are a fraction of each card's dense fp16/bf16
-tensor rate (``GPU_EFFICIENCY``), not yet measured: treat GPU step times as ±50% until a
-``--device cuda`` bench run calibrates them.
+Calibration. ``CPU_*_FLOPS_PER_THREAD``, ``CPU_WEIGHT_BYTES_PER_SECOND``, ``CPU_TRANSIENT_SHARE``
+and ``ACTIVATION_BYTES_PER_ELEMENT`` were fitted to ``python -m bench.train_step`` on the real SD 1.5
+architecture (random weights), fp32, on a 2-core x86 CPU at 128 and 256 px (quiet-machine runs;
+memory within 7%, step time within ~10% there). Larger CPU steps run more efficiently than this
+fit assumes (it overestimates a 512 px CPU step by up to ~2×). GPU rates are a share
+(``GPU_EFFICIENCY``) of each card's dense fp16/bf16 tensor rate plus a per-call launch cost, and
+``HALF_PRECISION_ACTIVATION_BYTES`` is reasoned, not measured: treat GPU times as ±50% and GPU
+memory as ±25% until ``python -m bench.train_step --device cuda`` (which prints the error and the
+implied FLOP rate) calibrates them.
 """
 
 from __future__ import annotations
@@ -56,9 +66,15 @@ BUNDLED = {"sd1": "sd15", "sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
 
 # --- calibrated constants (see the module docstring) -----------------------------------------
 ACTIVATION_BYTES_PER_ELEMENT = 1.0  # autograd-saved bytes per proxy element, per byte of dtype
+HALF_PRECISION_ACTIVATION_BYTES = 3.0  # fp16/bf16 autocast: norms and softmax statistics stay fp32
 LORA_SAVED_FRACTION = 1.0  # share of LoRA-layer inputs autograd keeps beyond the frozen model's own
-CPU_FLOPS_PER_THREAD = 40e9  # effective fp32 FLOP/s of one thread on SD-sized convs/matmuls
-SECONDS_PER_MODULE_CALL = {"cpu": 40e-6, "cuda": 12e-6}  # dispatch cost of one module's forward+backward
+CPU_CONV_FLOPS_PER_THREAD = 95e9  # effective fp32 FLOP/s of one thread on 3x3 convolutions (oneDNN)
+CPU_OTHER_FLOPS_PER_THREAD = 57e9  # ... on Linear/1x1/attention at SD sizes
+SECONDS_PER_MODULE_CALL = {"cpu": 20e-6, "cuda": 40e-6}  # per module forward or backward (a few kernels)
+CPU_WEIGHT_BYTES_PER_SECOND = 7.7e9  # frozen weights read (and reordered by oneDNN) per pass
+GPU_WEIGHT_BYTES_PER_SECOND = 1.0e12  # HBM/GDDR share a pass achieves
+LORA_CALLS_PER_LAYER = 3  # lora_A, lora_B, dropout: the module calls a peft layer adds
+CPU_TRANSIENT_SHARE = 0.085  # of the UNet's weight bytes: oneDNN weight reorders and scratch, allocator slack
 CHECKPOINTED_ACTIVATION_SHARE = 0.3  # block outputs kept, the rest recomputed in the backward
 VAE_NO_GRAD_FRACTION = 0.1  # share of the VAE encoder's outputs alive at once without autograd
 CUDA_ALLOCATOR_OVERHEAD = 1.10  # caching-allocator rounding and fragmentation on top of live tensors
@@ -71,7 +87,7 @@ GPU_PEAK_FLOPS = {
     "4080": 97e12, "4070": 58e12, "4060": 30e12, "3090": 71e12, "3080": 60e12, "3070": 40e12,
     "3060": 25e12, "A10": 125e12, "L4": 121e12, "T4": 65e12, "V100": 125e12, "2080": 40e12,
 }
-GPU_EFFICIENCY = 0.25  # achieved share of peak on a batch-1 diffusion step (small kernels, norms)
+GPU_EFFICIENCY = 0.12  # achieved share of peak on a batch-1 diffusion step (small kernels, norms)
 FP32_SHARE = 0.25  # fp32 (TF32 off) against the fp16 tensor rate
 DEFAULT_GPU_PEAK = 40e12
 
@@ -143,6 +159,7 @@ class ComponentProfile:
     params: int
     flops: float  # Linear + Conv2d + attention FLOPs of one forward
     attention_flops: float
+    conv_flops: float  # the spatial (k > 1) convolutions' share of ``flops``: dense, the fastest kind
     activation_elements: int  # sum of leaf-module output elements
     module_calls: int
     lora_params_per_rank: int = 0
@@ -150,6 +167,7 @@ class ComponentProfile:
     lora_input_elements_shared: int = 0  # distinct LoRA-layer inputs (fp32: one saved tensor each)
     lora_input_elements_per_layer: int = 0  # per-layer sum (autocast: each layer saves its own cast)
     lora_tokens: int = 0  # rows through LoRA layers: x·Aᵀ (tokens × rank) is kept for B's gradient
+    lora_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,7 +226,7 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def _count(model: torch.nn.Module, lora_targets: list[str], run) -> ComponentProfile:
-    flops = attention_flops = 0.0
+    flops = attention_flops = conv_flops = 0.0
     activation = calls = 0
     target_set = set(lora_targets)
     lora_params = lora_tokens = per_layer = 0
@@ -217,7 +235,7 @@ def _count(model: torch.nn.Module, lora_targets: list[str], run) -> ComponentPro
     keep_alive: list[torch.Tensor] = []  # ids stay unique while the inputs are referenced
 
     def leaf_hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        nonlocal flops, activation, calls
+        nonlocal flops, conv_flops, activation, calls
         calls += 1
         out = output[0] if isinstance(output, (tuple, list)) else output
         if isinstance(out, torch.Tensor):
@@ -226,7 +244,10 @@ def _count(model: torch.nn.Module, lora_targets: list[str], run) -> ComponentPro
                 flops += 2.0 * out.numel() * module.in_features
             elif isinstance(module, torch.nn.Conv2d):
                 kh, kw = module.kernel_size
-                flops += 2.0 * out.numel() * module.in_channels // module.groups * kh * kw
+                conv = 2.0 * out.numel() * module.in_channels // module.groups * kh * kw
+                flops += conv
+                if kh * kw > 1:
+                    conv_flops += conv
 
     def lora_hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
         nonlocal lora_params, lora_flops, lora_tokens, per_layer
@@ -268,10 +289,10 @@ def _count(model: torch.nn.Module, lora_targets: list[str], run) -> ComponentPro
         for handle in handles:
             handle.remove()
     return ComponentProfile(
-        params=_numel(model), flops=flops + attention_flops, attention_flops=attention_flops,
+        params=_numel(model), flops=flops + attention_flops, attention_flops=attention_flops, conv_flops=conv_flops,
         activation_elements=activation, module_calls=calls, lora_params_per_rank=lora_params,
         lora_flops_per_rank=lora_flops, lora_input_elements_shared=sum(shared.values()),
-        lora_input_elements_per_layer=per_layer, lora_tokens=lora_tokens,
+        lora_input_elements_per_layer=per_layer, lora_tokens=lora_tokens, lora_layers=len(keep_alive),
     )
 
 
@@ -352,42 +373,57 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
     state_per_param = 4 + 4 + OPTIMIZER_STATE_BYTES.get(config.optim.optimizer, 8)  # weight, grad, state
     lora_state = lora_params * state_per_param
     activations = 0.0
+    activation_bytes = dtype_bytes if precision == "fp32" else HALF_PRECISION_ACTIVATION_BYTES
     for part in trained:
         inputs = part.lora_input_elements_shared if precision == "fp32" else part.lora_input_elements_per_layer
-        saved = LORA_SAVED_FRACTION * inputs + part.lora_tokens * rank
-        activations += batch * (ACTIVATION_BYTES_PER_ELEMENT * part.activation_elements + saved) * dtype_bytes
+        saved = (LORA_SAVED_FRACTION * inputs + part.lora_tokens * rank) * dtype_bytes
+        activations += batch * (ACTIVATION_BYTES_PER_ELEMENT * part.activation_elements * activation_bytes + saved)
     if config.train.grad_checkpointing:
         activations *= CHECKPOINTED_ACTIVATION_SHARE
     vae_peak = 0 if latents_cached else VAE_NO_GRAD_FRACTION * vae.activation_elements * 4  # one image at a time
     peak = weights + lora_state + max(activations, vae_peak)
     if dev.type == "cuda":
         peak *= CUDA_ALLOCATOR_OVERHEAD
+    else:
+        peak += CPU_TRANSIENT_SHARE * unet.params * dtype_bytes
 
-    # Time: FLOPs / effective rate + per-call dispatch.
-    flops, calls = 0.0, 0
-    for part in trained:
-        flops += batch * (2.0 * part.flops + part.attention_flops + 3.0 * rank * part.lora_flops_per_rank)
-        calls += 2 * part.module_calls
+    # Time: FLOPs at their rates (spatial convolutions and the rest apart) + weight traffic (every
+    # pass reads every frozen weight: at batch 1 and low resolution that, not arithmetic, is the
+    # floor on a CPU) + a dispatch/launch cost per module call.
+    speed = _speed(dev, precision)
+    conv_flops = other_flops = weight_traffic = 0.0
+    calls = 0
+
+    def add(part: ComponentProfile, passes: int, weight_bytes: int, lora: bool = False) -> None:
+        nonlocal conv_flops, other_flops, weight_traffic, calls
+        conv_flops += batch * passes * part.conv_flops
+        other_flops += batch * (passes * (part.flops - part.conv_flops) + (passes - 1) * part.attention_flops)
+        weight_traffic += passes * part.params * weight_bytes
+        calls += passes * part.module_calls
+        if lora:  # forward, input gradient and weight gradients of both LoRA matrices
+            other_flops += batch * 3.0 * rank * part.lora_flops_per_rank
+            calls += 2 * LORA_CALLS_PER_LAYER * part.lora_layers
+
+    for part in trained:  # forward + activation-gradient backward (+ LoRA)
+        add(part, 2, dtype_bytes, lora=True)
     if not te_trained and not text_cached:
-        flops += batch * sum(te.flops for te in encoders)
-        calls += sum(te.module_calls for te in encoders)
+        for te in encoders:
+            add(te, 1, dtype_bytes)
     if not latents_cached:
-        flops += batch * vae.flops
-        calls += batch * vae.module_calls
+        add(vae, 1, 4)
     if config.train.grad_checkpointing:
-        flops += batch * unet.flops
-        calls += unet.module_calls
-    rate, per_call = _speed(dev, precision)
-    step_seconds = flops / rate + calls * per_call
+        add(unet, 1, dtype_bytes)
+    step_seconds = speed.seconds(conv_flops, other_flops, weight_traffic, calls)
+    flops = conv_flops + other_flops
 
     total_steps = config.train.steps
     if not total_steps and num_images:
         total_steps = config.train.epochs * math.ceil(num_images * config.data.repeats / batch / config.optim.grad_accum)
     caching_seconds = 0.0
     if num_images and latents_cached:
-        caching_seconds += num_images * (vae.flops / rate + vae.module_calls * per_call)
+        caching_seconds += num_images * speed.forward_seconds(vae, 4)
     if num_images and text_cached:
-        caching_seconds += num_images * sum(te.flops / rate + te.module_calls * per_call for te in encoders)
+        caching_seconds += num_images * sum(speed.forward_seconds(te, dtype_bytes) for te in encoders)
     total_seconds = caching_seconds + total_steps * config.optim.grad_accum * step_seconds
     return Estimate(
         peak_memory_bytes=int(peak), step_seconds=step_seconds, total_seconds=total_seconds,
@@ -421,18 +457,36 @@ def _precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
-def _speed(device: torch.device, precision: str) -> tuple[float, float]:
-    """(effective FLOP/s, seconds per module call) of ``device`` at ``precision``."""
+@dataclass(frozen=True)
+class _Speed:
+    conv_flops_per_second: float
+    other_flops_per_second: float
+    weight_bytes_per_second: float
+    seconds_per_call: float
+
+    def seconds(self, conv_flops: float, other_flops: float, weight_traffic: float, calls: int) -> float:
+        return (conv_flops / self.conv_flops_per_second + other_flops / self.other_flops_per_second
+                + weight_traffic / self.weight_bytes_per_second + calls * self.seconds_per_call)
+
+    def forward_seconds(self, part: ComponentProfile, weight_bytes: int) -> float:
+        """One no-grad forward of ``part`` at batch 1."""
+        return self.seconds(part.conv_flops, part.flops - part.conv_flops, part.params * weight_bytes,
+                            part.module_calls)
+
+
+def _speed(device: torch.device, precision: str) -> _Speed:
+    """How fast ``device`` runs each kind of work at ``precision``."""
     if device.type == "cuda":
         peak = DEFAULT_GPU_PEAK
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(device)
             peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), DEFAULT_GPU_PEAK)
         rate = peak * GPU_EFFICIENCY * (FP32_SHARE if precision == "fp32" else 1.0)
-        return rate, SECONDS_PER_MODULE_CALL["cuda"]
+        return _Speed(rate, rate, GPU_WEIGHT_BYTES_PER_SECOND, SECONDS_PER_MODULE_CALL["cuda"])
     threads = torch.get_num_threads()
-    rate = CPU_FLOPS_PER_THREAD * threads * (0.5 if precision != "fp32" else 1.0)
-    return rate, SECONDS_PER_MODULE_CALL["cpu"]
+    half = 0.5 if precision != "fp32" else 1.0  # no fast half-precision kernels on most CPUs
+    return _Speed(CPU_CONV_FLOPS_PER_THREAD * threads * half, CPU_OTHER_FLOPS_PER_THREAD * threads * half,
+                  CPU_WEIGHT_BYTES_PER_SECOND, SECONDS_PER_MODULE_CALL["cpu"])
 
 
 def _device_label(device: torch.device) -> str:
