@@ -74,9 +74,10 @@ def hidden_file_reason(name: str) -> str:
     Copying a folder from a Mac brings ``._name.png`` resource forks (metadata, not image data)
     and ``.DS_Store``; stored under a safe name (``_name.png``) they would look like unreadable pictures.
     """
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]  # "..\\..\\x.png" is x.png, not a hidden file
     if name.startswith("._"):
         return "a macOS resource fork (Finder metadata, not a picture)"
-    if name.startswith("."):
+    if name.startswith(".") and not name.startswith(".."):  # "..": a path-traversal remnant, made safe later
         return "a hidden file (system metadata, not a picture)"
     return ""
 
