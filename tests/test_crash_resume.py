@@ -26,7 +26,7 @@ from trainer.errors import StudioError
 from trainer.formats import read_lora_file
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, SAVE_EVERY = 24, 4
+STEPS, SAVE_EVERY = 64, 4  # >= 52 steps remain after the latest kill point: the kill lands mid-run even on a fast, quiet machine
 TRAIN_FLAGS = ["--preset", "character", "--rank", "4", "--alpha", "2", "--steps", str(STEPS),
                "--save-every", str(SAVE_EVERY), "--keep-last", "2", "--seed", "7", "--lr", "2e-3",
                "--min-snr-gamma", "0", "--flip", "--shuffle-captions", "--caption-dropout", "0.2",
@@ -177,7 +177,7 @@ def test_kill_9_inside_a_checkpoint_save_and_inside_the_export(tiny_sd1_dir: Pat
     assert "Resuming from the checkpoint of step 4." in killed.stdout
     assert not output.exists(), "the export is only visible once complete"
     assert len(list(out.glob(".lora.safetensors.*.tmp"))) == 1
-    assert [c.step for c in list_checkpoints(checkpoints)] == [20, 24]
+    assert [c.step for c in list_checkpoints(checkpoints)] == [STEPS - SAVE_EVERY, STEPS]  # keep_last=2
     assert not list(checkpoints.glob(".step-*")), "the next save cleaned up the abandoned staging folder"
 
     # 3. resumed at the end: nothing left to train, the export is written again
