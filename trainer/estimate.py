@@ -32,7 +32,8 @@ every frozen weight; at batch 1 and low resolution on a CPU that, not arithmetic
 ~0.9 s of a 1.6 s SD 1.5 step at 128 px) + a dispatch/launch cost per module call. A step is forward +
 activation-gradient backward of the UNet (2× the forward FLOPs, attention 3× because the fused
 kernels recompute), LoRA's own matmuls (3× their forward FLOPs: forward, input gradient, weight
-gradients; 3 extra module calls per LoRA layer), the text encoder when it is trained (same rule)
+gradients, at a quarter of the Linear rate: rank-r matmuls are skinny and memory-bound; 3 extra
+module calls per LoRA layer), the text encoder when it is trained (same rule)
 or not cached (forward only), the VAE encoder when latents are not cached, and one extra UNet
 forward with gradient checkpointing. Caching costs one VAE encoder forward per image and bucket
 (and one text-encoder forward per caption).
@@ -73,6 +74,7 @@ CPU_OTHER_FLOPS_PER_THREAD = 57e9  # ... on Linear/1x1/attention at SD sizes
 SECONDS_PER_MODULE_CALL = {"cpu": 20e-6, "cuda": 40e-6}  # per module forward or backward (a few kernels)
 CPU_WEIGHT_BYTES_PER_SECOND = 7.7e9  # frozen weights read (and reordered by oneDNN) per pass
 GPU_WEIGHT_BYTES_PER_SECOND = 1.0e12  # HBM/GDDR share a pass achieves
+LORA_RATE_SHARE = 0.25  # rank-r matmuls are skinny, memory-bound: a quarter of the Linear rate (fitted)
 LORA_CALLS_PER_LAYER = 3  # lora_A, lora_B, dropout: the module calls a peft layer adds
 CPU_TRANSIENT_SHARE = 0.085  # of the UNet's weight bytes: oneDNN weight reorders and scratch, allocator slack
 CHECKPOINTED_ACTIVATION_SHARE = 0.3  # block outputs kept, the rest recomputed in the backward
@@ -391,17 +393,17 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
     # pass reads every frozen weight: at batch 1 and low resolution that, not arithmetic, is the
     # floor on a CPU) + a dispatch/launch cost per module call.
     speed = _speed(dev, precision)
-    conv_flops = other_flops = weight_traffic = 0.0
+    conv_flops = other_flops = lora_flops = weight_traffic = 0.0
     calls = 0
 
     def add(part: ComponentProfile, passes: int, weight_bytes: int, lora: bool = False) -> None:
-        nonlocal conv_flops, other_flops, weight_traffic, calls
+        nonlocal conv_flops, other_flops, lora_flops, weight_traffic, calls
         conv_flops += batch * passes * part.conv_flops
         other_flops += batch * (passes * (part.flops - part.conv_flops) + (passes - 1) * part.attention_flops)
         weight_traffic += passes * part.params * weight_bytes
         calls += passes * part.module_calls
         if lora:  # forward, input gradient and weight gradients of both LoRA matrices
-            other_flops += batch * 3.0 * rank * part.lora_flops_per_rank
+            lora_flops += batch * 3.0 * rank * part.lora_flops_per_rank
             calls += 2 * LORA_CALLS_PER_LAYER * part.lora_layers
 
     for part in trained:  # forward + activation-gradient backward (+ LoRA)
@@ -413,8 +415,8 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
         add(vae, 1, 4)
     if config.train.grad_checkpointing:
         add(unet, 1, dtype_bytes)
-    step_seconds = speed.seconds(conv_flops, other_flops, weight_traffic, calls)
-    flops = conv_flops + other_flops
+    step_seconds = speed.seconds(conv_flops, other_flops + lora_flops / LORA_RATE_SHARE, weight_traffic, calls)
+    flops = conv_flops + other_flops + lora_flops
 
     total_steps = config.train.steps
     if not total_steps and num_images:
