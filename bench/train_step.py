@@ -547,7 +547,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def report_text(results: dict[str, Any]) -> str:
     s = results["settings"]
-    head = (f"SD 1.5 architecture ({results['model']}), {s['resolution']} px, batch {s['batch']}, rank {s['rank']}, "
+    head = (f"{results['model']}, {s['resolution']} px, batch {s['batch']}, rank {s['rank']}, "
             f"{results['dtype']}, {results['environment']['device']}"
             f" ({results['environment']['torch_threads']} threads, load {results['environment'].get('load_average_1min')});"
             f" best and median of {s['rounds']} interleaved rounds after {s['warmup']} warm-up; "
