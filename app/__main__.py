@@ -78,9 +78,9 @@ def launch_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from trainer.cli import EXIT_USER_ERROR, add_app_arguments
+    from trainer.cli import EXIT_USER_ERROR, StudioArgumentParser, add_app_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m app", description="Start LoRA Studio's web app.")
+    parser = StudioArgumentParser(prog="python -m app", description="Start LoRA Studio's web app.")
     add_app_arguments(parser)
     args = parser.parse_args(argv)
     try:

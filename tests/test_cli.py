@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from trainer.cli import build_parser, config_overrides, main
-from trainer.config import field_index
+from trainer.config import field_index, load_toml
 from trainer.sizing import architecture_for, lora_size
 
 
@@ -44,6 +44,54 @@ def test_user_errors_are_one_actionable_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+TRAIN = ["train", "--data", "x", "--base", "m"]
+GENERATE = ["generate", "--base", "m", "--prompt", "p"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([*TRAIN, "--lr", "-1e-4"], "optim.lr = -0.0001 is out of range"),
+    ([*TRAIN, "--te-lr", "-5E-5"], "optim.te_lr = -5e-05"),
+    ([*TRAIN, "--alpha", "-.5"], "network.alpha = -0.5"),
+    ([*TRAIN, "--noise-offset", "-0.05"], "train.noise_offset = -0.05"),
+    ([*TRAIN, "--min-snr-gamma", "-5"], "train.min_snr_gamma = -5.0"),
+    ([*TRAIN, "--caption-dropout", "-1e-2"], "data.caption_dropout = -0.01"),
+    ([*TRAIN, "--rank", "-8"], "network.rank = -8"),
+    ([*TRAIN, "--save-every", "-1_000"], "output.save_every = -1000"),
+    ([*GENERATE, "--cfg", "-1e0"], "The cfg must be a number >= 0"),
+    ([*GENERATE, "--seed", "-2"], "The seed must be -1 (random)"),
+    ([*GENERATE, "--width", "-64"], "The width/height must be positive"),
+    (["resize", "a.safetensors", "--energy", "-0.5", "--out", "b.safetensors"], "fraction in (0, 1], not -0.5"),
+    (["merge", "a.safetensors:-0.5", "--energy", "-1e-2", "--out", "b.safetensors"], "fraction in (0, 1], not -0.01"),
+    (["extract", "--base", "m", "--tuned", "t", "--rank", "-4", "--out", "o.safetensors"], "at least 1, not -4"),
+])
+def test_negative_numbers_reach_the_validation_that_explains_them(argv, message, capsys):
+    """``--lr -1e-4`` is the value -1e-4 (refused by the range check), not an unknown option to argparse."""
+    assert main(argv) == 2  # a return, not argparse's SystemExit(2)
+    err = capsys.readouterr().err
+    assert message in err and "expected one argument" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("argv", "dest", "value"), [
+    ([*TRAIN, "--seed", "-7"], "seed", -7),
+    ([*TRAIN, "--trigger", "-1e3"], "trigger", "-1e3"),
+    ([*TRAIN, "--sample-prompts", "-3d render", "-1e3"], "sample_prompts", ["-3d render", "-1e3"]),
+    ([*GENERATE, "--seed", "-1"], "seed", -1),
+    ([*GENERATE, "--lora", "a.safetensors:-0.5", "--lora", "b.safetensors:-1e-1"], "lora",
+     ["a.safetensors:-0.5", "b.safetensors:-1e-1"]),
+    (["generate", "--base", "m", "--prompt", "-.5 scale"], "prompt", "-.5 scale"),
+])
+def test_values_that_start_with_a_minus_are_values(argv, dest, value):
+    assert getattr(build_parser().parse_args(argv), dest) == value
+
+
+def test_a_negative_seed_goes_into_the_saved_config(tmp_path: Path):
+    path = tmp_path / "run.toml"
+    assert main(["train", "--seed", "-7", "--lr", "2e-4", "--save-config", str(path)]) == 0
+    saved = load_toml(path)
+    assert saved["train"]["seed"] == -7 and saved["optim"]["lr"] == 2e-4
 
 
 def test_train_end_to_end_in_a_subprocess(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):

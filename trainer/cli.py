@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import typing
@@ -22,6 +23,20 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 Command = Callable[[argparse.Namespace], int]
+
+
+class StudioArgumentParser(argparse.ArgumentParser):
+    """argparse that takes any negative number as a value: ``--lr -1e-4``, ``--cfg -.5``, ``--seed -1``.
+
+    Python < 3.14 only recognises ``-1`` and ``-1.5`` as numbers and reads ``-1e-4`` as an unknown
+    option ("--lr: expected one argument"). This is CPython 3.14's own rule (gh-123945, gh-124321):
+    a dash followed by a digit, or by a dot and a digit, is a value. Sub-commands inherit it, since
+    ``add_subparsers`` builds them with the parser's own class.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-studio", description="Train and use Stable Diffusion LoRAs locally.")
+    parser = StudioArgumentParser(prog="lora-studio", description="Train and use Stable Diffusion LoRAs locally.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     app = sub.add_parser("app", help="Start the web app (the default with no command).")
