@@ -2,7 +2,8 @@
 
 ``trainer.loop.train(config, commands)`` is a generator of these events; the CLI draws a
 progress bar from them, the GUI's run controller forwards them to the page. Commands are
-flags the loop checks once per step, so Stop takes effect after the current step at most.
+flags the loop checks once per step, so Stop takes effect after the current step (with several
+processes, whose votes travel with the next step's loss, after the next one).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def export_lora(session, step: int) -> tuple[Path, list[Path]]:
         learning_rate=cfg.optim.lr,
         te_learning_rate=cfg.effective_te_lr if trains_te else 0.0,
         steps=step,
-        epoch=session.batch_cursor // max(session.batches_per_epoch, 1),
+        epoch=session.epoch_at(step),
         seed=cfg.train.seed,
         started_at=session.started_at,
         finished_at=time.time(),

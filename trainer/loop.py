@@ -17,10 +17,11 @@ from trainer.atomic import atomic_write_text, write_error
 from trainer.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import StudioConfig, save_toml
 from trainer.errors import CheckpointError, TrainingError
-from trainer.events import (CheckpointSaved, Event, Notice, RunCommands, RunFinished, RunStarted, SamplesMade,
+from trainer.events import (CheckpointSaved, Event, Notice, RunCommands, RunFinished, RunStarted,
                             StepProgress)
 from trainer.export import export_lora
 from trainer.losses import diffusion_loss, prediction_target, sample_noise, sample_timesteps
+from trainer.readback import Reading, StepReadback
 from trainer.sampling import make_samples
 from trainer.session import Session, open_session
 
@@ -74,39 +75,38 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
                      session.run_dir, str(session.device), sum(p.numel() for g in session.optimizer.param_groups for p in g["params"]))
 
     params = [p for group in session.optimizer.param_groups for p in group["params"]]
-    step, stopped, started = start_step, False, time.perf_counter()
-    saved_step = start_step
+    step = saved_step = start_step
+    stopped = False
+    readback = StepReadback(session.device)
+    progress = ProgressTracker(session, start_step, time.perf_counter())
     while step < session.total_steps and not stopped:
-        # One optimiser step = grad_accum batches; gradients are synchronised by accelerate (DDP).
         with out_of_memory_as_training_error(session, f"at step {step + 1}"):
-            losses = [training_step(session) for _ in range(config.optim.grad_accum)]
-            if config.optim.max_grad_norm:
-                session.accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
-            session.optimizer.step()
-        session.lr_scheduler.step()
-        session.optimizer.zero_grad(set_to_none=True)
+            loss = optimizer_step(session, params)
         step += 1
 
-        # The one host sync per step; averaged over processes so that all of them stop on a NaN together.
-        loss = float(session.accelerator.reduce(torch.stack(losses).mean(), "mean"))
-        if not math.isfinite(loss):
-            raise TrainingError(f"The loss became {loss} at step {step}; the weights are unusable from here.",
-                                hint="Lower the learning rate, or use fp32/bf16 precision; the last checkpoint was kept.")
-        session.loss_ema = loss if session.loss_ema is None else EMA_DECAY * session.loss_ema + (1 - EMA_DECAY) * loss
-        elapsed = time.perf_counter() - started
-        rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
-        yield StepProgress(step, session.total_steps, session.batch_cursor // max(session.batches_per_epoch, 1), loss,
-                           session.loss_ema, session.lr_scheduler.get_last_lr()[0], rate,
-                           (session.total_steps - step) / rate if rate else float("inf"))
+        # The loss is read one step late on a GPU (trainer.readback). With several processes the
+        # commands travel with it as votes, so that all of them act at the same step; a single
+        # process acts on a command as soon as its client has seen this step's events.
+        several = session.accelerator.num_processes > 1
+        votes = (commands.stop_requested, commands.take_save_request()) if several else (False, False)
+        for reading in readback.push(step, step_values(session, loss, *votes), session.lr_scheduler.get_last_lr()[0]):
+            yield progress.update(reading)
+        if not several:
+            progress.stop_voted |= commands.stop_requested
+            progress.save_voted |= commands.take_save_request()
 
-        stopped = any_process(session, commands.stop_requested)
         every = config.output
         if is_main and (commands.take_sample_request() or (every.sample_every and step % every.sample_every == 0)):
             yield make_samples(session, step)
-        if any_process(session, commands.take_save_request()) or (every.save_every and step % every.save_every == 0):
+        if progress.save_voted or (every.save_every and step % every.save_every == 0):
+            for reading in readback.drain():  # a NaN in a pending step must not reach a checkpoint
+                yield progress.update(reading)
             yield save_run_checkpoint(session, step)
-            saved_step = step
+            saved_step, progress.save_voted = step, False
+        stopped = progress.stop_voted
 
+    for reading in readback.drain():
+        yield progress.update(reading)
     if saved_step != step:
         yield save_run_checkpoint(session, step)  # a stopped or finished run can always be resumed
     session.accelerator.wait_for_everyone()
@@ -117,13 +117,49 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
     session.accelerator.end_training()
 
 
-def any_process(session: Session, flag: bool) -> bool:
-    """True on every process when ``flag`` is True on any one: all must take the same branch, or
-    the next gradient all-reduce waits forever for the process that left."""
+def optimizer_step(session: Session, params: list[torch.Tensor]) -> torch.Tensor:
+    """One optimiser step over ``grad_accum`` batches; returns their mean loss, still on the device."""
+    cfg = session.config
+    losses = [training_step(session) for _ in range(cfg.optim.grad_accum)]  # DDP syncs gradients in backward
+    if cfg.optim.max_grad_norm:
+        session.accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    session.optimizer.step()
+    session.lr_scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).mean()
+
+
+def step_values(session: Session, loss: torch.Tensor, stop: bool, save: bool) -> torch.Tensor:
+    """[mean loss, processes that want to stop, processes that want a checkpoint], on the device."""
+    flags = torch.tensor([float(stop), float(save)]).to(session.device, non_blocking=True)
+    values = torch.cat([loss.float().reshape(1), flags])
     if session.accelerator.num_processes == 1:
-        return flag
-    votes = session.accelerator.reduce(torch.tensor([float(flag)], device=session.device), "sum")
-    return bool(votes.item() > 0)
+        return values
+    values = session.accelerator.reduce(values, "sum")
+    return torch.cat([values[:1] / session.accelerator.num_processes, values[1:]])
+
+
+class ProgressTracker:
+    """Turns read-back step values into StepProgress events and collects the processes' votes;
+    a non-finite loss ends the run."""
+
+    def __init__(self, session: Session, start_step: int, started: float) -> None:
+        self.session, self.start_step, self.started = session, start_step, started
+        self.stop_voted = self.save_voted = False
+
+    def update(self, reading: Reading) -> StepProgress:
+        s, step = self.session, reading.step
+        loss, stop_votes, save_votes = reading.values.tolist()
+        if not math.isfinite(loss):
+            raise TrainingError(f"The loss became {loss} at step {step}; the weights are unusable from here.",
+                                hint="Lower the learning rate, or use fp32/bf16 precision; the last checkpoint was kept.")
+        self.stop_voted = self.stop_voted or stop_votes > 0
+        self.save_voted = self.save_voted or save_votes > 0
+        s.loss_ema = loss if s.loss_ema is None else EMA_DECAY * s.loss_ema + (1 - EMA_DECAY) * loss
+        elapsed = time.perf_counter() - self.started
+        rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+        return StepProgress(step, s.total_steps, s.epoch_at(step), loss, s.loss_ema, reading.context, rate,
+                            (s.total_steps - step) / rate if rate else float("inf"))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

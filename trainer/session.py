@@ -106,6 +106,11 @@ class Session:
         self.batch_cursor += 1
         return epoch, self._epoch_cache[epoch][index]
 
+    def epoch_at(self, step: int) -> int:
+        """Whole epochs done after ``step`` optimiser steps (all processes' batches count)."""
+        batches = step * self.config.optim.grad_accum * self.accelerator.num_processes
+        return batches // max(self.batches_per_epoch, 1)
+
     def latents_for(self, refs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(latents [B,C,h,w], SDXL ``add_time_ids`` [B,6] or None for SD1/SD2)."""
         tensors, time_ids = [], []

@@ -1,0 +1,103 @@
+"""Reading the loss back one step late (what the loop does on a GPU, so the GPU never waits for the
+host) loses nothing: every step is reported once and in order, with the same numbers, a stop takes
+effect at the step it was asked at, and a non-finite loss never reaches a checkpoint."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.loop as loop
+from trainer.checkpoints import list_checkpoints
+from trainer.errors import TrainingError
+from trainer.events import CheckpointSaved, RunCommands, RunFinished, StepProgress
+from trainer.presets import resolve_config
+from trainer.readback import StepReadback
+
+
+def test_readings_come_back_lag_steps_late_in_order_and_drain_returns_the_rest():
+    readback = StepReadback(torch.device("cpu"), lag=1)
+    assert readback.push(1, torch.tensor([1.0]), "a") == []
+    first = readback.push(2, torch.tensor([2.0]), "b")
+    assert [(r.step, r.values.item(), r.context) for r in first] == [(1, 1.0, "a")]
+    assert [r.step for r in readback.push(3, torch.tensor([3.0]))] == [2]
+    assert [r.step for r in readback.drain()] == [3]
+    assert readback.drain() == []
+
+
+def test_a_cpu_reads_at_once():
+    readback = StepReadback(torch.device("cpu"))
+    assert readback.lag == 0
+    assert [r.values.tolist() for r in readback.push(1, torch.tensor([0.5, 0.0]))] == [[0.5, 0.0]]
+
+
+def _config(model: Path, data: Path, out: Path, **overrides):
+    settings = dict(base=str(model), data=str(data), output=str(out / "lora.safetensors"), rank=4, alpha=2,
+                    steps=5, seed=7, min_snr_gamma=0.0, save_every=2)
+    settings.update(overrides)
+    return resolve_config("character", overrides=settings)
+
+
+def _events(config, stop_after: int | None = None) -> list:
+    commands, events = RunCommands(), []
+    for event in loop.train(config, commands):
+        events.append(event)
+        if stop_after is not None and isinstance(event, StepProgress) and event.step == stop_after:
+            commands.stop()
+    return events
+
+
+def _lagged(monkeypatch) -> None:
+    monkeypatch.setattr(loop, "StepReadback", functools.partial(StepReadback, lag=1))
+
+
+def test_a_lagged_run_reports_every_step_once_with_the_same_losses(tiny_sd1_dir: Path, image_folder: Path,
+                                                                  tmp_path: Path, monkeypatch):
+    at_once = _events(_config(tiny_sd1_dir, image_folder, tmp_path / "a"))
+    _lagged(monkeypatch)
+    lagged = _events(_config(tiny_sd1_dir, image_folder, tmp_path / "b"))
+
+    def progress(events):
+        return [(e.step, e.loss) for e in events if isinstance(e, StepProgress)]
+
+    assert [step for step, _ in progress(lagged)] == [1, 2, 3, 4, 5]
+    assert progress(lagged) == pytest.approx(progress(at_once))
+    # a checkpoint is announced after the progress of its step (the pending reading is drained first)
+    kinds = [(type(e).__name__, e.step) for e in lagged if isinstance(e, (StepProgress, CheckpointSaved))]
+    assert kinds.index(("CheckpointSaved", 2)) > kinds.index(("StepProgress", 2))
+    assert isinstance(lagged[-1], RunFinished) and lagged[-1].step == 5
+
+
+def test_a_lagged_run_stops_at_the_step_the_stop_was_asked_at(tiny_sd1_dir: Path, image_folder: Path,
+                                                             tmp_path: Path, monkeypatch):
+    _lagged(monkeypatch)
+    events = _events(_config(tiny_sd1_dir, image_folder, tmp_path, steps=8), stop_after=3)
+    finished = events[-1]
+    # step 3's progress comes out while step 4 runs: the run stops after step 4, and says so
+    assert finished.stopped_early and finished.step == 4
+    assert [e.step for e in events if isinstance(e, StepProgress)] == [1, 2, 3, 4]
+    assert [c.step for c in list_checkpoints(tmp_path / "lora_run" / "checkpoints")][-1] == 4
+
+
+def test_a_lagged_non_finite_loss_never_reaches_a_checkpoint(tiny_sd1_dir: Path, image_folder: Path,
+                                                            tmp_path: Path, monkeypatch):
+    _lagged(monkeypatch)
+    original, calls = loop.diffusion_loss, {"n": 0}
+
+    def nan_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", nan_at_step_4)
+    steps = []
+    with pytest.raises(TrainingError, match="The loss became nan at step 4"):
+        for event in loop.train(_config(tiny_sd1_dir, image_folder, tmp_path, steps=6)):
+            if isinstance(event, StepProgress):
+                steps.append(event.step)
+    assert steps == [1, 2, 3]
+    # step 4 is a checkpoint step; its loss is read before the checkpoint is written, so only step 2's exists
+    assert [c.step for c in list_checkpoints(tmp_path / "lora_run" / "checkpoints")] == [2]
