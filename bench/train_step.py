@@ -256,21 +256,14 @@ class OursStep:
     """One optimiser step exactly as ``trainer.loop.train`` takes it."""
 
     def __init__(self, session: Any) -> None:
-        from trainer.loop import training_step
+        from trainer.loop import optimizer_step
 
         self.session = session
-        self._training_step = training_step
+        self._optimizer_step = optimizer_step
         self.params = [p for group in session.optimizer.param_groups for p in group["params"]]
 
     def __call__(self) -> float:
-        s, cfg = self.session, self.session.config
-        losses = [self._training_step(s) for _ in range(cfg.optim.grad_accum)]
-        if cfg.optim.max_grad_norm:
-            s.accelerator.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
-        s.optimizer.step()
-        s.lr_scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        return float(torch.stack(losses).mean())  # the loop's one host sync per step
+        return float(self._optimizer_step(self.session, self.params))  # the bench waits for the step to end
 
 
 # --- sessions -------------------------------------------------------------------------------------

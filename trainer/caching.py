@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 class LatentEntry:
     """One encoded image variant and the geometry that produced it (SDXL's ``add_time_ids``)."""
 
-    latents: torch.Tensor  # [C, h, w], fp32, CPU
+    latents: torch.Tensor  # [C, h, w], fp32, on the cache's device
     crop_top_left: tuple[int, int]  # (y, x) in the scaled image
     original_size: tuple[int, int]  # (h, w) before scaling
 
@@ -63,6 +63,12 @@ class LatentCache:
         self.folder = folder / module_fingerprint(vae) if folder else None
         self._memory: dict[str, LatentEntry] = {}
         self.encoded = 0  # images run through the VAE by this cache (tests and benchmarks read it)
+        self.device = torch.device("cpu")  # where the entries in memory live
+
+    def to(self, device: torch.device) -> None:
+        """Keep the entries on ``device`` (a few MB: the training step then copies nothing)."""
+        self.device = device
+        self._memory = {key: replace(entry, latents=entry.latents.to(device)) for key, entry in self._memory.items()}
 
     def get(self, sha256: str, bucket: tuple[int, int], flip: bool, load_pixels: PixelLoader) -> LatentEntry:
         key = f"{sha256}_{bucket[0]}x{bucket[1]}_{int(flip)}"
@@ -72,7 +78,7 @@ class LatentCache:
         if path is not None and path.is_file():
             try:
                 stored = load_file(str(path))
-                entry = LatentEntry(stored["latents"], tuple(stored["crop_top_left"].tolist()),
+                entry = LatentEntry(stored["latents"].to(self.device), tuple(stored["crop_top_left"].tolist()),
                                     tuple(stored["original_size"].tolist()))
             except Exception:  # a damaged (or older, size-less) entry is re-encoded, never fatal  # noqa: BLE001
                 entry = None
@@ -83,11 +89,11 @@ class LatentCache:
         with torch.no_grad():
             latents = encode_latents(self.vae, pixels.unsqueeze(0))[0].float().cpu()
         self.encoded += 1
-        entry = LatentEntry(latents, tuple(crop_top_left), tuple(original_size))
         if path is not None:
             with atomic_path(path) as tmp:
-                save_file({"latents": latents.contiguous(), "crop_top_left": torch.tensor(entry.crop_top_left),
-                           "original_size": torch.tensor(entry.original_size)}, str(tmp))
+                save_file({"latents": latents.contiguous(), "crop_top_left": torch.tensor(crop_top_left),
+                           "original_size": torch.tensor(original_size)}, str(tmp))
+        entry = LatentEntry(latents.to(self.device), tuple(crop_top_left), tuple(original_size))
         self._memory[key] = entry
         return entry
 
@@ -96,7 +102,7 @@ TextEncoding = torch.Tensor | tuple[torch.Tensor, ...]  # a batch: hidden states
 
 
 class TextEmbeddingCache:
-    """Embeddings per caption for frozen text encoders (computed once, kept on CPU).
+    """Embeddings per caption for frozen text encoders (computed once, kept on the host or the device).
 
     ``encode`` returns a batch tensor, or a tuple of batch tensors (SDXL's hidden states and
     pooled embedding); ``get_batch`` returns the same structure for the captions asked.
@@ -106,6 +112,12 @@ class TextEmbeddingCache:
         self._encode = encode
         self._memory: dict[str, tuple[torch.Tensor, ...]] = {}
         self._is_tuple = False
+        self.device = torch.device("cpu")  # where the embeddings in memory live
+
+    def to(self, device: torch.device) -> None:
+        """Keep the embeddings on ``device`` (tens of MB at most for a few hundred captions)."""
+        self.device = device
+        self._memory = {caption: tuple(part.to(device) for part in parts) for caption, parts in self._memory.items()}
 
     def get_batch(self, captions: list[str]) -> TextEncoding:
         missing = [c for c in dict.fromkeys(captions) if c not in self._memory]
@@ -113,7 +125,7 @@ class TextEmbeddingCache:
             with torch.no_grad():
                 encoded = self._encode(missing)
             self._is_tuple = isinstance(encoded, tuple)
-            parts = [part.float().cpu() for part in (encoded if self._is_tuple else (encoded,))]
+            parts = [part.float().to(self.device) for part in (encoded if self._is_tuple else (encoded,))]
             self._memory.update(zip(missing, zip(*parts)))
         stacked = tuple(torch.stack(part) for part in zip(*(self._memory[c] for c in captions)))
         return stacked if self._is_tuple else stacked[0]

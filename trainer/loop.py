@@ -21,7 +21,7 @@ from trainer.events import (CheckpointSaved, Event, Notice, RunCommands, RunFini
                             StepProgress)
 from trainer.export import export_lora
 from trainer.losses import diffusion_loss, prediction_target, sample_noise, sample_timesteps
-from trainer.readback import Reading, StepReadback
+from trainer.transfers import Reading, StepReadback
 from trainer.sampling import make_samples
 from trainer.session import Session, open_session
 
@@ -84,7 +84,7 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
             loss = optimizer_step(session, params)
         step += 1
 
-        # The loss is read one step late on a GPU (trainer.readback). With several processes the
+        # The loss is read one step late on a GPU (trainer.transfers). With several processes the
         # commands travel with it as votes, so that all of them act at the same step; a single
         # process acts on a command as soon as its client has seen this step's events.
         several = session.accelerator.num_processes > 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.transfers import to_device
+
 
 def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator) -> torch.Tensor:
     """Gaussian noise like ``latents``; a per-channel offset helps very dark/bright images."""
@@ -12,11 +14,11 @@ def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Ge
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-    return noise.to(latents.device, latents.dtype)
+    return to_device(noise, latents.device).to(latents.dtype)
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator).to(device)
+    return to_device(torch.randint(0, num_train_timesteps, (batch,), generator=generator), device)
 
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,11 @@ def sample_prompts(session) -> tuple[str, ...]:
 
 def make_samples(session, step: int) -> SamplesMade:
     """Render each sample prompt with the LoRA as it is now and save PNGs under ``run_dir/samples``."""
+    with session.idle_encoders.on_device():  # parked once the caches were full; the pipeline needs them
+        return _render_samples(session, step)
+
+
+def _render_samples(session, step: int) -> SamplesMade:
     cfg = session.config
     unwrap = session.accelerator.unwrap_model
     unet, text_encoder = unwrap(session.model.unet), unwrap(session.model.text_encoder)

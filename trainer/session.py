@@ -24,13 +24,15 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from trainer import lora as lora_mod
-from trainer.caching import LatentCache, TextEmbeddingCache
+from trainer.caching import LatentCache, TextEmbeddingCache, encode_latents
 from trainer.config import StudioConfig, check_resolution_multiple, config_to_dict
-from trainer.dataset import DatasetScan, LintReport, SampleRef, TrainingSet, lint_dataset, scan_dataset
+from trainer.dataset import DatasetScan, SampleRef, TrainingSet, scan_dataset
 from trainer.errors import CheckpointError, ConfigError
+from trainer.lint import LintReport, lint_dataset
 from trainer.models import BaseModel, load_base_model
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.text import count_tokens, encode_text, encode_text_sdxl, tokenize
+from trainer.transfers import ParkedModules, to_device
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 Notify = Callable[[str, str], None]  # (level, text)
@@ -85,6 +87,7 @@ class Session:
     batches_per_epoch: int
     fingerprint: str
     noise_generator: torch.Generator
+    idle_encoders: ParkedModules  # the VAE / frozen text encoders whose outputs are all cached
     batch_cursor: int = 0  # batches consumed by this process so far (drives data order on resume)
     loss_ema: float | None = None
     started_at: float = field(default_factory=time.time)
@@ -113,26 +116,24 @@ class Session:
 
     def latents_for(self, refs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(latents [B,C,h,w], SDXL ``add_time_ids`` [B,6] or None for SD1/SD2)."""
-        tensors, time_ids = [], []
-        for ref in refs:
-            item = self.training_set.items[ref.index]
-            load = lambda ref=ref: self.training_set.load_pixels(ref)  # noqa: E731
-            if self.latent_cache is not None:
-                entry = self.latent_cache.get(item.sha256, ref.bucket, ref.flip, load)
-                latents, crop_top_left, original_size = entry.latents, entry.crop_top_left, entry.original_size
-            else:
-                from trainer.caching import encode_latents
-
-                pixels, crop_top_left, original_size = load()
-                with torch.no_grad():
-                    latents = encode_latents(self.model.vae, pixels.unsqueeze(0))[0]
-            tensors.append(latents)
-            # SDXL's micro-conditioning: original (h, w), crop top-left (y, x), target (h, w) = the bucket
-            time_ids.append([*original_size, *crop_top_left, ref.bucket[1], ref.bucket[0]])
-        latents = torch.stack(tensors).to(self.device, non_blocking=True)
+        items = self.training_set.items
+        if self.latent_cache is not None:
+            entries = [self.latent_cache.get(items[ref.index].sha256, ref.bucket, ref.flip,
+                                             lambda ref=ref: self.training_set.load_pixels(ref)) for ref in refs]
+            latents = torch.stack([entry.latents for entry in entries])
+            geometry = [(entry.crop_top_left, entry.original_size) for entry in entries]
+        else:
+            loaded = [self.training_set.load_pixels(ref) for ref in refs]  # a batch shares one bucket
+            with torch.no_grad():
+                latents = encode_latents(self.model.vae, torch.stack([pixels for pixels, _, _ in loaded]))
+            geometry = [(crop_top_left, original_size) for _, crop_top_left, original_size in loaded]
+        latents = to_device(latents, self.device)
         if self.model.family != "sdxl":
             return latents, None
-        return latents, torch.tensor(time_ids, dtype=torch.float32, device=self.device)
+        # SDXL's micro-conditioning: original (h, w), crop top-left (y, x), target (h, w) = the bucket
+        time_ids = [[*original_size, *crop_top_left, ref.bucket[1], ref.bucket[0]]
+                    for ref, (crop_top_left, original_size) in zip(refs, geometry)]
+        return latents, to_device(torch.tensor(time_ids, dtype=torch.float32), self.device)
 
     def text_embeddings_for(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states the UNet cross-attends to, SDXL pooled embedding or None)."""
@@ -141,10 +142,11 @@ class Session:
             hidden, pooled = cached if isinstance(cached, tuple) else (cached, None)
         else:
             hidden, pooled = encode_captions(self.model, captions, self.config.model.clip_skip)
-        return hidden.to(self.device, non_blocking=True), None if pooled is None else pooled.to(self.device)
+        return to_device(hidden, self.device), None if pooled is None else to_device(pooled, self.device)
 
     def warm_caches(self, notify: Notify) -> None:
-        """Encode every (image, bucket, flip) the run will see, and every static caption, up front."""
+        """Encode every (image, bucket, flip) the run will see, and every static caption, up front;
+        then keep the caches on the device and park the encoders they replace."""
         if self.latent_cache is not None:
             flips = (False, True) if self.config.data.flip else (False,)
             for index, bucket in enumerate(self.training_set.item_buckets):
@@ -152,8 +154,13 @@ class Session:
                     self.latents_for([SampleRef(index, bucket, flip, slot=0)])
             notify("info", f"Latents ready for {len(self.training_set.items) * len(flips)} image variants "
                            f"({self.latent_cache.encoded} newly encoded).")
+            self.latent_cache.to(self.device)
         if self.text_cache is not None:
             self.text_cache.get_batch(sorted({item.caption for item in self.training_set.items}))
+            self.text_cache.to(self.device)
+        self.idle_encoders.park()
+        if self.idle_encoders.parked:
+            notify("info", "The models whose outputs are cached wait in host memory until samples are made.")
 
     # --- resume ----------------------------------------------------------------------------------
 
@@ -309,11 +316,15 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
 
         text_cache = TextEmbeddingCache(encode)
     noise_generator = torch.Generator().manual_seed(config.train.seed + accelerator.process_index)
+    idle = [model.vae] if latent_cache else []
+    if text_cache:
+        idle += [encoder for name, encoder in encoders.items() if name not in trained_encoders]
     return Session(
         config=config, accelerator=accelerator, model=model, scan=scan, training_set=training_set, lint=lint, plan=plan,
         optimizer=optimizer, lr_scheduler=lr_scheduler, latent_cache=latent_cache, text_cache=text_cache,
         run_dir=run_dir, resolution=resolution, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
         fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
+        idle_encoders=ParkedModules(idle, accelerator.device),
     )
 
 

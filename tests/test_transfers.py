@@ -1,6 +1,9 @@
-"""Reading the loss back one step late (what the loop does on a GPU, so the GPU never waits for the
+"""Host <-> device traffic of the training step (trainer.transfers).
+
+Reading the loss back one step late (what the loop does on a GPU, so the GPU never waits for the
 host) loses nothing: every step is reported once and in order, with the same numbers, a stop takes
-effect at the step it was asked at, and a non-finite loss never reaches a checkpoint."""
+effect at the step it was asked at, and a non-finite loss never reaches a checkpoint. Caches stay
+on the device and the models they replace wait in host memory."""
 
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 import trainer.loop as loop
 from trainer.checkpoints import list_checkpoints
 from trainer.errors import TrainingError
 from trainer.events import CheckpointSaved, RunCommands, RunFinished, StepProgress
 from trainer.presets import resolve_config
-from trainer.readback import StepReadback
+from trainer.caching import LatentCache, TextEmbeddingCache
+from trainer.transfers import ParkedModules, StepReadback
 
 
 def test_readings_come_back_lag_steps_late_in_order_and_drain_returns_the_rest():
@@ -101,3 +106,79 @@ def test_a_lagged_non_finite_loss_never_reaches_a_checkpoint(tiny_sd1_dir: Path,
     assert steps == [1, 2, 3]
     # step 4 is a checkpoint step; its loss is read before the checkpoint is written, so only step 2's exists
     assert [c.step for c in list_checkpoints(tmp_path / "lora_run" / "checkpoints")] == [2]
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a VAE / text encoder: records where it is sent instead of moving."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def to(self, device):  # noqa: D102 - records the move
+        self.log.append(f"{self.name}->{torch.device(device).type}")
+        return self
+
+
+def test_parked_modules_leave_the_gpu_and_come_back_only_for_sampling():
+    log: list[str] = []
+    parked = ParkedModules([_Recorder("vae", log), _Recorder("te", log)], torch.device("cuda"))
+    parked.park()
+    parked.park()  # parking twice moves nothing twice
+    assert log == ["vae->cpu", "te->cpu"] and parked.parked
+    log.clear()
+    with pytest.raises(RuntimeError, match="sampling failed"), parked.on_device():
+        assert log == ["vae->cuda", "te->cuda"] and not parked.parked
+        raise RuntimeError("sampling failed")
+    assert log == ["vae->cuda", "te->cuda", "vae->cpu", "te->cpu"] and parked.parked, "parked again after an error"
+
+
+def test_on_a_cpu_nothing_is_parked_or_moved():
+    log: list[str] = []
+    parked = ParkedModules([_Recorder("vae", log)], torch.device("cpu"))
+    parked.park()
+    with parked.on_device():
+        pass
+    assert log == [] and not parked.parked
+
+
+def test_caches_keep_their_entries_and_new_ones_on_the_device_they_were_moved_to(tmp_path: Path):
+    vae = AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).eval()
+    pixels = torch.rand(3, 16, 16) * 2 - 1
+
+    def load():
+        return pixels, (0, 0), (16, 16)
+
+    latents = LatentCache(vae, tmp_path / "cache")
+    first = latents.get("a" * 64, (16, 16), False, load)
+    assert first.latents.device.type == "cpu"
+    latents.to(torch.device("meta"))  # "meta" stands in for a GPU: a device other than the host
+    assert latents.get("a" * 64, (16, 16), False, load).latents.device.type == "meta"
+    assert latents.get("b" * 64, (16, 16), False, load).latents.device.type == "meta", "a new entry lands there too"
+    on_disk = LatentCache(vae, tmp_path / "cache")
+    on_disk.to(torch.device("meta"))
+    assert on_disk.get("a" * 64, (16, 16), False, load).latents.device.type == "meta" and on_disk.encoded == 0
+
+    text = TextEmbeddingCache(lambda captions: (torch.ones(len(captions), 2, 3), torch.ones(len(captions), 3)))
+    text.get_batch(["a cat"])
+    text.to(torch.device("meta"))
+    hidden, pooled = text.get_batch(["a cat", "a dog"])
+    assert hidden.device.type == pooled.device.type == "meta" and hidden.shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize(("settings", "idle"), [
+    ({}, ["vae", "text_encoder"]),  # every input cached: both wait in host memory on a GPU
+    ({"train_text_encoder": True}, ["vae"]),  # a trained text encoder runs every step
+    ({"shuffle_captions": True}, ["vae"]),  # captions change every step: not cacheable
+    ({"cache_latents": False, "cache_text": False}, []),
+])
+def test_the_modules_a_session_parks_are_those_whose_outputs_are_all_cached(
+        tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path, settings: dict, idle: list[str]):
+    from trainer.session import open_session
+
+    config = _config(tiny_sd1_dir, image_folder, tmp_path, **{"train_text_encoder": False, **settings})
+    session = open_session(config, lambda level, text: None)
+    model = session.model
+    names = {id(model.vae): "vae", id(model.text_encoder): "text_encoder"}
+    assert [names[id(m)] for m in session.idle_encoders.modules] == idle
