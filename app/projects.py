@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.atomic import atomic_write_text
-from trainer.dataset import CAPTION_EXTENSIONS, read_caption_file
+from trainer.captions import CAPTION_EXTENSIONS, read_caption_file
 from trainer.errors import DatasetError, ModelLoadError, StudioError
 from trainer.images import image_extensions
 

@@ -2,8 +2,8 @@
 
 ``run_config`` turns the Train tab's pickers and form into one validated ``StudioConfig``;
 ``plan_markdown`` shows the steps math, the output file size and the predicted memory and time
-for the device the run will use, all from the engine (``trainer.dataset``, ``trainer.sizing``,
-``trainer.estimate``) without loading any weights.
+for the device the run will use, all from the engine (``trainer.dataset``, ``trainer.lint``,
+``trainer.sizing``, ``trainer.estimate``) without loading any weights.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def unique_run_name(studio: Studio, wanted: str, dataset: str) -> str:
 
 def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str:
     """What a run will do and produce, before it starts: steps math, exact file size, device."""
-    from trainer.dataset import lint_dataset, scan_dataset
+    from trainer.dataset import scan_dataset
+    from trainer.lint import lint_dataset
     from trainer.sizing import architecture_for, lora_size
 
     lines = []

@@ -18,17 +18,12 @@ from app.errors import user_errors
 from app.projects import safe_name
 from app.studio import Studio
 from trainer.atomic import atomic_write_text
+from trainer.captions import has_trigger, read_caption_file
 from trainer.config import DataConfig
-from trainer.dataset import (
-    DatasetIssue,
-    LintReport,
-    has_trigger,
-    lint_dataset,
-    read_caption_file,
-    scan_dataset,
-)
+from trainer.dataset import DatasetIssue, scan_dataset
 from trainer.errors import DatasetError, StudioError
 from trainer.images import image_extensions
+from trainer.lint import LintReport, lint_dataset
 
 TABLE_HEADERS = ["Picture", "File", "Caption (click to edit)", "Problems"]
 ISSUE_HEADERS = ["", "File", "Problem", "What to do"]

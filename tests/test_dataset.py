@@ -17,19 +17,12 @@ import torch
 from conftest import make_pattern_image
 from PIL import Image
 
+from trainer.buckets import assign_bucket, fit_to_bucket, make_buckets
+from trainer.captions import process_caption
 from trainer.config import DataConfig
-from trainer.dataset import (
-    DatasetScan,
-    LintReport,
-    TrainingSet,
-    assign_bucket,
-    fit_to_bucket,
-    lint_dataset,
-    make_buckets,
-    process_caption,
-    scan_dataset,
-)
+from trainer.dataset import DatasetScan, TrainingSet, scan_dataset
 from trainer.errors import DatasetError
+from trainer.lint import LintReport, lint_dataset
 
 
 def picture(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0, caption: str | None = None) -> Path:

@@ -141,7 +141,8 @@ def _run_train(args: argparse.Namespace) -> int:
 def _print_check(config) -> int:
     """The dataset report for this model and these settings, without training."""
     from trainer.config import check_resolution_multiple
-    from trainer.dataset import lint_dataset, scan_dataset
+    from trainer.dataset import scan_dataset
+    from trainer.lint import lint_dataset
     from trainer.models import load_base_model
     from trainer.text import count_tokens
 
