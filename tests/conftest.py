@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, tiny random models, small image folders."""
+"""Shared fixtures: offline environment, tiny random models, small image folders, the app server."""
 
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ os.environ["DIFFUSERS_VERBOSITY"] = "error"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["DO_NOT_TRACK"] = "1"
 
+from collections.abc import Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+if TYPE_CHECKING:
+    from browser.app_server import AppServer
+    from gradio_client import Client
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -44,12 +50,53 @@ def make_pattern_image(size: tuple[int, int], seed: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
+def write_captioned_images(folder: Path, sizes: Sequence[tuple[int, int]],
+                           caption: str = "zxq, picture {i}") -> Path:
+    """``imgNN.png`` pattern images of the given sizes, each with an ``imgNN.txt`` caption; returns ``folder``."""
+    folder.mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        make_pattern_image(size, i).save(folder / f"img{i:02d}.png")
+        (folder / f"img{i:02d}.txt").write_text(caption.format(i=i), encoding="utf-8")
+    return folder
+
+
+def write_image_folder(folder: Path) -> Path:
+    """Eight 64x64 captioned images in a plain folder (captions mention 'zxq'): ``image_folder``'s content."""
+    return write_captioned_images(folder, [(64, 64)] * 8, "zxq, picture {i}, red")
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Eight 64x64 captioned images in a plain folder (captions mention 'zxq')."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i in range(8):
-        make_pattern_image((64, 64), i).save(folder / f"img{i:02d}.png")
-        (folder / f"img{i:02d}.txt").write_text(f"zxq, picture {i}, red", encoding="utf-8")
-    return folder
+    return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules of tiny models: ~10x faster on one thread when other work shares the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def app_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+               tiny_sd1_dir: Path) -> Iterator[AppServer]:
+    """The app on 127.0.0.1 for one test module, from the module's own ``APP_PORT`` (servers of
+    different modules never share a port range)."""
+    from browser.app_server import running_app
+
+    first_port = getattr(request.module, "APP_PORT", None)
+    assert isinstance(first_port, int), f"{request.module.__name__} needs APP_PORT = <first port to try>"
+    projects = tmp_path_factory.mktemp(f"{request.module.__name__}-projects")
+    with running_app(projects, tiny_sd1_dir, first_port=first_port) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def app_client(app_server: AppServer) -> Client:
+    """gradio_client on ``app_server``, files left on the server (as FileData dicts)."""
+    from gradio_client import Client
+
+    return Client(app_server.url, verbose=False, download_files=False)

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from browser.app_server import running_app, write_pictures
+from browser.app_server import upload_pictures
 from conftest import make_pattern_image
-from gradio_client import Client, handle_file
+from gradio_client import Client
 from gradio_client.exceptions import AppError
 from safetensors import safe_open
 
 from app.run_view import format_bytes
 from trainer.demo_model import write_tiny_sd2, write_tiny_sdxl
 
+APP_PORT = 7910  # app_server's first port for this module
 DATASET = "families-set"
 PRESET = "character-lite"
 # The tiny models are 64 px natives (sample_size 8); two steps are enough to finish and export.
@@ -49,34 +50,20 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path):
-    with running_app(tmp_path_factory.mktemp("family-projects"), tiny_sd1_dir, first_port=7910) as app:
-        yield app
+def dataset(app_client: Client, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return upload_pictures(app_client, DATASET, tmp_path_factory.mktemp("family-pictures"), 4, make_pattern_image)
 
 
 @pytest.fixture(scope="module")
-def client(server) -> Client:
-    return Client(server.url, verbose=False, download_files=False)
-
-
-@pytest.fixture(scope="module")
-def dataset(client: Client, tmp_path_factory: pytest.TempPathFactory) -> str:
-    files = write_pictures(tmp_path_factory.mktemp("family-pictures"), 4, make_pattern_image)
-    *_, status, _, _ = client.predict(DATASET, [handle_file(f) for f in files], "zxq", 64, api_name="/upload_images")
-    assert status == "Added 4 pictures and 4 caption files."
-    return DATASET
-
-
-@pytest.fixture(scope="module")
-def trained(server, client: Client, dataset: str, models: dict[str, Path]) -> dict[str, Path]:
+def trained(app_server, app_client: Client, dataset: str, models: dict[str, Path]) -> dict[str, Path]:
     """Each family's finished LoRA, trained through /start_training and followed with /watch_run."""
     outputs = {}
     for family in FAMILIES:
-        run_id, _, _ = client.predict(dataset, str(models[family.name]), PRESET, f"{family.name}-run", SETTINGS,
-                                      api_name="/start_training")
-        progress, status, *_ = client.predict(run_id, api_name="/watch_run")  # returns when the run ends
+        run_id, _, _ = app_client.predict(dataset, str(models[family.name]), PRESET, f"{family.name}-run", SETTINGS,
+                                          api_name="/start_training")
+        progress, status, *_ = app_client.predict(run_id, api_name="/watch_run")  # returns when the run ends
         assert 'data-status="finished"' in progress, status
-        outputs[family.name] = server.projects.runs_dir / f"{family.name}-run.safetensors"
+        outputs[family.name] = app_server.projects.runs_dir / f"{family.name}-run.safetensors"
         assert outputs[family.name].is_file()
     return outputs
 
@@ -96,12 +83,12 @@ def expected_size(base: Path) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_plan_names_the_family_with_its_size_and_estimate(client: Client, dataset: str, models: dict[str, Path],
+def test_plan_names_the_family_with_its_size_and_estimate(app_client: Client, dataset: str, models: dict[str, Path],
                                                           family: Family) -> None:
     base = models[family.name]
     at_native_size = {k: v for k, v in SETTINGS.items() if k != "resolution"}  # 0: the model's own size
-    plan = client.predict(dataset, str(base), PRESET, f"{family.name}-plan", at_native_size,
-                          api_name="/check_training")
+    plan = app_client.predict(dataset, str(base), PRESET, f"{family.name}-plan", at_native_size,
+                              api_name="/check_training")
     assert f"({family.label})" in plan, plan
     assert format_bytes(expected_size(base)) in plan, plan
     assert "Estimate on CPU" in plan and "of RAM" in plan and "at 64 px" in plan, plan
@@ -109,7 +96,7 @@ def test_plan_names_the_family_with_its_size_and_estimate(client: Client, datase
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_a_run_exports_a_lora_for_its_family(client: Client, trained: dict[str, Path], models: dict[str, Path],
+def test_a_run_exports_a_lora_for_its_family(app_client: Client, trained: dict[str, Path], models: dict[str, Path],
                                              family: Family) -> None:
     output = trained[family.name]
     with safe_open(str(output), "pt") as handle:
@@ -117,24 +104,24 @@ def test_a_run_exports_a_lora_for_its_family(client: Client, trained: dict[str, 
     assert metadata["ss_base_model_version"] == family.base_model_version
     assert metadata["ss_v2"] == str(family.name == "sd2")
     assert abs(output.stat().st_size - expected_size(models[family.name])) <= METADATA_SLACK
-    summary, _ = client.predict(str(output), api_name="/inspect_lora")
+    summary, _ = app_client.predict(str(output), api_name="/inspect_lora")
     assert f"{output.name}: LoRA for {family.label}" in summary, summary
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_generate_with_the_trained_lora(client: Client, trained: dict[str, Path], models: dict[str, Path],
+def test_generate_with_the_trained_lora(app_client: Client, trained: dict[str, Path], models: dict[str, Path],
                                         family: Family) -> None:
-    gallery, infotext, notes = generate(client, str(models[family.name]), trained[family.name])
+    gallery, infotext, notes = generate(app_client, str(models[family.name]), trained[family.name])
     assert len(gallery) == 1 and Path(gallery[0]["image"]["path"]).is_file()
     assert f"<lora:{family.name}-run:1>" in infotext and "Size: 64x64" in infotext, infotext
     assert f"{family.name}-run × 1" in notes
 
 
-def test_an_sd1_lora_on_the_sdxl_base_is_refused_clearly(client: Client, models: dict[str, Path],
+def test_an_sd1_lora_on_the_sdxl_base_is_refused_clearly(app_client: Client, models: dict[str, Path],
                                                           tmp_path: Path) -> None:
     sd1_lora = _sd1_lora(tmp_path / "sd1-style.safetensors")
     with pytest.raises(AppError) as info:
-        generate(client, str(models["sdxl"]), sd1_lora)
+        generate(app_client, str(models["sdxl"]), sd1_lora)
     message = str(info.value)
     assert "made for SD 1.x but the loaded model is SDXL" in message, message
     assert "Traceback" not in message and "internal error" not in message

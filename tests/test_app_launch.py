@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from child_process import REPO, child_env
 
 import app.ui
 from app.__main__ import free_port, launch_from_args, parse_auth
 from trainer.errors import StudioError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_busy_port_moves_to_the_next_free_one() -> None:
@@ -75,15 +74,14 @@ def test_listen_with_auth_passes_the_login_and_stays_quiet(tmp_path: Path, launc
 
 
 def test_python_dash_m_app_serves_the_page_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    import os
     import signal
     import time
     import urllib.request
 
     port = free_port("127.0.0.1", 7850)
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env = child_env(GRADIO_ANALYTICS_ENABLED="False")
     server = subprocess.Popen([sys.executable, "-m", "app", "--no-browser", "--port", str(port),
-                               "--projects", str(tmp_path / "projects")], cwd=ROOT, env=env,
+                               "--projects", str(tmp_path / "projects")], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -105,7 +103,7 @@ def test_python_dash_m_app_serves_the_page_and_stops_on_ctrl_c(tmp_path: Path) -
 
 
 def test_python_dash_m_app_takes_the_same_flags() -> None:
-    result = subprocess.run([sys.executable, "-m", "app", "--help"], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "app", "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0
     for flag in ("--port", "--listen", "--auth", "--no-browser", "--projects"):

@@ -35,18 +35,19 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from child_process import child_env
 from conftest import make_pattern_image
 from PIL import Image, features
 
 from trainer.cli import main
 from trainer.config import DataConfig
-from trainer.dataset import DatasetItem, DatasetScan, TrainingSet, lint_dataset, scan_dataset
+from trainer.dataset import DatasetItem, DatasetScan, TrainingSet, scan_dataset
 from trainer.errors import StudioError
 from trainer.formats import read_lora_file
+from trainer.lint import lint_dataset
 from trainer.lora_files import MAX_HEADER_BYTES
 
 RESOLUTION = 64  # the tiny model's native size
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --- writers -------------------------------------------------------------------------------------
@@ -456,9 +457,7 @@ def test_training_goes_through_everything_at_once(tmp_path: Path, tiny_sd1_dir: 
     command = [sys.executable, "-m", "trainer.cli", "train", "--base", str(tiny_sd1_dir), "--data", str(data),
                "--preset", "character-lite", "--rank", "4", "--steps", "2", "--batch-size", "2",
                "--output", str(output)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "done at step 2" in done.stdout and output.is_file()
@@ -713,16 +712,7 @@ DEMO_SETTINGS = {"steps": 1, "rank": 4, "alpha": 4, "resolution": 64, "sample_ev
 # "._name.png" is stored as "_name.png"; the Dataset tab then shows it as an unreadable picture).
 GUI_SKIPPED = {"data path is a file", "data folder does not exist", "dangling symlink", "macOS ._ resource fork is ignored"}
 GUI_DATA_CASES = [c for c in DATA_CASES if c.name not in GUI_SKIPPED]
-
-
-@pytest.fixture(scope="module")
-def gui(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path):
-    from gradio_client import Client
-
-    from browser.app_server import running_app
-
-    with running_app(tmp_path_factory.mktemp("corpus-projects"), tiny_sd1_dir, first_port=7980) as server:
-        yield server, Client(server.url, verbose=False, download_files=False)
+APP_PORT = 7980  # app_server's first port for this module
 
 
 def _app_error(call, *args, **kwargs) -> str:
@@ -740,31 +730,30 @@ def _slug(name: str) -> str:
 
 
 @pytest.mark.parametrize("case", GUI_DATA_CASES, ids=[c.name for c in GUI_DATA_CASES])
-def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, gui) -> None:
+def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, app_client) -> None:
     from gradio_client import handle_file
 
     from app.projects import DEMO_MODEL_CHOICE, safe_name
     from trainer.images import image_extensions
 
-    server, client = gui
     folder = tmp_path / "set"
     _build(case, folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
     name = _slug(case.name)
-    table, report, issues, status, *_ = client.predict(name, [handle_file(p) for p in files], "", 64,
-                                                       api_name="/upload_images")
+    table, report, issues, status, *_ = app_client.predict(name, [handle_file(p) for p in files], "", 64,
+                                                           api_name="/upload_images")
     assert "Traceback" not in report + status
     rows = {row[1]: row for row in table["data"]}
     issue_text = " ".join(" ".join(map(str, row)) for row in issues["data"])
 
     if case.expect == "error":
         if "Found 0" in case.words or "cannot read" in case.words:  # nothing the app takes as a picture
-            message = _app_error(client.predict, name, DEMO_MODEL_CHOICE, "character-lite", "", DEMO_SETTINGS,
-                                 api_name="/start_training")
+            message = _app_error(app_client.predict, name, DEMO_MODEL_CHOICE, "character-lite", "",
+                                 DEMO_SETTINGS, api_name="/start_training")
             assert "Found 0 images" in message
         else:  # pictures that cannot be read: the plan says so before any training
-            plan = client.predict(name, DEMO_MODEL_CHOICE, "character-lite", "", DEMO_SETTINGS,
-                                  api_name="/check_training")
+            plan = app_client.predict(name, DEMO_MODEL_CHOICE, "character-lite", "", DEMO_SETTINGS,
+                                      api_name="/check_training")
             assert "✖ The dataset has 3 error(s)" in plan  # two unreadable files, and nothing usable
         return
 
@@ -784,32 +773,33 @@ def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, gui) -> No
     if "caption" in case.name:  # the grid shows the caption as the engine reads it
         text = (folder / case.target).with_suffix(".txt")
         if text.is_file() and readable(text):
-            from trainer.dataset import read_caption_file
+            from trainer.captions import read_caption_file
 
             assert row[2] == read_caption_file(text)[0]
 
 
 @pytest.mark.parametrize("case", LORA_CASES, ids=[c.name for c in LORA_CASES])
-def test_lora_file_case_through_the_gui(case: LoraCase, tmp_path: Path, gui, no_unpickling) -> None:
+def test_lora_file_case_through_the_gui(case: LoraCase, tmp_path: Path, app_server, app_client,
+                                       no_unpickling) -> None:
     from gradio_client import handle_file
 
     from app.projects import DEMO_MODEL_CHOICE
 
-    server, client = gui
     path = case.write(tmp_path)
     if path.suffix != ".safetensors":
-        message = _app_error(client.predict, [handle_file(path)], api_name="/upload_loras")
+        message = _app_error(app_client.predict, [handle_file(path)], api_name="/upload_loras")
         assert ".safetensors" in message  # refused at the upload (gradio's file-type check or the app's)
         return
-    *_, status, _ = client.predict([handle_file(path)], api_name="/upload_loras")
-    stored = server.projects.loras_dir / path.name
+    *_, status, _ = app_client.predict([handle_file(path)], api_name="/upload_loras")
+    stored = app_server.projects.loras_dir / path.name
     assert stored.is_file() and path.name in status
     if case.inspect_ok:
-        summary, _ = client.predict(str(stored), api_name="/inspect_lora")
+        summary, _ = app_client.predict(str(stored), api_name="/inspect_lora")
         assert path.name in summary
     else:
-        assert case.words in _app_error(client.predict, str(stored), api_name="/inspect_lora")
-    message = _app_error(client.predict, DEMO_MODEL_CHOICE, [{"file": str(stored), "weight": 0.8, "enabled": True}],
+        assert case.words in _app_error(app_client.predict, str(stored), api_name="/inspect_lora")
+    message = _app_error(app_client.predict, DEMO_MODEL_CHOICE,
+                         [{"file": str(stored), "weight": 0.8, "enabled": True}],
                          "zxq", "", 1, 1, 5.0, 0, 0, "Euler a", 1, False, api_name="/generate")
     assert case.words in message
 

@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
-from safetensors.torch import load_file
+from child_process import child_env
+from conftest import write_image_folder
+from tiny_runs import assert_same_lora
 
 from trainer.checkpoints import list_checkpoints, load_checkpoint
 from trainer.errors import StudioError
 from trainer.formats import read_lora_file
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 64, 4  # >= 52 steps remain after the latest kill point: the kill lands mid-run even on a fast, quiet machine
 TRAIN_FLAGS = ["--preset", "character", "--rank", "4", "--alpha", "2", "--steps", str(STEPS),
                "--save-every", str(SAVE_EVERY), "--keep-last", "2", "--seed", "7", "--lr", "2e-3",
@@ -59,8 +60,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return child_env(PYTHONUNBUFFERED="1")
 
 
 def _train_command(model: Path, data: Path, out: Path, *extra: str, kill_where: str | None = None) -> list[str]:
@@ -83,23 +83,9 @@ def _assert_visible_checkpoints_complete(folder: Path) -> None:
             assert complete or not child.exists(), f"partial checkpoint visible under its final name: {child}"
 
 
-def _assert_same_lora(a: Path, b: Path) -> None:
-    x, y = load_file(a), load_file(b)
-    assert x.keys() == y.keys()
-    for key in x:
-        torch.testing.assert_close(y[key].float(), x[key].float(), rtol=1e-3, atol=1e-5, msg=key)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import make_pattern_image
-
-    folder = tmp_path_factory.mktemp("crash") / "data"
-    folder.mkdir()
-    for i in range(8):
-        make_pattern_image((64, 64), i).save(folder / f"img{i:02d}.png")
-        (folder / f"img{i:02d}.txt").write_text(f"zxq, picture {i}, red", encoding="utf-8")
-    return folder
+    return write_image_folder(tmp_path_factory.mktemp("crash") / "data")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +139,7 @@ def test_kill_9_at_a_random_step_then_resume_matches_the_uninterrupted_run(tiny_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from the checkpoint of step {survived[-1].step}." in resumed.stdout, context
     assert f"done at step {STEPS}" in resumed.stdout
-    _assert_same_lora(straight_lora, output)
+    assert_same_lora(straight_lora, output)
     assert not list(checkpoints.glob(".step-*")), "leftovers of the killed save are cleaned up"
 
 
@@ -185,7 +171,7 @@ def test_kill_9_inside_a_checkpoint_save_and_inside_the_export(tiny_sd1_dir: Pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from the checkpoint of step {STEPS}." in resumed.stdout
     read_lora_file(output)
-    _assert_same_lora(straight_lora, output)
+    assert_same_lora(straight_lora, output)
 
 
 def _fail_when_writing(marker: str):

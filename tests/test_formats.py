@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 from library_logs import library_warnings
+from tiny_runs import load_pipeline, merge_by_hand, sd_outputs
 
 from trainer.config import NetworkConfig
 from trainer.demo_model import build_tiny_sd1
@@ -101,31 +102,14 @@ def _independent_names(model: torch.nn.Module, prefix: str, suffixes: set[str]) 
 def _hand_merged(file: Path, unet_names: dict[str, str], te_names: dict[str, str]):
     """A fresh base model with W0 + (alpha/r)·up@down added by hand from the file's tensors."""
     parts = build_tiny_sd1(seed=0)
-    state = safetensors.torch.load_file(str(file))
-    stems = {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
-    assert stems == set(unet_names) | set(te_names)
-    with torch.no_grad():
-        for stem in stems:
-            model, path = (parts.unet, unet_names[stem]) if stem in unet_names else (parts.text_encoder, te_names[stem])
-            down, up = state[f"{stem}.lora_down.weight"].float(), state[f"{stem}.lora_up.weight"].float()
-            alpha = state[f"{stem}.alpha"].float().item()
-            weight = model.get_submodule(path).weight
-            weight += (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+    layers = {stem: parts.unet.get_submodule(path) for stem, path in unet_names.items()}
+    layers |= {stem: parts.text_encoder.get_submodule(path) for stem, path in te_names.items()}
+    assert merge_by_hand(file, layers) == set(layers)
     return parts
 
 
 def _outputs(unet, text_encoder):
-    g = torch.Generator().manual_seed(7)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 9, 32, generator=g)
-    ids = torch.tensor([[49406, 320, 1125, 539, 49407, 49407]])
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 600]), ctx).sample, text_encoder(ids)[0]
-
-
-def _pipeline(folder: Path):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    return sd_outputs(unet, text_encoder, pad_id=49407)
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -324,7 +308,7 @@ def test_metadata_estimate_is_close_to_typical_metadata():
 
 def _assert_loads_like_hand_merge(tiny_sd1_dir, file: Path, reference: Path, parts, network: NetworkConfig):
     """diffusers loads ``file`` with no warning, and its outputs equal a hand merge of ``reference``."""
-    pipe = _pipeline(tiny_sd1_dir)
+    pipe = load_pipeline(tiny_sd1_dir)
     with library_warnings() as messages:
         pipe.load_lora_weights(str(file), adapter_name="exported")
     assert messages == []
@@ -376,7 +360,7 @@ def test_warning_capture_sees_diffusers_warnings(tmp_path, tiny_sd1_dir):
     parts, _ = _trained_tiny(network)
     out = tmp_path / "unet_only.safetensors"
     save_kohya_lora(_export_modules(parts, network), {}, out)
-    pipe = _pipeline(tiny_sd1_dir)
+    pipe = load_pipeline(tiny_sd1_dir)
     with library_warnings() as messages:
         pipe.load_lora_weights(str(out))
     assert any("No LoRA keys associated to CLIPTextModel" in m for m in messages)

@@ -9,7 +9,6 @@ records what it saw and wrote.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pattern_image
+from child_process import child_env
+from conftest import write_image_folder
 from safetensors.torch import load_file
+from tiny_runs import assert_same_lora
 
 from trainer.formats import read_lora_file
 
@@ -38,26 +39,20 @@ def _free_port() -> int:
 def launch(model: Path, data: Path, out: Path, dump: Path, *, stop_after: int = 0, **overrides) -> list[dict]:
     """Run one 2-process training; returns each rank's record (rank order)."""
     settings = {**SETTINGS, "base": str(model), "data": str(data), "output": str(out / "lora.safetensors"), **overrides}
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(WORKER),
                "--settings", json.dumps(settings), "--watch", str(out.parent), "--dump", str(dump),
                "--stop-after", str(stop_after)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=child_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return [json.loads((dump / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("mp") / "data"
-    folder.mkdir()
-    for i in range(8):
-        make_pattern_image((64, 64), i).save(folder / f"img{i:02d}.png")
-        (folder / f"img{i:02d}.txt").write_text(f"zxq, picture {i}, red", encoding="utf-8")
-    return folder
+    return write_image_folder(tmp_path_factory.mktemp("mp") / "data")
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +107,4 @@ def test_two_process_resume_continues_every_process_exactly(straight_run, tiny_s
     assert resumed[0]["finished"]["step"] == 4
     assert [len(r["batches"]) for r in resumed] == [2, 2], "each process resumed at its own data position"
 
-    straight = load_file(straight_root / "out" / "lora.safetensors")
-    again = load_file(tmp_path / "out" / "lora.safetensors")
-    assert straight.keys() == again.keys()
-    for key in straight:
-        torch.testing.assert_close(again[key].float(), straight[key].float(), rtol=1e-3, atol=1e-5, msg=key)
+    assert_same_lora(straight_root / "out" / "lora.safetensors", tmp_path / "out" / "lora.safetensors")

@@ -9,34 +9,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import write_captioned_images
 from library_logs import library_warnings
-from conftest import make_pattern_image
 from PIL import Image
+from tiny_runs import (
+    assert_same_weights,
+    capture_training_step,
+    image_batch,
+    load_pipeline,
+    merge_by_hand,
+    run_config,
+    scaled_linear_alphas_cumprod,
+    sd_outputs,
+)
 
 from trainer.config import ModelConfig
 from trainer.demo_model import build_tiny_sd2, write_tiny_sd2
 from trainer.errors import LoraFileError
 from trainer.events import RunFinished, SamplesMade
 from trainer.formats import check_lora_fits, read_lora_file
-from trainer.loop import train, training_step
+from trainer.loop import train
 from trainer.models import load_base_model
-from trainer.presets import resolve_config
 from trainer.session import open_session
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 60
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run ~10x faster on one thread when other work shares the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +46,11 @@ def sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sd2_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sd2") / "data"
-    folder.mkdir()
-    for i in range(4):
-        make_pattern_image((64, 64), i).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"zxq, picture {i}", encoding="utf-8")
-    return folder
+    return write_captioned_images(tmp_path_factory.mktemp("sd2") / "data", [(64, 64)] * 4)
 
 
 def _config(model: Path, data: Path, out: Path, **overrides):
-    settings = {"base": str(model), "data": str(data), "output": str(out / "lora.safetensors"), "rank": 4, "alpha": 2,
-                "steps": STEPS, "seed": 5, "min_snr_gamma": 0.0, "targets": "full"}
-    return resolve_config("character", overrides={**settings, **overrides})
-
-
-def _pipeline(model_dir: Path):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True)
+    return run_config(model, data, out, steps=STEPS, seed=5, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +61,6 @@ def trained(sd2_dir: Path, sd2_data: Path, tmp_path_factory: pytest.TempPathFact
     samples = [e for e in events if isinstance(e, SamplesMade)]
     assert len(samples) == 1 and Image.open(samples[0].paths[0]).size == (64, 64)  # v-prediction sampling runs
     return events[-1]
-
-
-def _alphas_cumprod() -> torch.Tensor:
-    """SD's scaled-linear schedule, written out here rather than taken from a scheduler."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
 
 
 # --- detection and the v-prediction objective ------------------------------------------------------
@@ -102,16 +83,12 @@ def test_single_file_sd2_checkpoint_loads_as_v_prediction_sd2(sd2_dir, tmp_path)
     single = save_single_file(folder_model, tmp_path / "tiny-sd2.safetensors", dtype=torch.float32)
     model = load_base_model(ModelConfig(base=str(single), base_config=str(sd2_dir)), supported=("sd1", "sd2", "sdxl"))
     assert (model.family, model.prediction_type) == ("sd2", "v_prediction")
-    for part in ("unet", "text_encoder"):
-        loaded, original = getattr(model, part).state_dict(), getattr(folder_model, part).state_dict()
-        assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in loaded)
+    assert_same_weights(model, folder_model, ("unet", "text_encoder"))
 
 
 def test_training_target_is_the_velocity_and_step_zero_is_the_base(sd2_dir, sd2_data, tmp_path, monkeypatch):
-    from trainer import loop
-
     session = open_session(_config(sd2_dir, sd2_data, tmp_path, batch_size=2), lambda level, text: None)
-    base = _pipeline(sd2_dir)
+    base = load_pipeline(sd2_dir)
     ids = base.tokenizer(["zxq, portrait"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     g = torch.Generator().manual_seed(0)
     noisy, t, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
@@ -119,28 +96,9 @@ def test_training_target_is_the_velocity_and_step_zero_is_the_base(sd2_dir, sd2_
         assert torch.equal(session.text_embeddings_for(["zxq, portrait"])[0], base.text_encoder(ids)[0])
         assert torch.equal(session.model.unet(noisy, t, ctx).sample, base.unet(noisy, t, ctx).sample)
 
-    seen: dict = {}
-    latents_for = session.latents_for
-
-    def record_latents(refs):
-        seen["latents"], time_ids = latents_for(refs)
-        assert time_ids is None  # size conditioning is SDXL's alone
-        return seen["latents"], time_ids
-
-    def record_noise(latents, offset, generator):
-        seen["noise"] = torch.randn(latents.shape, generator=generator)
-        return seen["noise"]
-
-    def record_loss(prediction, target, scheduler, timesteps, gamma):
-        seen["target"] = target.detach().clone()
-        return torch.nn.functional.mse_loss(prediction, target)
-
-    monkeypatch.setattr(session, "latents_for", record_latents)
-    monkeypatch.setattr(loop, "sample_noise", record_noise)
-    monkeypatch.setattr(loop, "sample_timesteps", lambda n, T, gen, device: torch.tensor([10, 900]))
-    monkeypatch.setattr(loop, "diffusion_loss", record_loss)
-    training_step(session)
-    a = _alphas_cumprod()[[10, 900]].float().view(2, 1, 1, 1)
+    seen = capture_training_step(monkeypatch, session, [10, 900])
+    assert seen["time_ids"] is None  # size conditioning is SDXL's alone
+    a = scaled_linear_alphas_cumprod()[[10, 900]].float().view(2, 1, 1, 1)
     velocity = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["latents"]
     torch.testing.assert_close(seen["target"], velocity, rtol=1e-5, atol=1e-6)
     from diffusers import DDIMScheduler
@@ -157,11 +115,10 @@ def test_training_target_is_the_velocity_and_step_zero_is_the_base(sd2_dir, sd2_
 def _eval_loss(pipe, data: Path) -> float:
     """v-prediction loss of a pipeline on the training images at fixed noise and timesteps."""
     images = sorted(data.glob("*.png"))
-    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
-                          for p in images])
+    pixels = image_batch(images)
     ids = pipe.tokenizer([p.with_suffix(".txt").read_text(encoding="utf-8") for p in images], padding="max_length",
                          max_length=77, return_tensors="pt").input_ids
-    alphas_cumprod = _alphas_cumprod().float()
+    alphas_cumprod = scaled_linear_alphas_cumprod().float()
     g = torch.Generator().manual_seed(0)
     total = 0.0
     with torch.no_grad():
@@ -185,22 +142,12 @@ def _hand_merged(file: Path):
     names |= {"lora_te_text_model_" + path.removeprefix("text_model.").replace(".", "_"): module
               for path, module in parts.text_encoder.named_modules()
               if isinstance(module, torch.nn.Linear) and ".layers." in path}
-    state = safetensors.torch.load_file(str(file))
-    stems = {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
-    assert stems <= set(names), sorted(stems - set(names))[:3]
-    with torch.no_grad():
-        for stem in stems:
-            down, up = state[f"{stem}.lora_down.weight"].float(), state[f"{stem}.lora_up.weight"].float()
-            names[stem].weight += state[f"{stem}.alpha"].float().item() / down.shape[0] * (up @ down)
+    merge_by_hand(file, names)
     return parts
 
 
 def _outputs(unet, text_encoder):
-    g = torch.Generator().manual_seed(7)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 9, 32, generator=g)
-    ids = torch.tensor([[49406, 320, 1125, 539, 49407, 0]])
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 600]), ctx).sample, text_encoder(ids)[0]
+    return sd_outputs(unet, text_encoder, pad_id=0)  # OpenCLIP pads with "!"
 
 
 def test_training_learns_and_writes_an_sd2_kohya_file(trained, sd2_dir, sd2_data):
@@ -218,14 +165,14 @@ def test_training_learns_and_writes_an_sd2_kohya_file(trained, sd2_dir, sd2_data
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert meta["modelspec.prediction_type"] == "v"
 
-    base_loss = _eval_loss(_pipeline(sd2_dir), sd2_data)
-    pipe = _pipeline(sd2_dir)
+    base_loss = _eval_loss(load_pipeline(sd2_dir), sd2_data)
+    pipe = load_pipeline(sd2_dir)
     pipe.load_lora_weights(str(trained.output), adapter_name="trained")
     assert _eval_loss(pipe, sd2_data) < 0.9 * base_loss
 
 
 def test_diffusers_loads_the_export_as_the_independent_merge(trained, sd2_dir):
-    pipe = _pipeline(sd2_dir)
+    pipe = load_pipeline(sd2_dir)
     base = _outputs(pipe.unet, pipe.text_encoder)
     with library_warnings() as messages:
         pipe.load_lora_weights(str(trained.output), adapter_name="exported")

@@ -15,9 +15,18 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import write_captioned_images
 from library_logs import library_warnings
-from conftest import make_pattern_image
 from PIL import Image
+from tiny_runs import (
+    assert_same_weights,
+    capture_training_step,
+    image_batch,
+    load_pipeline,
+    merge_by_hand,
+    run_config,
+    scaled_linear_alphas_cumprod,
+)
 
 from trainer.dataset import SampleRef
 from trainer.demo_model import build_tiny_sd1, build_tiny_sdxl, write_tiny_sdxl
@@ -33,20 +42,11 @@ from trainer.formats import (
 )
 from trainer.loop import train, training_step
 from trainer.models import make_inference_scheduler
-from trainer.presets import resolve_config
 from trainer.sampling import make_samples
 from trainer.session import open_session
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 80
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run ~10x faster on one thread when other work shares the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +57,15 @@ def xl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def xl_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four captioned images; one is 96x64, so it is cropped into the 64x64 bucket (crop left 16)."""
-    folder = tmp_path_factory.mktemp("xl") / "data"
-    folder.mkdir()
-    for i in range(4):
-        make_pattern_image((96, 64) if i == 3 else (64, 64), i).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"zxq, picture {i}", encoding="utf-8")
-    return folder
+    return write_captioned_images(tmp_path_factory.mktemp("xl") / "data", [(64, 64)] * 3 + [(96, 64)])
 
 
 def _config(model: Path, data: Path, out: Path, **overrides):
-    settings = {"base": str(model), "data": str(data), "output": str(out / "lora.safetensors"), "rank": 4, "alpha": 2,
-                "steps": STEPS, "seed": 3, "min_snr_gamma": 0.0, "targets": "full"}
-    return resolve_config("character", overrides={**settings, **overrides})
+    return run_config(model, data, out, steps=STEPS, seed=3, **overrides)
 
 
 def _session(model: Path, data: Path, out: Path, **overrides):
     return open_session(_config(model, data, out, **overrides), lambda level, text: None)
-
-
-def _pipeline(model_dir: Path):
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline.from_pretrained(str(model_dir), local_files_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +94,7 @@ def test_conditioning_matches_diffusers_sdxl_pipeline(xl_dir, xl_data, tmp_path,
     """Both encoders' hidden states, the pooled embedding and the size/crop ids, as SDXL expects them."""
     session = _session(xl_dir, xl_data, tmp_path, train_text_encoder=False, clip_skip=clip_skip)
     assert session.model.family == "sdxl" and session.text_cache is not None
-    pipe = _pipeline(xl_dir)
+    pipe = load_pipeline(xl_dir)
     captions = [item.caption for item in session.training_set.items]
     hidden, pooled = session.text_embeddings_for(captions)
     with torch.no_grad():
@@ -132,7 +119,7 @@ def test_step_zero_is_the_base_model_and_every_part_gets_gradients(xl_dir, xl_da
     session = _session(xl_dir, xl_data, tmp_path, lr=1e-3)
     assert set(session.trainable_models()) == {"unet", "text_encoder", "text_encoder_2"}
     assert session.text_cache is None  # the encoders train, so their outputs change every step
-    base = _pipeline(xl_dir)
+    base = load_pipeline(xl_dir)
     captions = ["zxq, portrait"]
     g = torch.Generator().manual_seed(0)
     noisy, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
@@ -156,37 +143,9 @@ def test_step_zero_is_the_base_model_and_every_part_gets_gradients(xl_dir, xl_da
         assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in set(grads) - dead), name
 
 
-def _capture_step(monkeypatch, session, timesteps: list[int]) -> dict:
-    """Run one training step with fixed timesteps; return its latents, noise and loss target."""
-    from trainer import loop
-
-    seen: dict = {}
-    latents_for = session.latents_for
-
-    def record_latents(refs):
-        seen["latents"], seen["time_ids"] = latents_for(refs)
-        return seen["latents"], seen["time_ids"]
-
-    def record_noise(latents, offset, generator):
-        seen["noise"] = torch.randn(latents.shape, generator=generator)
-        return seen["noise"]
-
-    def record_loss(prediction, target, scheduler, t, gamma):
-        seen["target"] = target.detach().clone()
-        return torch.nn.functional.mse_loss(prediction, target)
-
-    monkeypatch.setattr(session, "latents_for", record_latents)
-    monkeypatch.setattr(loop, "sample_noise", record_noise)
-    monkeypatch.setattr(loop, "sample_timesteps", lambda n, T, g, device: torch.tensor(timesteps[:n]))
-    monkeypatch.setattr(loop, "diffusion_loss", record_loss)
-    training_step(session)
-    return seen
-
-
 def _zero_terminal_snr_alphas_cumprod() -> torch.Tensor:
     """SD's scaled-linear schedule rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    root = torch.cumprod(1 - betas, 0).sqrt()
+    root = scaled_linear_alphas_cumprod().sqrt()
     first, last = root[0].clone(), root[-1].clone()
     root = (root - last) * first / (first - last)
     return root ** 2
@@ -204,7 +163,7 @@ def test_v_prediction_with_zero_terminal_snr(xl_dir, xl_data, tmp_path, monkeypa
     assert sampler.config.rescale_betas_zero_snr and sampler.config.timestep_spacing == "trailing"
 
     for t in (400, 999):
-        seen = _capture_step(monkeypatch, session, [t])
+        seen = capture_training_step(monkeypatch, session, [t])
         a = alphas_cumprod[t].float()
         velocity = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["latents"]
         torch.testing.assert_close(seen["target"], velocity, rtol=1e-5, atol=1e-6)
@@ -226,9 +185,7 @@ def test_single_file_sdxl_with_a_v_pred_marker_trains_as_v_prediction(xl_dir, xl
                               prediction_type="v_prediction")
     model = load_base_model(ModelConfig(base=str(single), base_config=str(xl_dir)), supported=("sdxl",))
     assert (model.family, model.prediction_type) == ("sdxl", "v_prediction")
-    for part in ("unet", "text_encoder", "text_encoder_2"):
-        loaded, original = getattr(model, part).state_dict(), getattr(folder_model, part).state_dict()
-        assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in loaded)
+    assert_same_weights(model, folder_model, ("unet", "text_encoder", "text_encoder_2"))
     session = _session(single, xl_data, tmp_path, base_config=str(xl_dir))
     assert session.model.noise_scheduler.config.prediction_type == "v_prediction"
     assert torch.isfinite(training_step(session))
@@ -245,8 +202,7 @@ def test_zero_terminal_snr_is_refused_for_an_epsilon_model(xl_dir, xl_data, tmp_
 def _eval_loss(pipe, data: Path) -> float:
     """Denoising loss of a pipeline on the square training images at fixed noise and timesteps."""
     images = sorted(p for p in data.glob("*.png") if Image.open(p).size == (64, 64))
-    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
-                          for p in images])
+    pixels = image_batch(images)
     captions = [p.with_suffix(".txt").read_text(encoding="utf-8") for p in images]
     g = torch.Generator().manual_seed(0)
     total = 0.0
@@ -293,15 +249,7 @@ def _layer(parts, where: tuple[str, str]) -> torch.nn.Module:
 def _hand_merged(file: Path):
     """A fresh tiny SDXL with W0 + (alpha/r)·up@down added by hand from the file's tensors."""
     parts = build_tiny_sdxl(seed=0)
-    names = _independent_names(parts)
-    state = safetensors.torch.load_file(str(file))
-    stems = {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
-    assert stems <= set(names), sorted(stems - set(names))[:3]
-    with torch.no_grad():
-        for stem in stems:
-            weight = _layer(parts, names[stem]).weight
-            down, up = state[f"{stem}.lora_down.weight"].float(), state[f"{stem}.lora_up.weight"].float()
-            weight += state[f"{stem}.alpha"].float().item() / down.shape[0] * (up @ down)
+    merge_by_hand(file, {name: _layer(parts, where) for name, where in _independent_names(parts).items()})
     return parts
 
 
@@ -354,8 +302,8 @@ def test_training_learns_and_writes_an_sdxl_kohya_file(trained, xl_dir, xl_data)
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["ss_v2"] == "False" and meta["modelspec.prediction_type"] == "epsilon"
 
-    base_loss = _eval_loss(_pipeline(xl_dir), xl_data)
-    pipe = _pipeline(xl_dir)
+    base_loss = _eval_loss(load_pipeline(xl_dir), xl_data)
+    pipe = load_pipeline(xl_dir)
     pipe.load_lora_weights(str(finished.output), adapter_name="trained")
     assert _eval_loss(pipe, xl_data) < 0.95 * base_loss  # ~0.90: attention-only LoRA on a random tiny UNet
 
@@ -363,7 +311,7 @@ def test_training_learns_and_writes_an_sdxl_kohya_file(trained, xl_dir, xl_data)
 def test_diffusers_loads_the_export_as_the_independent_merge(trained, xl_dir):
     """StableDiffusionXLPipeline.load_lora_weights: no warning, and W0 + (alpha/r)·BA on all three parts."""
     output = trained[-1].output
-    pipe = _pipeline(xl_dir)
+    pipe = load_pipeline(xl_dir)
     base = _outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     with library_warnings() as messages:
         pipe.load_lora_weights(str(output), adapter_name="exported")

@@ -4,7 +4,6 @@ allocating, the server local by default and serving only the project folder, upl
 from __future__ import annotations
 
 import ast
-import os
 import pickle
 import socket
 import struct
@@ -18,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from child_process import REPO, child_env
 
 from trainer.errors import StudioError
 
-REPO = Path(__file__).resolve().parents[1]
+APP_PORT = 7950  # app_server's first port for this module
 SCANNED = ("trainer", "app", "bench")
 
 # Modules whose loaders execute code from the data they read.
@@ -142,14 +142,6 @@ def test_base_models_and_checkpoints_with_absurd_headers_are_refused_cheaply(tmp
 # --- the server ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path):
-    from browser.app_server import running_app
-
-    with running_app(tmp_path_factory.mktemp("security-projects"), tiny_sd1_dir, first_port=7950) as app:
-        yield app
-
-
 def _status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -169,10 +161,10 @@ def _outbound_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def test_the_server_answers_on_loopback_only(server) -> None:
-    parsed = urllib.parse.urlparse(server.url)
+def test_the_server_answers_on_loopback_only(app_server) -> None:
+    parsed = urllib.parse.urlparse(app_server.url)
     assert parsed.hostname == "127.0.0.1"
-    assert _status(server.url + "/") == 200
+    assert _status(app_server.url + "/") == 200
     address = _outbound_address()
     if address is None:
         pytest.skip("this machine has no non-loopback address to try")
@@ -181,21 +173,21 @@ def test_the_server_answers_on_loopback_only(server) -> None:
         outside.connect((address, parsed.port))
 
 
-def test_only_the_project_folder_is_served(server, tmp_path: Path) -> None:
+def test_only_the_project_folder_is_served(app_server, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the browser")
-    inside = server.projects.root / "outputs" / "shared.txt"
+    inside = app_server.projects.root / "outputs" / "shared.txt"
     inside.parent.mkdir(parents=True, exist_ok=True)
     inside.write_text("a project file")
-    file_url = server.url + "/gradio_api/file="
+    file_url = app_server.url + "/gradio_api/file="
     assert _status(file_url + urllib.parse.quote(str(inside))) == 200  # the route works ...
     for outside in (secret, Path("/etc/passwd"), REPO / "trainer" / "cli.py",
-                    server.projects.root / ".." / secret.name):
+                    app_server.projects.root / ".." / secret.name):
         assert _status(file_url + urllib.parse.quote(str(outside))) in (403, 404), outside  # ... for project files only
 
 
-def test_uploaded_file_names_cannot_leave_the_project_folder(server, tmp_path: Path) -> None:
-    from gradio_client import Client, handle_file
+def test_uploaded_file_names_cannot_leave_the_project_folder(app_server, app_client, tmp_path: Path) -> None:
+    from gradio_client import handle_file
 
     from conftest import make_pattern_image
 
@@ -208,13 +200,12 @@ def test_uploaded_file_names_cannot_leave_the_project_folder(server, tmp_path: P
     safetensors.torch.save_file({f"{stem}.lora_down.weight": torch.zeros(2, 32),
                                  f"{stem}.lora_up.weight": torch.zeros(32, 2)}, str(lora))
     before = set(tmp_path.parent.rglob("*"))
-    client = Client(server.url, verbose=False, download_files=False)
-    *_, status, _, _ = client.predict("../../../../escaped-set", [handle_file(sneaky)], "", 64,
-                                      api_name="/upload_images")
+    *_, status, _, _ = app_client.predict("../../../../escaped-set", [handle_file(sneaky)], "", 64,
+                                          api_name="/upload_images")
     assert "Added 1 picture" in status
-    client.predict([handle_file(lora)], api_name="/upload_loras")
+    app_client.predict([handle_file(lora)], api_name="/upload_loras")
 
-    root = server.projects.root
+    root = app_server.projects.root
     landed = [p for p in root.rglob("*") if "escape" in p.name or "evil" in p.name]
     assert {p.relative_to(root).parts[0] for p in landed} >= {"datasets", "loras"}, landed
     assert all(p.resolve().is_relative_to(root) for p in landed)
@@ -229,7 +220,7 @@ def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
     from app.__main__ import free_port
 
     port = free_port("127.0.0.1", 7940)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "CI": "1"}
+    env = child_env(GRADIO_ANALYTICS_ENABLED="False", CI="1")
     proc = subprocess.Popen([sys.executable, "-m", "app", "--listen", "--no-browser", "--port", str(port),
                              "--projects", str(tmp_path / "projects")], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -43,6 +43,16 @@ def running_app(root: Path, demo_model: Path, first_port: int) -> Iterator[AppSe
         demo.close()
 
 
+def upload_pictures(client, dataset: str, folder: Path, count: int, make_image) -> str:
+    """``count`` captioned pictures sent to /upload_images (trigger 'zxq', 64 px), as a script would."""
+    from gradio_client import handle_file
+
+    files = write_pictures(folder, count, make_image)
+    *_, status, _, _ = client.predict(dataset, [handle_file(f) for f in files], "zxq", 64, api_name="/upload_images")
+    assert status == f"Added {count} pictures and {count} caption files."
+    return dataset
+
+
 def write_pictures(folder: Path, count: int, make_image, caption: str = "zxq, picture {i}") -> list[Path]:
     """``count`` small captioned pictures; returns the image and caption paths."""
     folder.mkdir(parents=True, exist_ok=True)

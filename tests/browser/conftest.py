@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from browser.app_server import AppServer, running_app
+from browser.app_server import AppServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -36,12 +36,6 @@ def chromium() -> Iterator[object]:
         browser = playwright.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-@pytest.fixture(scope="module")
-def app_server(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path) -> Iterator[AppServer]:
-    with running_app(tmp_path_factory.mktemp("browser-projects"), tiny_sd1_dir, first_port=7890) as server:
-        yield server
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from browser.app_server import write_pictures
 
 pytestmark = pytest.mark.browser
-
+APP_PORT = 7890  # app_server's first port for this module
 DATASET = "zxq-girl"
 FIRST_RUN = "first"
 TINY_RUN = {"resolution": "64", "rank": "4", "alpha": "4", "steps": "12", "sample_every": "6", "sample_steps": "2",
