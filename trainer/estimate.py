@@ -16,13 +16,15 @@ precision, device or caching re-estimates instantly). Hooks on that pass count, 
   casts its own copy).
 
 Memory = frozen weights in their dtype (UNet, text encoder(s); VAE in fp32, as
-``trainer.session`` keeps it) + LoRA parameters, gradients and optimiser state in fp32 +
-activations (``ACTIVATION_BYTES_PER_ELEMENT`` × proxy × 4 bytes in fp32, 3 under fp16/bf16
-autocast, plus the LoRA inputs) + on CPU ``CPU_TRANSIENT_SHARE`` of the UNet's weight bytes (oneDNN's
-reordered weight copies and scratch: 280 MB for SD 1.5); when latents are not
+``trainer.session`` keeps it; on a GPU without the VAE / frozen text encoders whose outputs are
+cached, which wait in host memory during the steps) + LoRA parameters, gradients and optimiser
+state in fp32 + activations (``ACTIVATION_BYTES_PER_ELEMENT`` × proxy × 4 bytes in fp32, 3 under
+fp16/bf16 autocast, plus the LoRA inputs) + on CPU ``CPU_TRANSIENT_SHARE`` of the UNet's weight
+bytes (oneDNN's reordered weight copies and scratch: 280 MB for SD 1.5); when latents are not
 cached the VAE encoder's no-grad peak counts instead if larger (it runs before the UNet, one
-image at a time), and gradient checkpointing keeps ~30% of the activations. Batch scales the
-activations linearly. It predicts what ``bench.train_step`` measures:
+batch at a time), and gradient checkpointing keeps ~30% of the activations. Batch scales the
+activations linearly. On a GPU the caching phase (all weights on the GPU, the VAE encoding one
+image) is a peak of its own and counts when it is the larger. It predicts what ``bench.train_step`` measures:
 ``torch.cuda.max_memory_allocated`` on a GPU (the CUDA context, ~0.3–0.5 GB, comes on top: see
 ``runtime_overhead_bytes``), and resident tensors plus transient growth on a CPU.
 
@@ -54,9 +56,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -314,7 +316,7 @@ class Estimate:
     caching_seconds: float = 0.0
     total_steps: int = 0
     runtime_overhead_bytes: int = 0
-    breakdown: dict[str, int] = field(default_factory=dict)  # weights / lora_state / activations / vae_encode
+    breakdown: dict[str, int] = field(default_factory=dict)  # weights / lora_state / activations / vae_encode / caching_phase
     step_flops: float = 0.0
     notes: tuple[str, ...] = ()
 
@@ -369,11 +371,19 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
     latents_cached = config.train.cache_latents
     trained = [unet] + (list(encoders) if te_trained else [])
 
-    # Memory: weights + LoRA state + activations (or the no-grad VAE encode, if larger).
-    weights = (unet.params + sum(te.params for te in encoders)) * dtype_bytes + profile.vae_params * 4
+    # Memory: weights + LoRA state + activations (or the no-grad VAE encode, if larger). On a GPU
+    # the VAE and frozen text encoders whose outputs are cached wait in host memory during the
+    # steps (trainer.transfers.ParkedModules): the caching phase before the first step, with every
+    # model on the GPU and the VAE encoding, is then a peak of its own.
+    te_bytes = sum(te.params for te in encoders) * dtype_bytes
+    vae_bytes = profile.vae_params * 4
+    all_weights = unet.params * dtype_bytes + te_bytes + vae_bytes
+    parks = dev.type != "cpu"
+    weights = all_weights - (vae_bytes if parks and latents_cached else 0) - (te_bytes if parks and text_cached else 0)
     lora_params = rank * sum(part.lora_params_per_rank for part in trained)
     state_per_param = 4 + 4 + OPTIMIZER_STATE_BYTES.get(config.optim.optimizer, 8)  # weight, grad, state
     lora_state = lora_params * state_per_param
+    vae_encode = batch * VAE_NO_GRAD_FRACTION * vae.activation_elements * 4  # no grad, one batch at a time
     activations = 0.0
     activation_bytes = dtype_bytes if precision == "fp32" else HALF_PRECISION_ACTIVATION_BYTES
     for part in trained:
@@ -382,8 +392,10 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
         activations += batch * (ACTIVATION_BYTES_PER_ELEMENT * part.activation_elements * activation_bytes + saved)
     if config.train.grad_checkpointing:
         activations *= CHECKPOINTED_ACTIVATION_SHARE
-    vae_peak = 0 if latents_cached else VAE_NO_GRAD_FRACTION * vae.activation_elements * 4  # one image at a time
+    vae_peak = 0 if latents_cached else vae_encode
     peak = weights + lora_state + max(activations, vae_peak)
+    caching_peak = all_weights + lora_params * 4 + vae_encode / batch if latents_cached and parks else 0
+    peak = max(peak, caching_peak)
     if dev.type == "cuda":
         peak *= CUDA_ALLOCATOR_OVERHEAD
     else:
@@ -432,9 +444,46 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
         device=_device_label(dev), caching_seconds=caching_seconds, total_steps=total_steps,
         runtime_overhead_bytes=CUDA_CONTEXT_BYTES if dev.type == "cuda" else CPU_RUNTIME_BYTES, step_flops=flops,
         breakdown={"weights": int(weights), "lora_state": int(lora_state), "activations": int(activations),
-                   "vae_encode": int(vae_peak)},
+                   "vae_encode": int(vae_peak), "caching_phase": int(caching_peak)},
         notes=("GPU step times are not calibrated yet (±50%); memory is.",) if dev.type == "cuda" else (),
     )
+
+
+MEMORY_HEADROOM = 0.9  # plan for this share of the GPU's free memory: the rest is fragmentation and other programs
+
+
+class MemoryPlan(NamedTuple):
+    checkpointing: bool
+    notice: str = ""  # for the user; empty when there is nothing to say
+    level: str = "info"  # "warning" when the run may not fit even so
+
+
+def checkpointing_for_memory(estimator: Estimator, config: StudioConfig, free_bytes: int, *,
+                             device: str | torch.device = "cuda", resolution: int | None = None) -> MemoryPlan:
+    """Whether to use gradient checkpointing on a GPU with ``free_bytes`` free.
+
+    Checkpointing costs about a third more time per step, so it is used when it was asked for, or
+    when the run would not fit otherwise; when even then it would not fit, the notice says what to lower.
+    """
+    if config.train.grad_checkpointing:
+        return MemoryPlan(True)
+    budget = MEMORY_HEADROOM * free_bytes
+    plain = estimator.estimate(config, device=device, resolution=resolution)
+    if plain.peak_memory_bytes <= budget:
+        return MemoryPlan(False)
+    checkpointed = estimator.estimate(replace(config, train=replace(config.train, grad_checkpointing=True)),
+                                      device=device, resolution=resolution)
+    need, free = _gib(plain.peak_memory_bytes), _gib(free_bytes)
+    if checkpointed.peak_memory_bytes <= budget:
+        return MemoryPlan(True, f"Gradient checkpointing turned on: this run needs about {need} without it and the "
+                                f"GPU has {free} free; steps take about a third longer.")
+    return MemoryPlan(True, f"This run may not fit: it needs about {_gib(checkpointed.peak_memory_bytes)} even with "
+                            f"gradient checkpointing (turned on) and the GPU has {free} free. Lower the resolution, "
+                            "the batch size or the rank, or close other programs using the GPU.", "warning")
+
+
+def _gib(size: float) -> str:
+    return f"{size / 1024**3:.1f} GB"
 
 
 def _native_resolution(arch: ModelArch) -> int:

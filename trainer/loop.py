@@ -185,9 +185,9 @@ def out_of_memory_as_training_error(session: Session, where: str) -> Iterator[No
         cfg = session.config
         device = "GPU" if session.device.type in ("cuda", "mps") else "CPU"
         settings = (f"resolution {session.resolution} px, batch size {cfg.train.batch_size}, rank {cfg.network.rank}, "
-                    f"gradient checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}")
+                    f"gradient checkpointing {'on' if session.grad_checkpointing else 'off'}")
         fixes = ["lower the resolution (--resolution)", "the batch size (--batch-size)", "or the rank (--rank)"]
-        if not cfg.train.grad_checkpointing:
+        if not session.grad_checkpointing:
             fixes.insert(0, "turn on gradient checkpointing (--grad-checkpointing)")
         raise TrainingError(f"Ran out of {device} memory {where} ({settings}).",
                             hint=f"To fit: {', '.join(fixes)}; close other programs using the {device}. "

@@ -28,6 +28,7 @@ from trainer.caching import LatentCache, TextEmbeddingCache, encode_latents
 from trainer.config import StudioConfig, check_resolution_multiple, config_to_dict
 from trainer.dataset import DatasetScan, SampleRef, TrainingSet, scan_dataset
 from trainer.errors import CheckpointError, ConfigError
+from trainer.estimate import Estimator, checkpointing_for_memory
 from trainer.lint import LintReport, lint_dataset
 from trainer.models import BaseModel, load_base_model
 from trainer.optim import build_lr_scheduler, build_optimizer
@@ -88,6 +89,7 @@ class Session:
     fingerprint: str
     noise_generator: torch.Generator
     idle_encoders: ParkedModules  # the VAE / frozen text encoders whose outputs are all cached
+    grad_checkpointing: bool  # asked for, or turned on because the run would not fit without it
     batch_cursor: int = 0  # batches consumed by this process so far (drives data order on resume)
     loss_ema: float | None = None
     started_at: float = field(default_factory=time.time)
@@ -291,7 +293,15 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     for name in trained_encoders:
         lora_mod.inject_lora(encoders[name], plan.modules[name], config.network)
         param_groups.append({"params": lora_mod.lora_parameters(encoders[name]), "lr": config.effective_te_lr})
-    if config.train.grad_checkpointing:
+    checkpointing = config.train.grad_checkpointing
+    if accelerator.device.type == "cuda" and not checkpointing:  # on only when the run would not fit without it
+        free_bytes, _ = torch.cuda.mem_get_info(accelerator.device)
+        plan_memory = checkpointing_for_memory(Estimator(model), config, free_bytes, device=accelerator.device,
+                                               resolution=resolution)
+        checkpointing = plan_memory.checkpointing
+        if plan_memory.notice:
+            notify(plan_memory.level, plan_memory.notice)
+    if checkpointing:
         model.unet.enable_gradient_checkpointing()
         for name in trained_encoders:
             _enable_text_encoder_checkpointing(encoders[name])
@@ -324,7 +334,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         optimizer=optimizer, lr_scheduler=lr_scheduler, latent_cache=latent_cache, text_cache=text_cache,
         run_dir=run_dir, resolution=resolution, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
         fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
-        idle_encoders=ParkedModules(idle, accelerator.device),
+        idle_encoders=ParkedModules(idle, accelerator.device), grad_checkpointing=checkpointing,
     )
 
 
