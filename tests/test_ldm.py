@@ -12,7 +12,8 @@ import torch
 from trainer.config import ModelConfig
 from trainer.demo_model import SD_SCHEDULER, TINY_SD1_TEXT, TINY_SD1_UNET, TINY_SD1_VAE, TOKENIZER_DIR
 from trainer.ldm import ldm_state_dict, save_single_file
-from trainer.models import BUNDLED_CONFIGS, load_base_model
+from trainer.model_family import BUNDLED_CONFIGS
+from trainer.models import load_base_model
 
 ALL_FAMILIES = ("sd1", "sd2", "sdxl")
 

@@ -10,13 +10,12 @@ import torch
 
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError, ModelLoadError
-from trainer.models import (
+from trainer.model_family import (
     BUNDLED_CONFIGS,
     detect_family_from_checkpoint_keys,
     detect_family_from_configs,
-    inference_pipeline,
-    load_base_model,
 )
+from trainer.models import inference_pipeline, load_base_model
 
 
 @pytest.fixture

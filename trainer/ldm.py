@@ -317,7 +317,7 @@ def _family_of(model: Any) -> str:
     family = getattr(model, "family", None)
     if family:
         return family
-    from trainer.models import detect_family_from_configs
+    from trainer.model_family import detect_family_from_configs
 
     te_config = model.text_encoder.config.to_dict()
     return detect_family_from_configs(dict(model.unet.config), te_config,

@@ -18,8 +18,8 @@ from trainer.config import NetworkConfig, StudioConfig
 from trainer.errors import ModelLoadError
 from trainer.formats import lora_file_size, lora_shapes
 from trainer.lora import plan_lora
-from trainer.models import (BUNDLED_CONFIGS, FAMILY_LABELS, detect_family_from_checkpoint_keys,
-                            detect_family_from_configs, read_safetensors_shapes)
+from trainer.model_family import (BUNDLED_CONFIGS, FAMILY_LABELS, detect_family_from_checkpoint_keys,
+                                  detect_family_from_configs, read_safetensors_shapes)
 from trainer.presets import list_presets, resolve_config
 
 

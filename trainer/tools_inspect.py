@@ -17,11 +17,12 @@ from pathlib import Path
 from trainer.atomic import atomic_path
 from trainer.formats import LoraFile, read_lora_file
 from trainer.kohya_names import parse_kohya_module_name
+from trainer.model_family import FAMILY_LABELS
 from trainer.tools_svd import lowrank_svd
 
 EFFECTIVE_RANK_ENERGY = 0.99
 BLOCKS = ("te", "te2", "down", "mid", "up", "other")
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", None: "an unknown base"}
+_BASE_LABELS = {**FAMILY_LABELS, None: "an unknown base"}
 _BLOCK_COLOURS = {"te": "#8c6bb1", "te2": "#c994c7", "down": "#2b8cbe", "mid": "#31a354", "up": "#e6550d",
                   "other": "#969696"}
 
@@ -74,7 +75,7 @@ class LoraReport:
         ranks = collections.Counter(s.rank for s in self.layers)
         alphas = collections.Counter(s.alpha for s in self.layers)
         lines = [
-            (f"{self.path.name}: LoRA for {FAMILY_LABELS.get(self.family, self.family)} ({self.style} format, "
+            (f"{self.path.name}: LoRA for {_BASE_LABELS.get(self.family, self.family)} ({self.style} format, "
             f"{self.dtype}, {_size(self.size_bytes)}, {self.parameters:,} parameters)"),
             f"Layers: {len(self.layers)} ("
             + ", ".join(f"{b.block} {b.layers}" for b in self.blocks if b.layers) + ")",
