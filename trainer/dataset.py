@@ -280,7 +280,8 @@ class TrainingSet:
         if not scan.items:
             raise DatasetError(
                 f"None of the {scan.num_files} images in {scan.root} can be used.",
-                hint="Run the dataset check (Dataset tab or 'lora-studio lint') to see why, then fix or remove them.")
+                hint="Run the dataset check (the Dataset tab, or 'lora-studio train --check') to see why, "
+                     "then fix or remove them.")
         self.items = scan.items
         self.cfg = cfg
         self.resolution = resolution
