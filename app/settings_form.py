@@ -58,6 +58,7 @@ LABELS = {
     "max_grad_norm": "Gradient clip norm",
     "grad_accum": "Gradient accumulation",
     "grad_checkpointing": "Gradient checkpointing",
+    "compile": "Compile the UNet (torch.compile)",
     "cache_latents": "Cache latents",
     "cache_text": "Cache text embeddings",
     "clip_skip": "CLIP skip",

@@ -147,3 +147,33 @@ def test_gradient_checkpointing_trades_compute_not_results(tiny_sd1_dir: Path, i
     assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
+
+
+def test_a_compiled_unet_trains_to_the_same_weights(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path,
+                                                     monkeypatch):
+    """``compile = true`` compiles the UNet in place: same losses, same exported file, names unchanged.
+    (aot_eager traces and compiles the graphs like inductor but skips code generation: seconds, not minutes.)"""
+    import trainer.session as session_mod
+
+    monkeypatch.setattr(session_mod, "COMPILE_BACKEND", "aot_eager")
+    compiled_modules = []
+    original_compile = torch.nn.Module.compile
+
+    def recording_compile(module, *args, **kwargs):
+        compiled_modules.append(type(module).__name__)
+        return original_compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording_compile)
+    plain = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "plain", steps=3, lr=2e-3))
+    assert compiled_modules == []
+    compiled = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "compiled", steps=3, lr=2e-3, compile=True))
+    assert compiled_modules == ["UNet2DConditionModel"]
+
+    def losses(events):
+        return [e.loss for e in events if isinstance(e, StepProgress)]
+
+    assert losses(compiled) == pytest.approx(losses(plain), rel=1e-4)
+    a, b = load_file(plain[-1].output), load_file(compiled[-1].output)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4)

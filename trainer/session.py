@@ -36,6 +36,7 @@ from trainer.text import count_tokens, encode_text, encode_text_sdxl, tokenize
 from trainer.transfers import ParkedModules, to_device
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use "aot_eager", which compiles in seconds
 Notify = Callable[[str, str], None]  # (level, text)
 
 
@@ -306,6 +307,10 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         for name in trained_encoders:
             _enable_text_encoder_checkpointing(encoders[name])
 
+    if accelerator.device.type == "cuda":
+        model.unet.to(memory_format=torch.channels_last)  # cuDNN's fp16/bf16 convolutions run fastest in NHWC
+    if config.train.compile:
+        model.unet.compile(backend=COMPILE_BACKEND)  # in place: module names and state_dict keys stay as they are
     for trainable in (model.unet, *encoders.values()):
         trainable.train()  # LoRA dropout is active in train mode; the frozen layers have none
     optimizer = build_optimizer(config, param_groups, accelerator.device, lambda text: notify("warning", text))
@@ -350,7 +355,7 @@ def run_fingerprint(config: StudioConfig, training_set: TrainingSet) -> str:
     """Identity of what a checkpoint's weights depend on: training settings and dataset content."""
     settings = config_to_dict(config)
     settings.pop("output")
-    for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing"):
+    for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing", "compile"):
         settings["train"].pop(volatile)
     data = [(i.sha256, i.caption, i.repeats) for i in training_set.items]
     blob = json.dumps({"settings": settings, "data": data}, sort_keys=True, default=str)
