@@ -109,7 +109,8 @@ def main() -> int:
         "distributed_type": str(session.accelerator.distributed_type),
         "batches": batches,
         "writes": _writes,
-        "finished": None if finished is None else {"step": finished.step, "output": str(finished.output)},
+        "finished": None if finished is None else {"step": finished.step, "output": str(finished.output),
+                                                 "stopped_early": finished.stopped_early},
     }
     (dump / f"rank-{rank}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     return 0

@@ -101,8 +101,9 @@ def test_two_process_resume_continues_every_process_exactly(straight_run, tiny_s
     """Would fail if a checkpoint kept only the main process's noise generator (the other process
     would resume on the main's random stream and the weights would drift from the straight run)."""
     straight_root, _ = straight_run
-    first = launch(tiny_sd1_dir, dataset, tmp_path / "out", tmp_path / "dump1", stop_after=2)
-    assert first[0]["finished"]["step"] == 2
+    first = launch(tiny_sd1_dir, dataset, tmp_path / "out", tmp_path / "dump1", stop_after=1)
+    # a stop asked after step 1 travels as a vote with step 2's loss: both processes stop after step 2
+    assert first[0]["finished"]["step"] == 2 and first[0]["finished"]["stopped_early"]
     resumed = launch(tiny_sd1_dir, dataset, tmp_path / "out", tmp_path / "dump2", resume="auto")
     assert resumed[0]["finished"]["step"] == 4
     assert [len(r["batches"]) for r in resumed] == [2, 2], "each process resumed at its own data position"
