@@ -8,6 +8,7 @@ for the device the run will use, all from the engine (``trainer.dataset``, ``tra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,23 +93,37 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
 
 
 def estimate_line(studio: Studio, config: StudioConfig, arch: Any, steps: int, samples: int, resolution: int) -> str:
-    """Predicted memory and duration on the device the run will use."""
+    """Predicted memory and duration on the device the run will use (with gradient checkpointing
+    where the run will turn it on because it would not fit without)."""
+    from trainer.estimate import checkpointing_for_memory
+
     device = device_label(config.train.device)
-    try:
-        from trainer.estimate import estimate_run
-    except ImportError:  # an engine build without the estimator: say what we know
-        return f"**Device:** {device}. The progress bar shows the measured speed and ETA from the first steps."
     if arch is None:
         return f"**Device:** {device}. Memory and time are estimated once the base model can be read."
     source = config.model.base if Path(config.model.base).is_dir() else arch.family
+    free = gpu_free_bytes(config.train.device)
     with studio.build_lock:
-        estimate = estimate_run(config, source, num_images=samples, resolution=resolution)
+        estimator = studio.estimator(source)
+        memory_plan = None if free is None else checkpointing_for_memory(estimator, config, free, resolution=resolution)
+        if memory_plan is not None and memory_plan.checkpointing:
+            config = replace(config, train=replace(config.train, grad_checkpointing=True))
+        estimate = estimator.estimate(config, num_images=samples, resolution=resolution)
     memory = estimate.peak_memory_bytes + estimate.runtime_overhead_bytes
     kind = "GPU memory" if estimate.device.startswith("cuda") else "RAM"
-    notes = "".join(f" {note}" for note in estimate.notes)
+    notes = "".join(f" {note}" for note in (*estimate.notes, memory_plan.notice if memory_plan else "") if note)
     return (f"**Estimate on {device}:** about {format_bytes(memory)} of {kind}, "
             f"{format_duration(estimate.total_seconds)} in all ({estimate.step_seconds:.2f} s per step × "
             f"{estimate.total_steps or steps} steps, plus caching).{notes}")
+
+
+def gpu_free_bytes(wanted: str) -> int | None:
+    """Free memory of the CUDA GPU a run on ``wanted`` would use; None when it trains elsewhere."""
+    import torch
+
+    if not torch.cuda.is_available() or not (wanted == "auto" or wanted.startswith("cuda")):
+        return None
+    free, _ = torch.cuda.mem_get_info(torch.device(wanted if wanted != "auto" else "cuda"))
+    return free
 
 
 def device_label(wanted: str) -> str:

@@ -35,6 +35,9 @@ class Studio:
     # makes room on its GPU: one model on an accelerator at a time (gradio's "gpu" queue already
     # runs one GPU job at a time; training runs in the run worker, outside that queue).
     _gpu: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # One memory/time estimator per base model: it keeps the shape counts of each resolution and
+    # target set, so changing rank, batch or precision in the form re-estimates without a meta forward.
+    _estimators: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.runs.before_run = self.make_room_for_training
@@ -72,6 +75,14 @@ class Studio:
             yield
         finally:
             self._gpu.release()
+
+    def estimator(self, source: str) -> Any:
+        """The ``trainer.estimate.Estimator`` of a base model (folder, or bundled family name); call under build_lock."""
+        from trainer.estimate import Estimator
+
+        if source not in self._estimators:
+            self._estimators[source] = Estimator(source)
+        return self._estimators[source]
 
     def make_room_for_training(self, device: str) -> None:
         """Before a run loads its model on ``device``: let a generation in flight finish, unload the generator there."""
