@@ -123,6 +123,20 @@ def test_stop_then_resume_matches_an_uninterrupted_run(tiny_sd1_dir: Path, image
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4)
 
 
+def test_a_finished_run_can_be_extended_with_more_steps(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
+    common = dict(lr=2e-3, scheduler="constant", batch_size=2)
+    straight = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "a", steps=6, **common))[-1]
+    first = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "b", steps=4, **common))[-1]
+    assert first.step == 4 and not first.stopped_early
+    extended = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "b", steps=6, resume="auto", **common))
+    assert next(e for e in extended if isinstance(e, RunStarted)).start_step == 4
+    assert any(isinstance(e, Notice) and "planned for 4 steps and now runs to 6" in e.text for e in extended)
+    assert extended[-1].step == 6
+    a, b = load_file(straight.output), load_file(extended[-1].output)
+    for key in a:  # a constant learning rate: 4 + 2 steps are exactly the 6-step run
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4)
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
     _run(_config(tiny_sd1_dir, image_folder, tmp_path, steps=2))
     with pytest.raises(CheckpointError, match="different config or dataset"):

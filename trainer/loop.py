@@ -68,9 +68,12 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
     with session.accelerator.main_process_first(), out_of_memory_as_training_error(session, "while preparing latents"):
         session.warm_caches(lambda level, text: notices.append(Notice(level, text)))  # others read the main's disk cache
     yield from notices
-    start_step = resume_if_asked(session)
+    start_step, planned_steps = resume_if_asked(session)
     if start_step:
         yield Notice("info", f"Resuming from the checkpoint of step {start_step}.")
+    if start_step and planned_steps not in (None, session.total_steps):
+        yield Notice("info", f"The run was planned for {planned_steps} steps and now runs to {session.total_steps}: "
+                             "the learning-rate schedule follows the new length from here.")
     yield RunStarted(session.total_steps, start_step, len(session.training_set.items), config.train.batch_size,
                      session.run_dir, str(session.device), sum(p.numel() for g in session.optimizer.param_groups for p in g["params"]))
 
@@ -203,15 +206,16 @@ def save_run_checkpoint(session: Session, step: int) -> CheckpointSaved:
     return CheckpointSaved(step, path)
 
 
-def resume_if_asked(session: Session) -> int:
-    """Restore the checkpoint ``output.resume`` names ('auto' = latest of this output); returns its step."""
+def resume_if_asked(session: Session) -> tuple[int, int | None]:
+    """Restore the checkpoint ``output.resume`` names ('auto' = latest of this output); returns its
+    step and the run length it was planned for (0, None: a fresh run)."""
     wanted = session.config.output.resume
     if not wanted:
-        return 0
+        return 0, None
     if wanted == "auto":
         found = list_checkpoints(session.run_dir / "checkpoints")
         if not found:
-            return 0  # nothing to resume: a fresh run
+            return 0, None  # nothing to resume: a fresh run
         path = found[-1].path
     else:
         from pathlib import Path
@@ -222,4 +226,4 @@ def resume_if_asked(session: Session) -> int:
                                   hint="Use --resume auto, or the path of a step-NNNNNN folder inside the run's checkpoints.")
     step, state = load_checkpoint(path)
     session.restore(state, path)
-    return step
+    return step, state.get("total_steps")

@@ -172,6 +172,7 @@ class Session:
         components = {name: self.accelerator.unwrap_model(m) for name, m in self.trainable_models().items()}
         return {
             "fingerprint": self.fingerprint,
+            "total_steps": self.total_steps,
             "lora": {name: {k: v for k, v in lora_mod.lora_state(m).items()} for name, m in components.items()},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -355,7 +356,10 @@ def run_fingerprint(config: StudioConfig, training_set: TrainingSet) -> str:
     """Identity of what a checkpoint's weights depend on: training settings and dataset content."""
     settings = config_to_dict(config)
     settings.pop("output")
-    for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing", "compile"):
+    # How a step is computed does not change the weights, and the run's length only changes the
+    # learning-rate schedule from here on: a run can be resumed on another device, or a finished
+    # one extended with more steps or epochs.
+    for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing", "compile", "steps", "epochs"):
         settings["train"].pop(volatile)
     data = [(i.sha256, i.caption, i.repeats) for i in training_set.items]
     blob = json.dumps({"settings": settings, "data": data}, sort_keys=True, default=str)
