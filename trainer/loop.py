@@ -21,7 +21,7 @@ from trainer.events import (CheckpointSaved, Event, Notice, RunCommands, RunFini
                             StepProgress)
 from trainer.export import export_lora
 from trainer.losses import diffusion_loss, prediction_target, sample_noise, sample_timesteps
-from trainer.transfers import Reading, StepReadback
+from trainer.transfers import Reading, StepReadback, to_device
 from trainer.sampling import make_samples
 from trainer.session import Session, open_session
 
@@ -90,13 +90,10 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
         # The loss is read one step late on a GPU (trainer.transfers). With several processes the
         # commands travel with it as votes, so that all of them act at the same step; a single
         # process acts on a command as soon as its client has seen this step's events.
-        several = session.accelerator.num_processes > 1
-        votes = (commands.stop_requested, commands.take_save_request()) if several else (False, False)
-        for reading in readback.push(step, step_values(session, loss, *votes), session.lr_scheduler.get_last_lr()[0]):
+        for reading in readback.push(step, step_values(session, loss, commands), session.lr_scheduler.get_last_lr()[0]):
             yield progress.update(reading)
-        if not several:
-            progress.stop_voted |= commands.stop_requested
-            progress.save_voted |= commands.take_save_request()
+        if session.accelerator.num_processes == 1:
+            progress.take_commands(commands)
 
         every = config.output
         if is_main and (commands.take_sample_request() or (every.sample_every and step % every.sample_every == 0)):
@@ -132,12 +129,13 @@ def optimizer_step(session: Session, params: list[torch.Tensor]) -> torch.Tensor
     return torch.stack(losses).mean()
 
 
-def step_values(session: Session, loss: torch.Tensor, stop: bool, save: bool) -> torch.Tensor:
-    """[mean loss, processes that want to stop, processes that want a checkpoint], on the device."""
-    flags = torch.tensor([float(stop), float(save)]).to(session.device, non_blocking=True)
-    values = torch.cat([loss.float().reshape(1), flags])
+def step_values(session: Session, loss: torch.Tensor, commands: RunCommands) -> torch.Tensor:
+    """[mean loss, processes that want to stop, processes that want a checkpoint], on the device;
+    a single process leaves the votes at 0 (it reads its commands directly)."""
     if session.accelerator.num_processes == 1:
-        return values
+        return torch.cat([loss.float().reshape(1), loss.new_zeros(2, dtype=torch.float32)])
+    flags = torch.tensor([float(commands.stop_requested), float(commands.take_save_request())])
+    values = torch.cat([loss.float().reshape(1), to_device(flags, session.device)])
     values = session.accelerator.reduce(values, "sum")
     return torch.cat([values[:1] / session.accelerator.num_processes, values[1:]])
 
@@ -149,6 +147,11 @@ class ProgressTracker:
     def __init__(self, session: Session, start_step: int, started: float) -> None:
         self.session, self.start_step, self.started = session, start_step, started
         self.stop_voted = self.save_voted = False
+
+    def take_commands(self, commands: RunCommands) -> None:
+        """Act on the commands of a single process's client directly (no vote needed)."""
+        self.stop_voted = self.stop_voted or commands.stop_requested
+        self.save_voted = self.save_voted or commands.take_save_request()
 
     def update(self, reading: Reading) -> StepProgress:
         s, step = self.session, reading.step
