@@ -14,8 +14,9 @@ scheduler update. Cases, timed interleaved in one run:
 
 - **base**: the UNet with no LoRA machinery at all (a second module tree over the unfused
   generator's weight tensors, so it costs no memory);
-- **two unfused**: a Generator with ``fuse=False``: both adapters active as peft layers, every
-  adapted layer adds x·Aᵀ·Bᵀ per adapter;
+- **two unfused**: a Generator with ``fuse=False``: the base weights untouched, both adapters
+  packed into one low-rank product per adapted layer (``trainer.packed_lora``), which adds
+  x·Aᵀ·Bᵀ (rank r1 + r2) to the base output in one fused multiply-add;
 - **two fused**: a second Generator (its own copy of the weights) with the default ``fuse=True``:
   the adapters are merged into the weights.
 

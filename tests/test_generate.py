@@ -7,12 +7,15 @@ forward, so it covers whatever peft/diffusers actually run (unfused adapters or 
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
 from trainer.config import ModelConfig
@@ -35,7 +38,7 @@ from trainer.generate import (
     save_images,
 )
 from trainer.infotext import parse_infotext, read_png_infotext
-from trainer.kohya_names import kohya_module_name
+from trainer.kohya_names import kohya_module_name, parse_kohya_module_name
 from trainer.lora import module_in_out, text_encoder_target_modules, unet_target_modules
 from trainer.models import load_base_model
 
@@ -275,6 +278,141 @@ def test_every_file_style_and_dtype_applies_the_same_update(tiny_sd1_dir, tmp_pa
     for m in attention:
         got = effective_weight(component_module(model, *layers[m.name]))
         torch.testing.assert_close(got, base[m.name] + 0.5 * delta(m), atol=tolerance, rtol=tolerance, msg=m.name)
+
+
+# --- unfused: all enabled LoRAs packed into one low-rank product per layer ----------------------
+
+
+def partial_locon(model, seed: int) -> list[LoraModule]:
+    """Rank 5, alpha 2.5, on a few layers only: cross-attention of the UNet and two 3x3 resnet convs (LoCon)."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = [m for m in random_modules(model, rank=5, alpha=2.5, seed=seed, only="unet") if "attn2" in m.name]
+    for path in ("down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv2"):
+        conv = model.unet.get_submodule(path)
+        down = torch.randn(5, conv.in_channels, 3, 3, generator=generator) * 0.1
+        up = torch.randn(conv.out_channels, 5, 1, 1, generator=generator) * 0.3
+        modules.append(LoraModule(kohya_module_name("unet", path, "sd1"), down, up, 2.5))
+    return modules
+
+
+def expected_factor(spec: LoraSpec, component: str, path: str) -> float:
+    """The spec's multiplier for one layer, from its fields (down/mid/up block weights only)."""
+    if component == "text_encoder":
+        return spec.te
+    half = {"down_blocks": spec.blocks.down, "mid_block": spec.blocks.mid, "up_blocks": spec.blocks.up}
+    return spec.unet * half.get(path.split(".")[0], 1.0)
+
+
+def expected_weights(model, loras: list[tuple[LoraSpec, list[LoraModule]]]) -> dict[tuple[str, str], torch.Tensor]:
+    """(component, path) -> W0 + sum_i w_i * (alpha_i / r_i) * B_i A_i, from the tensors the test wrote."""
+    weights: dict[tuple[str, str], torch.Tensor] = {}
+    for spec, modules in loras:
+        for module in modules:
+            where = parse_kohya_module_name(module.name)
+            if where not in weights:
+                weights[where] = component_module(model, *where).weight.detach().clone()
+            weights[where] += expected_factor(spec, *where) * delta(module)
+    return weights
+
+
+def assert_layers_apply(model, weights: dict[tuple[str, str], torch.Tensor], atol: float = 2e-5) -> None:
+    """Each layer's live forward on a random input equals the plain op with the expected weight."""
+    generator = torch.Generator().manual_seed(0)
+    for (component, path), weight in weights.items():
+        layer = component_module(model, component, path)
+        base = layer.get_base_layer()
+        with torch.no_grad():
+            if isinstance(base, torch.nn.Linear):
+                x = torch.randn(2, 3, base.in_features, generator=generator)
+                expected = torch.nn.functional.linear(x, weight, base.bias)
+            else:
+                x = torch.randn(2, base.in_channels, 5, 5, generator=generator)
+                expected = torch.nn.functional.conv2d(x, weight, base.bias, base.stride, base.padding)
+            torch.testing.assert_close(layer(x), expected, atol=atol, rtol=1e-5, msg=f"{component}.{path}")
+
+
+def unet_prediction(unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    config = unet.config
+    latents = torch.randn(2, config.in_channels, 16, 16, generator=generator)
+    context = torch.randn(2, 7, config.cross_attention_dim, generator=generator)
+    with torch.inference_mode():
+        return unet(latents, 500, encoder_hidden_states=context).sample
+
+
+def forward_hooks(model) -> int:
+    return sum(len(layer._forward_hooks) for module in (model.unet, model.text_encoder) for layer in module.modules())
+
+
+@pytest.fixture(scope="module")
+def partial_lora(tmp_path_factory, tiny_sd1_dir):
+    modules = partial_locon(load_model(tiny_sd1_dir), seed=3)
+    return write_kohya(tmp_path_factory.mktemp("partial") / "partial.safetensors", modules), modules
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_unfused_loras_are_packed_and_mix_exactly(tiny_sd1_dir, two_loras, partial_lora, count: int) -> None:
+    """Ranks 4, 2-3 and 5 (the last on a few layers incl. 3x3 convs), TE/UNet split and block weights."""
+    first_path, first, second_path, second = two_loras
+    model = load_model(tiny_sd1_dir)
+    specs = [LoraSpec(first_path, 0.7, te_weight=0.2, blocks=BlockWeights(down=0.5, mid=1.0, up=-0.25)),
+             LoraSpec(second_path, 0.3, unet_weight=-0.6),
+             LoraSpec(partial_lora[0], 1.1, blocks=BlockWeights(down=0.0, mid=2.0, up=1.0))][:count]
+    modules = [first, second, partial_lora[1]][:count]
+    expected = expected_weights(model, list(zip(specs, modules)))
+    reference = load_model(tiny_sd1_dir).unet  # the same base with the expected weights written in
+    for (component, path), weight in expected.items():
+        if component == "unet":
+            reference.get_submodule(path).weight.data.copy_(weight)
+    generator = Generator(model, fuse=False)
+    generator.prepare(GenerationRequest("x", loras=tuple(specs)))
+    generator.apply(specs)
+
+    assert_layers_apply(model, expected)
+    # Through the whole UNet fp32 rounding grows to ~2e-4 (peft's per-adapter forward lands as far
+    # from the reference); a wrong factor on any one layer moves the prediction by far more.
+    plain = unet_prediction(load_model(tiny_sd1_dir).unet)
+    wanted = unet_prediction(reference)
+    assert (wanted - plain).abs().max() > 0.05
+    torch.testing.assert_close(unet_prediction(model.unet), wanted, atol=5e-4, rtol=0)
+    # Really packed: peft's per-adapter forward is off in every adapted layer; one hook runs where
+    # some factor is not 0 (the partial LoRA's 3x3 conv in a down block has weight 0: no hook).
+    factors = [(parse_kohya_module_name(m.name), expected_factor(spec, *parse_kohya_module_name(m.name)))
+               for spec, group in zip(specs, modules) for m in group]
+    live = {where for where, factor in factors if factor != 0}
+    for component, path in expected:
+        layer = component_module(model, component, path)
+        assert layer.disable_adapters and len(layer._forward_hooks) == ((component, path) in live), path
+    assert forward_hooks(model) == len(live) and (count < 3 or len(live) < len(expected))
+
+
+def test_unfused_weight_changes_repack_and_removing_every_lora_restores_the_base(tiny_sd1_dir, two_loras) -> None:
+    first_path, first, second_path, second = two_loras
+    model = load_model(tiny_sd1_dir)
+    plain = unet_prediction(model.unet)
+    generator = Generator(model, fuse=False)
+    fused = Generator(load_model(tiny_sd1_dir), fuse=True)  # peft's own merge as a second opinion
+    request = GenerationRequest("a cat", seed=5, loras=(LoraSpec(first_path, 0.7), LoraSpec(second_path, 0.3)), **SIZE)
+    images = [g.generate(request)[0] for g in (generator, fused)]
+    assert np.abs(pixels(images[0].image) - pixels(images[1].image)).max() <= 1
+
+    packed_up = weakref.ref(next(hook.up for layer in model.unet.modules() for hook in layer._forward_hooks.values()))
+    for weights in [(-0.5, 1.2), (0.0, 0.4), (0.7, 0.3)]:  # after generating: every change is applied
+        specs = (LoraSpec(first_path, weights[0]), LoraSpec(second_path, weights[1]))
+        generator.generate(GenerationRequest("a cat", seed=5, loras=specs, **SIZE))
+        assert_layers_apply(model, expected_weights(model, list(zip(specs, (first, second)))))
+    gc.collect()
+    assert packed_up() is None  # the first packing was let go, not kept beside the new one
+
+    generator.apply(())  # LoRAs off, files still loaded: the base exactly, no hook left running
+    assert torch.equal(unet_prediction(model.unet), plain) and forward_hooks(model) == 0
+    generator.apply(specs)  # and on again, as compare mode switches them
+    assert_layers_apply(model, expected_weights(model, list(zip(specs, (first, second)))))
+    generator.prepare(GenerationRequest("x"))  # every file removed
+    assert torch.equal(unet_prediction(model.unet), plain) and forward_hooks(model) == 0
+    assert generator.pipe.get_list_adapters() == {}
+    assert not any(layer.lora_A for module in (model.unet, model.text_encoder) for layer in module.modules()
+                   if isinstance(layer, LoraLayer))
 
 
 # --- text-encoder/UNet split and block weights ---------------------------------------------------

@@ -373,12 +373,14 @@ def _effective_weight(layer: torch.nn.Module) -> torch.Tensor:
         return (layer(torch.eye(base.in_features)) - (0 if base.bias is None else base.bias)).T
 
 
-def test_generator_mixes_two_sdxl_loras_exactly_and_renders(trained, xl_dir, tmp_path):
-    """W = W0 + 0.7·ΔW1 - 0.5·ΔW2 on the UNet and both encoders, then an SDXL image with both."""
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_generator_mixes_two_sdxl_loras_exactly_and_renders(trained, xl_dir, tmp_path, fuse):
+    """W = W0 + 0.7·ΔW1 - 0.5·ΔW2 on the UNet and both encoders, then an SDXL image with both
+    (fused into the weights, or unfused: packed into one low-rank product per layer)."""
     from trainer.formats import LoraModule
     from trainer.generate import GenerationRequest, Generator, LoraSpec
 
-    generator = Generator.from_base(str(xl_dir), device="cpu")
+    generator = Generator.from_base(str(xl_dir), device="cpu", fuse=fuse)
     model = generator.model
     names = _independent_names(model)
     first_path = trained[-1].output

@@ -17,6 +17,9 @@ extra matmuls per step). Unfusing subtracts them again; for fp16/bf16 weights th
 by a rounding error each time, so the untouched weights are kept aside and copied back instead.
 ``fuse_lora`` is only ever called with ``lora_scale=1`` (a different scale would stay in the
 adapters after unfusing) and ``set_adapters`` is called again after every unfuse (DESIGN §7).
+Unfused (``fuse=False``), the enabled adapters of each layer are packed into one low-rank pair
+added by one fused multiply-add (``trainer.packed_lora``), so two or more files cost about what
+their ranks cost, not peft's extra passes per adapter.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from trainer.formats import (
 )
 from trainer.infotext import Infotext, LoraTag, lora_tags, save_png, strip_lora_tags
 from trainer.kohya_names import kohya_module_name
+from trainer.packed_lora import PackedAdapters, pack_adapters
 from trainer.schedulers import DEFAULT_SAMPLER, make_scheduler, parse_sampler
 
 ADAPTER_PREFIX = "lsgen"  # + 3 digits: never a substring of a module path (DESIGN §7)
@@ -352,6 +356,7 @@ class Generator:
         self._applied: tuple | None = None  # the weights currently set (None = unknown)
         self._fused_components: list[str] = []
         self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (component, path) -> W0 kept while fused
+        self._packed: PackedAdapters | None = None  # unfused: the last packing, attached while it applies
 
     @classmethod
     def from_base(cls, base: str, *, base_config: str = "", precision: str = "auto",
@@ -381,6 +386,7 @@ class Generator:
                  if key not in wanted or adapter.stamp != _file_stamp(Path(key), missing_ok=True)]
         if stale:
             self._unfuse()
+            self._drop_packed()
             self.pipe.delete_adapters([self._adapters[key].report.adapter for key in stale])
             for key in stale:
                 del self._adapters[key]
@@ -389,6 +395,7 @@ class Generator:
         for key, spec in wanted.items():
             if key not in self._adapters:
                 self._unfuse()
+                self._drop_packed()
                 self._adapters[key] = self._load(Path(spec.path))
                 self._applied = None
             notes.extend(self._adapters[key].report.notes())
@@ -456,6 +463,8 @@ class Generator:
         if signature == self._applied:
             return
         self._unfuse()
+        if self._packed is not None:
+            self._packed.detach()  # peft's own state again while the weights are set
         self._enable_adapters(bool(active))
         if not active:
             self._applied = signature
@@ -472,6 +481,8 @@ class Generator:
                 self._set_block_scales(adapter.report.adapter, spec.unet, spec.blocks)
         if self.fuse:
             self._fuse(names, sorted({c for adapter, _ in active for c in adapter.components}))
+        else:
+            self._pack(names, signature)
         self._applied = signature
 
     def _enable_adapters(self, enabled: bool) -> None:
@@ -490,6 +501,18 @@ class Generator:
         for path, layer in self.model.unet.named_modules():
             if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A:
                 layer.set_scale(adapter_name, unet_weight * multiplier(path))
+
+    def _pack(self, names: list[str], signature: tuple) -> None:
+        # One packing is kept: switching the LoRAs off and on again (compare mode) reuses it.
+        if self._packed is None or self._packed.key != signature:
+            self._drop_packed()
+            self._packed = pack_adapters(model_components(self.model), names, key=signature)
+        self._packed.attach()
+
+    def _drop_packed(self) -> None:
+        if self._packed is not None:
+            self._packed.detach()
+            self._packed = None
 
     def _fuse(self, names: list[str], components: list[str]) -> None:
         from peft.tuners.lora import LoraLayer
