@@ -28,8 +28,8 @@ image) is a peak of its own and counts when it is the larger. It predicts what `
 ``torch.cuda.max_memory_allocated`` on a GPU (the CUDA context, ~0.3–0.5 GB, comes on top: see
 ``runtime_overhead_bytes``), and resident tensors plus transient growth on a CPU.
 
-Time = FLOPs / the device's effective rate, with spatial (3×3) convolutions and everything else
-(Linear, 1×1, attention) at separate rates, + weight traffic (each forward or backward pass reads
+Time = FLOPs / the device's effective rate, with spatial (3×3) convolutions (the VAE's, at image
+resolution, faster on a CPU than the UNet's) and everything else (Linear, 1×1, attention) at separate rates, + weight traffic (each forward or backward pass reads
 every frozen weight; at batch 1 and low resolution on a CPU that, not arithmetic, dominates:
 ~0.9 s of a 1.6 s SD 1.5 step at 128 px) + a dispatch/launch cost per module call. A step is forward +
 activation-gradient backward of the UNet (2× the forward FLOPs, attention 3× because the fused
@@ -73,6 +73,10 @@ HALF_PRECISION_ACTIVATION_BYTES = 3.0  # fp16/bf16 autocast: norms and softmax s
 LORA_SAVED_FRACTION = 1.0  # share of LoRA-layer inputs autograd keeps beyond the frozen model's own
 CPU_CONV_FLOPS_PER_THREAD = 95e9  # effective fp32 FLOP/s of one thread on 3x3 convolutions (oneDNN)
 CPU_OTHER_FLOPS_PER_THREAD = 57e9  # ... on Linear/1x1/attention at SD sizes
+# The VAE's 3x3 convolutions at image resolution (large spatial extent, 128-512 channels) run nearer
+# the CPU's peak than the UNet's on small latents: fitted to the bench's caching time (20 images at
+# 128 px in 8.2 s) and its uncached step (VAE + text encoder ~0.4 s over the cached one).
+CPU_IMAGE_CONV_FLOPS_PER_THREAD = 150e9
 SECONDS_PER_MODULE_CALL = {"cpu": 20e-6, "cuda": 40e-6}  # per module forward or backward (a few kernels)
 CPU_WEIGHT_BYTES_PER_SECOND = 7.7e9  # frozen weights read (and reordered by oneDNN) per pass
 GPU_WEIGHT_BYTES_PER_SECOND = 1.0e12  # HBM/GDDR share a pass achieves
@@ -405,12 +409,15 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
     # pass reads every frozen weight: at batch 1 and low resolution that, not arithmetic, is the
     # floor on a CPU) + a dispatch/launch cost per module call.
     speed = _speed(dev, precision)
-    conv_flops = other_flops = lora_flops = weight_traffic = 0.0
+    conv_flops = image_conv_flops = other_flops = lora_flops = weight_traffic = 0.0
     calls = 0
 
-    def add(part: ComponentProfile, passes: int, weight_bytes: int, lora: bool = False) -> None:
-        nonlocal conv_flops, other_flops, lora_flops, weight_traffic, calls
-        conv_flops += batch * passes * part.conv_flops
+    def add(part: ComponentProfile, passes: int, weight_bytes: int, lora: bool = False, image: bool = False) -> None:
+        nonlocal conv_flops, image_conv_flops, other_flops, lora_flops, weight_traffic, calls
+        if image:
+            image_conv_flops += batch * passes * part.conv_flops
+        else:
+            conv_flops += batch * passes * part.conv_flops
         other_flops += batch * (passes * (part.flops - part.conv_flops) + (passes - 1) * part.attention_flops)
         weight_traffic += passes * part.params * weight_bytes
         calls += passes * part.module_calls
@@ -424,18 +431,19 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
         for te in encoders:
             add(te, 1, dtype_bytes)
     if not latents_cached:
-        add(vae, 1, 4)
+        add(vae, 1, 4, image=True)
     if config.train.grad_checkpointing:
         add(unet, 1, dtype_bytes)
-    step_seconds = speed.seconds(conv_flops, other_flops + lora_flops / LORA_RATE_SHARE, weight_traffic, calls)
-    flops = conv_flops + other_flops + lora_flops
+    step_seconds = speed.seconds(conv_flops, other_flops + lora_flops / LORA_RATE_SHARE, weight_traffic, calls,
+                                 image_conv_flops)
+    flops = conv_flops + image_conv_flops + other_flops + lora_flops
 
     total_steps = config.train.steps
     if not total_steps and num_images:
         total_steps = config.train.epochs * math.ceil(num_images * config.data.repeats / batch / config.optim.grad_accum)
     caching_seconds = 0.0
     if num_images and latents_cached:
-        caching_seconds += num_images * speed.forward_seconds(vae, 4)
+        caching_seconds += num_images * speed.forward_seconds(vae, 4, image=True)
     if num_images and text_cached:
         caching_seconds += num_images * sum(speed.forward_seconds(te, dtype_bytes) for te in encoders)
     total_seconds = caching_seconds + total_steps * config.optim.grad_accum * step_seconds
@@ -511,18 +519,22 @@ def _precision(precision: str, device: torch.device) -> str:
 @dataclass(frozen=True)
 class _Speed:
     conv_flops_per_second: float
+    image_conv_flops_per_second: float  # the VAE's convolutions at image resolution
     other_flops_per_second: float
     weight_bytes_per_second: float
     seconds_per_call: float
 
-    def seconds(self, conv_flops: float, other_flops: float, weight_traffic: float, calls: int) -> float:
-        return (conv_flops / self.conv_flops_per_second + other_flops / self.other_flops_per_second
+    def seconds(self, conv_flops: float, other_flops: float, weight_traffic: float, calls: int,
+                image_conv_flops: float = 0.0) -> float:
+        return (conv_flops / self.conv_flops_per_second + image_conv_flops / self.image_conv_flops_per_second
+                + other_flops / self.other_flops_per_second
                 + weight_traffic / self.weight_bytes_per_second + calls * self.seconds_per_call)
 
-    def forward_seconds(self, part: ComponentProfile, weight_bytes: int) -> float:
-        """One no-grad forward of ``part`` at batch 1."""
-        return self.seconds(part.conv_flops, part.flops - part.conv_flops, part.params * weight_bytes,
-                            part.module_calls)
+    def forward_seconds(self, part: ComponentProfile, weight_bytes: int, image: bool = False) -> float:
+        """One no-grad forward of ``part`` at batch 1 (``image``: its convolutions run at image resolution)."""
+        convs = (0.0, part.conv_flops) if image else (part.conv_flops, 0.0)
+        return self.seconds(convs[0], part.flops - part.conv_flops, part.params * weight_bytes, part.module_calls,
+                            convs[1])
 
 
 def _speed(device: torch.device, precision: str) -> _Speed:
@@ -533,10 +545,11 @@ def _speed(device: torch.device, precision: str) -> _Speed:
             name = torch.cuda.get_device_name(device)
             peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), DEFAULT_GPU_PEAK)
         rate = peak * GPU_EFFICIENCY * (FP32_SHARE if precision == "fp32" else 1.0)
-        return _Speed(rate, rate, GPU_WEIGHT_BYTES_PER_SECOND, SECONDS_PER_MODULE_CALL["cuda"])
+        return _Speed(rate, rate, rate, GPU_WEIGHT_BYTES_PER_SECOND, SECONDS_PER_MODULE_CALL["cuda"])
     threads = torch.get_num_threads()
     half = 0.5 if precision != "fp32" else 1.0  # no fast half-precision kernels on most CPUs
-    return _Speed(CPU_CONV_FLOPS_PER_THREAD * threads * half, CPU_OTHER_FLOPS_PER_THREAD * threads * half,
+    return _Speed(CPU_CONV_FLOPS_PER_THREAD * threads * half, CPU_IMAGE_CONV_FLOPS_PER_THREAD * threads * half,
+                  CPU_OTHER_FLOPS_PER_THREAD * threads * half,
                   CPU_WEIGHT_BYTES_PER_SECOND, SECONDS_PER_MODULE_CALL["cpu"])
 
 
