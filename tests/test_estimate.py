@@ -164,3 +164,26 @@ def test_checkpointing_asked_for_is_kept_whatever_the_memory():
 
     config = resolve_config(None, None, {"grad_checkpointing": True})
     assert checkpointing_for_memory(Estimator("sd15"), config, 80 * GiB) == (True, "", "info")
+
+
+def test_a_session_counts_the_memory_it_already_holds_as_its_own(tiny_sd1_dir, monkeypatch):
+    """The weights are on the GPU before the plan is made: free memory + what this process holds is
+    the budget (the estimate includes those weights), else every run would look too big."""
+    import torch
+
+    from trainer.config import ModelConfig
+    from trainer.models import load_base_model
+    from trainer.session import use_checkpointing
+
+    model = load_base_model(ModelConfig(base=str(tiny_sd1_dir)))
+    config = resolve_config(None, None, {"base": str(tiny_sd1_dir), "resolution": 64, "device": "cuda"})
+    need = Estimator(model).estimate(config, device="cuda", resolution=64).peak_memory_bytes
+    notices = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need // 4, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: need)
+    assert use_checkpointing(config, model, torch.device("cuda"), 64, lambda *n: notices.append(n)) is False
+    assert notices == []
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    assert use_checkpointing(config, model, torch.device("cuda"), 64, lambda *n: notices.append(n)) is True
+    assert notices and notices[0][0] in ("info", "warning")
+    assert use_checkpointing(config, model, torch.device("cpu"), 64, pytest.fail) is False, "a CPU never plans"

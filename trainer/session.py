@@ -295,14 +295,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     for name in trained_encoders:
         lora_mod.inject_lora(encoders[name], plan.modules[name], config.network)
         param_groups.append({"params": lora_mod.lora_parameters(encoders[name]), "lr": config.effective_te_lr})
-    checkpointing = config.train.grad_checkpointing
-    if accelerator.device.type == "cuda" and not checkpointing:  # on only when the run would not fit without it
-        free_bytes, _ = torch.cuda.mem_get_info(accelerator.device)
-        plan_memory = checkpointing_for_memory(Estimator(model), config, free_bytes, device=accelerator.device,
-                                               resolution=resolution)
-        checkpointing = plan_memory.checkpointing
-        if plan_memory.notice:
-            notify(plan_memory.level, plan_memory.notice)
+    checkpointing = use_checkpointing(config, model, accelerator.device, resolution, notify)
     if checkpointing:
         model.unet.enable_gradient_checkpointing()
         for name in trained_encoders:
@@ -342,6 +335,19 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
         idle_encoders=ParkedModules(idle, accelerator.device), grad_checkpointing=checkpointing,
     )
+
+
+def use_checkpointing(config: StudioConfig, model: BaseModel, device: torch.device, resolution: int,
+                      notify: Notify) -> bool:
+    """Gradient checkpointing when asked for, or on a GPU when the run would not fit without it."""
+    if config.train.grad_checkpointing or device.type != "cuda":
+        return config.train.grad_checkpointing
+    # The estimate counts the weights, which are on the GPU already: what this process holds is its too.
+    free_bytes = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    plan = checkpointing_for_memory(Estimator(model), config, free_bytes, device=device, resolution=resolution)
+    if plan.notice:
+        notify(plan.level, plan.notice)
+    return plan.checkpointing
 
 
 def _enable_text_encoder_checkpointing(encoder: torch.nn.Module) -> None:
