@@ -63,9 +63,9 @@ from typing import Any, NamedTuple
 import torch
 
 from trainer.config import StudioConfig
+from trainer.model_family import BUNDLED_CONFIGS
 
-MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
-BUNDLED = {"sd1": "sd15", "sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
+BUNDLED = {**BUNDLED_CONFIGS, "sd15": BUNDLED_CONFIGS["sd1"]}  # architecture name -> shipped config folder
 
 # --- calibrated constants (see the module docstring) -----------------------------------------
 ACTIVATION_BYTES_PER_ELEMENT = 1.0  # autograd-saved bytes per proxy element, per byte of dtype
@@ -135,7 +135,7 @@ class ModelArch:
         """``sd15`` / ``sd1``, ``sd2`` or ``sdxl`` from the configs shipped in ``trainer/model_configs``."""
         if name not in BUNDLED:
             raise ValueError(f"unknown architecture {name!r}; use one of {sorted(BUNDLED)}")
-        return cls.from_folder(MODEL_CONFIGS_DIR / BUNDLED[name])
+        return cls.from_folder(BUNDLED[name])
 
 
 def model_arch(model_or_arch: Any) -> ModelArch:
