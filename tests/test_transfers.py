@@ -69,7 +69,7 @@ def test_a_lagged_run_reports_every_step_once_with_the_same_losses(tiny_sd1_dir:
         return [(e.step, e.loss) for e in events if isinstance(e, StepProgress)]
 
     assert [step for step, _ in progress(lagged)] == [1, 2, 3, 4, 5]
-    assert progress(lagged) == pytest.approx(progress(at_once))
+    assert [loss for _, loss in progress(lagged)] == pytest.approx([loss for _, loss in progress(at_once)])
     # a checkpoint is announced after the progress of its step (the pending reading is drained first)
     kinds = [(type(e).__name__, e.step) for e in lagged if isinstance(e, (StepProgress, CheckpointSaved))]
     assert kinds.index(("CheckpointSaved", 2)) > kinds.index(("StepProgress", 2))
