@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
-from trainer.errors import StudioError
+from trainer.core.errors import StudioError
 
 log = logging.getLogger("lora_studio.app")
 

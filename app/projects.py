@@ -25,10 +25,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.atomic import atomic_write_text
-from trainer.captions import CAPTION_EXTENSIONS, read_caption_file
-from trainer.errors import DatasetError, ModelLoadError, StudioError
-from trainer.images import image_extensions
+from app.bundled import EXAMPLE_DATASET, example_files
+from trainer.core.atomic import atomic_write_text
+from trainer.core.errors import DatasetError, ModelLoadError, StudioError
+from trainer.data.captions import CAPTION_EXTENSIONS, read_caption_file
+from trainer.data.images import image_extensions
 
 DEMO_MODEL_CHOICE = "Demo model (tiny, random: makes noise, for trying the app)"
 DEMO_MODEL_DIR = "demo-tiny-sd1"
@@ -199,6 +200,10 @@ class Projects:
                                hint="Choose the folder that holds the .png/.jpg/.webp files themselves.")
         return self.add_files(dataset, files)
 
+    def add_example_pictures(self, dataset: str = EXAMPLE_DATASET) -> ImportSummary:
+        """Copy the example pictures that ship with the app (and their captions) into ``dataset``."""
+        return self.add_files(dataset, example_files())
+
     def remove_file(self, dataset: str, file_name: str) -> None:
         """Delete one picture of a dataset and its caption sidecars."""
         folder = self.dataset_dir(dataset)
@@ -219,7 +224,7 @@ class Projects:
 
     def thumbnail(self, image: Path) -> Path | None:
         """A small WebP preview of ``image`` (made once per file version); None if it can't be read."""
-        from trainer.images import load_image
+        from trainer.data.images import load_image
 
         stat = image.stat()
         key = hashlib.sha1(f"{image}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:20]
@@ -277,7 +282,7 @@ class Projects:
         folder = self.models_dir / DEMO_MODEL_DIR
         with self._demo_lock:
             if not (folder / "model_index.json").is_file():
-                from trainer.demo_model import write_tiny_sd1
+                from trainer.models.demo import write_tiny_sd1
 
                 staging = self.models_dir / f".{DEMO_MODEL_DIR}.partial"
                 shutil.rmtree(staging, ignore_errors=True)

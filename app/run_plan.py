@@ -2,8 +2,8 @@
 
 ``run_config`` turns the Train tab's pickers and form into one validated ``StudioConfig``;
 ``plan_markdown`` shows the steps math, the output file size and the predicted memory and time
-for the device the run will use, all from the engine (``trainer.dataset``, ``trainer.lint``,
-``trainer.sizing``, ``trainer.estimate``) without loading any weights.
+for the device the run will use, all from the engine (``trainer.data.scan``, ``trainer.data.lint``,
+``trainer.lora.sizing``, ``trainer.train.estimate``) without loading any weights.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 from app.projects import safe_name
 from app.run_view import format_bytes, format_duration
 from app.studio import Studio
-from trainer.config import StudioConfig
-from trainer.errors import DatasetError, StudioError
-from trainer.presets import resolve_config
+from trainer.config.presets import resolve_config
+from trainer.config.schema import StudioConfig
+from trainer.core.errors import DatasetError, StudioError
 
 
 def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: str,
@@ -35,8 +35,8 @@ def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: s
 
 def check_base_exists(studio: Studio, base_choice: str) -> None:
     """A typed path that does not exist is reported now, not by the worker after a wait in the queue."""
-    from trainer.errors import ModelLoadError
-    from trainer.models import HUB_ID
+    from trainer.core.errors import ModelLoadError
+    from trainer.models.loading import HUB_ID
 
     text = str(base_choice or "").strip()
     if studio.projects.is_demo(text) or Path(text).expanduser().exists():
@@ -60,9 +60,9 @@ def unique_run_name(studio: Studio, wanted: str, dataset: str) -> str:
 
 def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str:
     """What a run will do and produce, before it starts: steps math, exact file size, device."""
-    from trainer.dataset import scan_dataset
-    from trainer.lint import lint_dataset
-    from trainer.sizing import architecture_for, lora_size
+    from trainer.data.lint import lint_dataset
+    from trainer.data.scan import scan_dataset
+    from trainer.lora.sizing import architecture_for, lora_size
 
     lines = []
     arch = None
@@ -95,7 +95,7 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
 def estimate_line(studio: Studio, config: StudioConfig, arch: Any, steps: int, samples: int, resolution: int) -> str:
     """Predicted memory and duration on the device the run will use (with gradient checkpointing
     where the run will turn it on because it would not fit without)."""
-    from trainer.estimate import checkpointing_for_memory
+    from trainer.train.estimate import checkpointing_for_memory
 
     device = device_label(config.train.device)
     if arch is None:

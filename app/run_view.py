@@ -10,7 +10,8 @@ import math
 
 import pandas as pd
 
-from app.runs import ACTIVE, RunState, runs_on_disk
+from app.run_records import runs_on_disk
+from app.runs import ACTIVE, RunState
 from app.studio import Studio
 
 PLOT_POINTS = 400  # points per curve sent to the page

@@ -1,7 +1,7 @@
 """The run controller: training runs queued and executed one after another in a worker thread.
 
 The page never trains. ``RunController.submit`` puts a validated config in a queue; one worker
-thread (started on the first submit, never at import) runs ``trainer.loop.train`` for each and
+thread (started on the first submit, never at import) runs ``trainer.train.loop.train`` for each and
 folds its typed events into a ``RunState`` per run. Pages read snapshots of that state (and may
 wait for the next change), so a closed browser tab changes nothing: the run goes on and a
 reloaded page picks it up again. Stop, Save now and Sample now go to the engine's
@@ -13,9 +13,7 @@ list survives an app restart and a stopped or crashed run can be resumed from it
 
 from __future__ import annotations
 
-import copy
 import itertools
-import json
 import logging
 import threading
 import time
@@ -26,11 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from trainer.atomic import atomic_write_text
-from trainer.checkpoints import list_checkpoints
-from trainer.config import StudioConfig, config_from_dict, load_toml
-from trainer.errors import StudioError
-from trainer.events import (
+from app.run_records import read_record, write_record
+from trainer.config.schema import StudioConfig
+from trainer.core.errors import StudioError
+from trainer.train.events import (
     CheckpointSaved,
     Event,
     Notice,
@@ -40,13 +37,12 @@ from trainer.events import (
     SamplesMade,
     StepProgress,
 )
-from trainer.session import run_dir_for
+from trainer.train.session import run_dir_for
 
 log = logging.getLogger("lora_studio.runs")
 
 RunStatus = Literal["queued", "preparing", "training", "stopping", "finished", "stopped", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "preparing", "training", "stopping"})
-RECORD_FILE = "app-run.json"
 MAX_LOSS_POINTS = 2000  # the plot keeps every step up to this, then thins older points
 
 TrainFn = Callable[[StudioConfig, RunCommands], Iterator[Event]]
@@ -110,7 +106,7 @@ class RunController:
         # let a generation in flight finish and to unload the generator from that GPU).
         self.before_run = before_run
         # Held while a run builds its model (until its first event): other code that builds modules
-        # on the meta device (trainer.sizing) patches torch process-wide and must not overlap it.
+        # on the meta device (trainer.lora.sizing) patches torch process-wide and must not overlap it.
         self._build_lock = build_lock or threading.Lock()
         self._runs: dict[str, RunState] = {}
         self._queue: deque[str] = deque()
@@ -272,7 +268,7 @@ class RunController:
                 run.finished_at = time.time()
                 self._touch(run)
         finally:
-            write_record(run)
+            save_record(run)
 
     def _finish(self, run: RunState, status: RunStatus, error: str) -> None:
         with self._changed:
@@ -296,7 +292,15 @@ class RunController:
         mark = (run.status, len(run.checkpoints))
         if run.status != "queued" and mark != self._recorded.get(run.id):
             self._recorded[run.id] = mark
-            write_record(run)
+            save_record(run)
+
+
+def save_record(run: RunState) -> None:
+    """The run's ``app-run.json``: what the runs list shows after a restart, and the loss curve."""
+    write_record(run.run_dir, {
+        "name": run.name, "status": run.status, "step": run.step, "total_steps": run.total_steps,
+        "output": str(run.output_path), "error": run.error,
+        "losses": [[step, round(loss, 6), round(smoothed, 6)] for step, loss, smoothed in run.losses]})
 
 
 def apply_event(run: RunState, event: Event) -> None:
@@ -350,7 +354,7 @@ def shares_accelerator(a: str, b: str) -> bool:
 
 
 def _engine_train(config: StudioConfig, commands: RunCommands) -> Iterator[Event]:
-    from trainer.loop import train
+    from trainer.train.loop import train
 
     return train(config, commands)
 
@@ -358,68 +362,11 @@ def _engine_train(config: StudioConfig, commands: RunCommands) -> Iterator[Event
 # --- runs on disk --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """A run found on disk (this session's or an earlier one's)."""
-
-    name: str
-    output: Path
-    status: str
-    step: int
-    total_steps: int
-    last_checkpoint: int | None  # step of the newest checkpoint, None when there is none
-
-    @property
-    def resumable(self) -> bool:
-        return self.last_checkpoint is not None and (self.total_steps == 0 or self.last_checkpoint < self.total_steps)
 
 
-def read_record(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / RECORD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
-def write_record(run: RunState) -> None:
-    record = {"name": run.name, "status": run.status, "step": run.step, "total_steps": run.total_steps,
-              "output": str(run.output_path), "error": run.error,
-              "losses": [[step, round(loss, 6), round(smoothed, 6)] for step, loss, smoothed in run.losses]}
-    try:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.run_dir / RECORD_FILE, json.dumps(record, indent=1))
-    except (OSError, StudioError) as exc:  # the record is a convenience; never fail a run over it
-        log.warning("could not write the run record of %s: %s", run.name, exc)
 
 
-def runs_on_disk(runs_dir: Path) -> list[RunRecord]:
-    """Every run folder under ``runs_dir`` (``<name>_run/``), newest first."""
-    records = []
-    if not runs_dir.is_dir():
-        return records
-    folders = [p for p in runs_dir.iterdir() if p.is_dir() and p.name.endswith("_run")]
-    for folder in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
-        name = folder.name[: -len("_run")]
-        data = read_record(folder)
-        checkpoints = list_checkpoints(folder / "checkpoints") if (folder / "checkpoints").is_dir() else []
-        records.append(RunRecord(
-            name=name,
-            output=Path(data.get("output") or runs_dir / f"{name}.safetensors"),
-            status=str(data.get("status", "unknown")),
-            step=int(data.get("step", 0)),
-            total_steps=int(data.get("total_steps", 0)),
-            last_checkpoint=checkpoints[-1].step if checkpoints else None,
-        ))
-    return records
 
 
-def resume_config(runs_dir: Path, name: str) -> StudioConfig:
-    """The saved config of run ``name`` with ``resume = "auto"`` (continue from its newest checkpoint)."""
-    folder = runs_dir / f"{name}_run"
-    config_file = folder / "config.toml"
-    if not config_file.is_file():
-        raise StudioError(f"The run '{name}' has no saved settings ({config_file} is missing).",
-                          hint="Start it again as a new run.")
-    data = copy.deepcopy(load_toml(config_file))
-    data.setdefault("output", {})["resume"] = "auto"
-    return config_from_dict(data)

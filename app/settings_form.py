@@ -1,7 +1,7 @@
 """Widgets for every training setting, built from the config dataclasses' own types and help texts.
 
 The form is a dict ``field name -> component``; handlers receive it as gradio dict inputs and
-turn the values back into flat overrides (``{"rank": 8}``) that ``trainer.presets.resolve_config``
+turn the values back into flat overrides (``{"rank": 8}``) that ``trainer.config.presets.resolve_config``
 validates. Nothing here knows a setting by position, and a field added to the config appears in
 the form with its help text without touching this module.
 """
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import gradio as gr
 
-from trainer.config import SECTIONS, StudioConfig, config_to_dict, field_index
+from trainer.config.schema import SECTIONS, StudioConfig, config_to_dict, field_index
 
 # Set by the Train tab's own pickers (dataset, base model, run name, Resume button).
 APP_OWNED = frozenset({"base", "data", "output", "resume"})

@@ -28,7 +28,7 @@ class Studio:
     _generator_key: tuple[str, str] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Model construction (training setup, generator loading, meta-device sizing) one at a time:
-    # trainer.sizing builds modules under accelerate's init_empty_weights, which patches torch
+    # trainer.lora.sizing builds modules under accelerate's init_empty_weights, which patches torch
     # for every thread while it runs.
     build_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Held by a generation from loading the model to the last image, and by a training run while it
@@ -77,8 +77,8 @@ class Studio:
             self._gpu.release()
 
     def estimator(self, source: str) -> Any:
-        """The ``trainer.estimate.Estimator`` of a base model (folder, or bundled family name); call under build_lock."""
-        from trainer.estimate import Estimator
+        """The ``trainer.train.estimate.Estimator`` of a base model (folder, or bundled family name); call under build_lock."""
+        from trainer.train.estimate import Estimator
 
         if source not in self._estimators:
             self._estimators[source] = Estimator(source)
@@ -99,11 +99,11 @@ class Studio:
             if self._tokenizer is None:
                 from transformers import CLIPTokenizer
 
-                from trainer.models import TOKENIZER_DIR
+                from trainer.models.family import TOKENIZER_DIR
 
                 self._tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
             tokenizer = self._tokenizer
-        from trainer.text import count_tokens
+        from trainer.models.text import count_tokens
 
         return count_tokens(tokenizer, caption)
 
@@ -113,7 +113,7 @@ class Studio:
         key = (base, base_config)
         with self._lock:
             if self._generator is None or self._generator_key != key:
-                from trainer.generate import Generator
+                from trainer.generate.generator import Generator
 
                 self._generator = None  # free the old model before loading the next
                 with self.build_lock:

@@ -14,16 +14,17 @@ from urllib.parse import quote
 
 import gradio as gr
 
+from app.bundled import EXAMPLE_DATASET
 from app.errors import user_errors
 from app.projects import safe_name
 from app.studio import Studio
-from trainer.atomic import atomic_write_text
-from trainer.captions import has_trigger, read_caption_file
-from trainer.config import DataConfig
-from trainer.dataset import DatasetIssue, scan_dataset
-from trainer.errors import DatasetError, StudioError
-from trainer.images import image_extensions
-from trainer.lint import LintReport, lint_dataset
+from trainer.config.schema import DataConfig
+from trainer.core.atomic import atomic_write_text
+from trainer.core.errors import DatasetError, StudioError
+from trainer.data.captions import has_trigger, read_caption_file
+from trainer.data.images import image_extensions
+from trainer.data.lint import LintReport, lint_dataset
+from trainer.data.scan import DatasetIssue, scan_dataset
 
 TABLE_HEADERS = ["Picture", "File", "Caption (click to edit)", "Problems"]
 ISSUE_HEADERS = ["", "File", "Problem", "What to do"]
@@ -184,6 +185,8 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
             folder = gr.Textbox(label="…or copy in a folder from this computer", placeholder="/home/me/Pictures/zxq",
                                 elem_id="dataset-folder")
             import_button = gr.Button("Copy folder into the dataset", elem_id="dataset-import")
+            examples_button = gr.Button("No pictures at hand? Add the example pictures", size="sm",
+                                        elem_id="dataset-examples")
     status = gr.Markdown(elem_id="dataset-status")
     report = gr.Markdown(elem_id="dataset-report")
     with gr.Row():
@@ -233,6 +236,13 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
                 gr.update(choices=studio.projects.list_datasets(), value=safe_name(dataset, "dataset name")))
 
     @user_errors
+    def add_examples(dataset: str, trigger_word: str, check_resolution: float):
+        dataset = str(dataset or "").strip() or EXAMPLE_DATASET
+        summary = studio.projects.add_example_pictures(dataset)
+        return (*show(dataset_view(studio, dataset, trigger_word, check_resolution), summary.text()),
+                gr.update(choices=studio.projects.list_datasets(), value=safe_name(dataset, "dataset name")))
+
+    @user_errors
     def save_caption_edits(dataset: str, rows: list[list[Any]], trigger_word: str, check_resolution: float):
         changed = save_captions(studio, dataset, rows)
         view = dataset_view(studio, dataset, trigger_word, check_resolution)
@@ -274,6 +284,7 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
                   api_name="upload_images")
     import_button.click(import_folder, [name, folder, *lint_inputs], [*view_outputs, status, name],
                         api_name="import_folder")
+    examples_button.click(add_examples, [name, *lint_inputs], [*view_outputs, status, name], api_name="add_examples")
     table.input(save_caption_edits, [name, table, *lint_inputs], [report, issues, status], api_name="save_captions",
                 trigger_mode="always_last")
     table.select(select_row, [table], selected, api_name=False)

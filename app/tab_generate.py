@@ -20,7 +20,7 @@ import gradio as gr
 
 from app.errors import user_errors
 from app.studio import Studio
-from trainer.errors import ConfigError, LoraFileError, StudioError
+from trainer.core.errors import ConfigError, LoraFileError, StudioError
 
 WEIGHT_RANGE = (-2.0, 2.0)
 DEFAULT_PROMPT = "zxq, a portrait"
@@ -33,7 +33,7 @@ def new_slot(file: str = "", weight: float = 1.0) -> dict[str, Any]:
 
 def lora_specs(studio: Studio, slots: list[dict[str, Any]] | None) -> list[Any]:
     """The engine's LoraSpecs for the slots that name a file (empty slots are skipped)."""
-    from trainer.generate import BlockWeights, LoraSpec, parse_block_weights
+    from trainer.generate.requests import BlockWeights, LoraSpec, parse_block_weights
 
     specs = []
     for slot in slots or []:
@@ -100,7 +100,7 @@ class GenerateTab:
 
 
 def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
-    from trainer.schedulers import DEFAULT_SAMPLER, sampler_names
+    from trainer.generate.schedulers import DEFAULT_SAMPLER, sampler_names
 
     with gr.Row():
         base = gr.Dropdown(choices=studio.projects.base_model_choices(), value=None, allow_custom_value=True,
@@ -192,7 +192,7 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
     def generate(base_model: str, lora_slots: list[dict[str, Any]], prompt_text: str, negative_prompt: str,
                  seed_value: float, sampling_steps: float, cfg_scale: float, image_width: float, image_height: float,
                  sampler: str, images: float, compare_off: bool, progress: gr.Progress = gr.Progress()):
-        from trainer.generate import GenerationRequest, save_images
+        from trainer.generate.requests import GenerationRequest, save_images
 
         if not str(base_model or "").strip():
             raise ConfigError("No base model is chosen.",

@@ -15,7 +15,7 @@ import gradio as gr
 from app.errors import user_errors
 from app.studio import Studio
 from app.tab_generate import lora_choices, resolve_lora_path
-from trainer.errors import ConfigError, StudioError
+from trainer.core.errors import ConfigError, StudioError
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,9 @@ class ToolsTab:
 
 
 def build_tools_tab(studio: Studio) -> ToolsTab:
-    from trainer.tools import bake_loras, inspect_lora, merge_loras, resize_lora
+    from trainer.tools.bake import bake_loras
+    from trainer.tools.inspect import inspect_lora
+    from trainer.tools.resize import merge_loras, resize_lora
 
     gr.Markdown("Look inside a LoRA, make it smaller, mix several into one, or bake them into a checkpoint. "
                 f"Results are saved in `{studio.projects.outputs_dir}`.", elem_id="tools-intro")
@@ -169,7 +171,7 @@ def build_tools_tab(studio: Studio) -> ToolsTab:
 
     @user_errors
     def bake(base: str, files: list[str] | None, weights: str, name: str, progress: gr.Progress = gr.Progress()):
-        from trainer.generate import LoraSpec
+        from trainer.generate.requests import LoraSpec
 
         chosen = weighted_files(studio, files, weights)
         base_path = studio.projects.resolve_base(base)

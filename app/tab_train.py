@@ -16,6 +16,7 @@ import gradio as gr
 
 from app.errors import user_errors
 from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
+from app.run_records import resume_config
 from app.run_view import (
     RUN_HEADERS,
     loss_frame,
@@ -25,11 +26,16 @@ from app.run_view import (
     runs_table,
     status_markdown,
 )
-from app.runs import RunState, resume_config
+from app.runs import RunState
 from app.settings_form import SettingsForm, build_settings_form
 from app.studio import Studio
-from trainer.errors import ConfigError, StudioError
-from trainer.presets import DEFAULT_PRESET, list_presets, load_preset, resolve_config
+from trainer.config.presets import (
+    DEFAULT_PRESET,
+    list_presets,
+    load_preset,
+    resolve_config,
+)
+from trainer.core.errors import ConfigError, StudioError
 
 WATCH_INTERVAL_S = 0.25  # at most four page updates a second, however fast the steps are
 WATCH_HEARTBEAT_S = 10.0
@@ -138,7 +144,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         check_base_exists(studio, base_model)
         final_name = unique_run_name(studio, name, dataset_name)
         config = run_config(studio, dataset_name, base_model, preset_name, final_name, settings)
-        from trainer.dataset import scan_dataset
+        from trainer.data.scan import scan_dataset
 
         scan_dataset(config.data)  # "no pictures" is reported now, not after the model has loaded
         run = studio.runs.submit(final_name, config)

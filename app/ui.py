@@ -8,10 +8,10 @@ analytics, the project folder (and nothing else) served to the page.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import gradio as gr
 
+from app.bundled import asset_path
 from app.errors import user_errors
 from app.studio import Studio
 from app.tab_dataset import build_dataset_tab
@@ -19,7 +19,6 @@ from app.tab_generate import build_generate_tab, open_in_generate
 from app.tab_tools import build_tools_tab
 from app.tab_train import build_train_tab
 
-ASSETS = Path(__file__).parent / "assets"
 TITLE = "LoRA Studio"
 
 
@@ -83,7 +82,7 @@ def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, auth: t
         server_name=host, server_port=port, share=False, inbrowser=open_browser, auth=auth,
         prevent_thread_lock=True, allowed_paths=[str(studio.projects.root)], show_error=False, quiet=quiet,
         ssr_mode=False, pwa=False, mcp_server=False, footer_links=["api", "settings"],
-        theme=theme(), css_paths=[ASSETS / "style.css"], favicon_path=ASSETS / "favicon.png",
+        theme=theme(), css_paths=[asset_path("style.css")], favicon_path=asset_path("favicon.png"),
     )
     if block:
         try:

@@ -319,7 +319,7 @@ def quiet_libraries() -> None:
 
 # --- the benchmark model: real SD 1.5 architecture, random weights ------------------------------
 
-SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "trainer" / "model_configs" / "sd15"
+SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "trainer" / "models" / "configs" / "sd15"
 TOKENIZER_DIR = SD15_CONFIG_DIR.parent / "clip_tokenizer"
 
 
@@ -327,7 +327,12 @@ def write_random_sd15(folder: str | Path, seed: int = 0, log: Callable[[str], No
     """Save SD 1.5 (UNet 860M, VAE 84M, CLIP-L text encoder 123M) with random weights as a
     diffusers folder. Weights are stored in fp16, like the usual 2 GB SD 1.5 files; loading
     upcasts them. Reuses ``folder`` when it already holds a complete model."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)

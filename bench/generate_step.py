@@ -4,7 +4,7 @@
     python -m bench.generate_step --device cuda --resolution 512 --json out/gen.json
 
 Model: the real SD 1.5 architecture with random weights (see ``bench.train_step``), loaded
-through ``trainer.generate.Generator`` with two kohya-format LoRA files of random weights on
+through ``trainer.generate.generator.Generator`` with two kohya-format LoRA files of random weights on
 every transformer Linear/1x1 of the UNet plus the text encoder's attention (kohya's default
 layer set), ranks ``--ranks``, weights 0.8 and 0.5.
 
@@ -15,7 +15,7 @@ scheduler update. Cases, timed interleaved in one run:
 - **base**: the UNet with no LoRA machinery at all (a second module tree over the unfused
   generator's weight tensors, so it costs no memory);
 - **two unfused**: a Generator with ``fuse=False``: the base weights untouched, both adapters
-  packed into one low-rank product per adapted layer (``trainer.packed_lora``), which adds
+  packed into one low-rank product per adapted layer (``trainer.generate.packed``), which adds
   x·Aᵀ·Bᵀ (rank r1 + r2) to the base output in one fused multiply-add;
 - **two fused**: a second Generator (its own copy of the weights) with the default ``fuse=True``:
   the adapters are merged into the weights.
@@ -83,10 +83,10 @@ def write_random_lora(path: Path, model: Any, rank: int, seed: int) -> Path:
     """A kohya-format LoRA with random A and B on kohya's default layers of ``model``."""
     from safetensors.torch import save_file
 
-    from trainer.formats import kohya_state_dict
-    from trainer.kohya_names import kohya_module_name
-    from trainer.lora import text_encoder_target_modules, unet_target_modules
-    from trainer.lora_files import LoraModule
+    from trainer.lora.inject import text_encoder_target_modules, unet_target_modules
+    from trainer.lora.names import kohya_module_name
+    from trainer.lora.reading import LoraModule
+    from trainer.lora.writing import kohya_state_dict
 
     generator = torch.Generator().manual_seed(seed)
     modules = []
@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run(settings: GenSettings, base: str, tmp: Path, device: torch.device) -> dict[str, Any]:
     from bench.train_step import share_weights
-    from trainer.generate import GenerationRequest, Generator, LoraSpec
-    from trainer.schedulers import make_scheduler, parse_sampler
+    from trainer.generate.generator import Generator
+    from trainer.generate.requests import GenerationRequest, LoraSpec
+    from trainer.generate.schedulers import make_scheduler, parse_sampler
 
     # Two generators (two copies of the weights) so that unfused and fused run interleaved.
     unfused_gen = Generator.from_base(base, precision=settings.precision, device=str(device), fuse=False)

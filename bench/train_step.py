@@ -12,7 +12,7 @@ Cases, timed interleaved (see ``bench.common``) so that their ratios hold on a b
 - **floor**: the frozen UNet's forward plus the activation-gradient backward (the input latents
   require grad, no weight does), on the same latents, timesteps and text embeddings. No LoRA
   step can be cheaper.
-- **ours**: one optimiser step of ``trainer.loop`` (``training_step`` + clip + AdamW + schedule,
+- **ours**: one optimiser step of ``trainer.train.loop`` (``training_step`` + clip + AdamW + schedule,
   loss read once) on a ``Session`` that ``open_session`` built from a config: per target set,
   text encoder trained or frozen, caching on or off.
 - **peer**: a step as diffusers' ``examples/text_to_image/train_text_to_image_lora.py`` takes it:
@@ -25,7 +25,7 @@ through the floor. Epochs (``--images`` pictures, batch ``--batch``): the first 
 time to fill a fresh latent/text cache + steps × best step time; later epochs = steps only (the
 cache is warm); a 10-epoch run (the presets' default) = caching + 10 epochs of steps. The peer
 has no cache, so all its epochs cost the same. ``--full-epoch`` also times a real first epoch.
-Memory: see ``bench.common``; the estimator's prediction (``trainer.estimate``) and its error
+Memory: see ``bench.common``; the estimator's prediction (``trainer.train.estimate``) and its error
 are printed next to each measured row.
 """
 
@@ -180,8 +180,8 @@ class PeerStep:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        from trainer.config import ModelConfig
-        from trainer.models import load_base_model
+        from trainer.config.schema import ModelConfig
+        from trainer.models.loading import load_base_model
 
         self.device, self.dtype, self.batch, self.resolution = device, dtype, batch, resolution
         self.images = images
@@ -253,10 +253,10 @@ def share_weights(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 class OursStep:
-    """One optimiser step exactly as ``trainer.loop.train`` takes it."""
+    """One optimiser step exactly as ``trainer.train.loop.train`` takes it."""
 
     def __init__(self, session: Any) -> None:
-        from trainer.loop import optimizer_step
+        from trainer.train.loop import optimizer_step
 
         self.session = session
         self._optimizer_step = optimizer_step
@@ -270,7 +270,7 @@ class OursStep:
 
 
 def ours_config(settings: BenchSettings, variant: Variant, base: str, data: Path, out: Path):
-    from trainer.presets import resolve_config
+    from trainer.config.presets import resolve_config
 
     return resolve_config(None, None, {
         "base": base, "data": str(data), "resolution": settings.resolution, "batch_size": settings.batch,
@@ -296,7 +296,7 @@ class OpenedSession:
 def open_ours(settings: BenchSettings, variant: Variant, base: str, data: Path, out: Path, device: torch.device,
               log: Callable[[str], None], fresh_caching_seconds: float | None = None) -> OpenedSession:
     """Open a session and fill its caches; ``fresh_caching_seconds`` replaces the (cache-hit) time."""
-    from trainer.session import open_session
+    from trainer.train.session import open_session
 
     config = ours_config(settings, variant, base, data, out)
     start = time.perf_counter()
@@ -485,7 +485,7 @@ def row(name: str, variant: Variant | None, result: CaseResult, floor: CaseResul
 def ours_row(opened: OpenedSession, result: CaseResult, floor: CaseResult, peer: CaseResult | None, batches: int,
              device: torch.device, settings: BenchSettings,
              peer_floor: CaseResult | None = None) -> dict[str, Any]:
-    from trainer.estimate import estimate_run
+    from trainer.train.estimate import estimate_run
 
     s = opened.session
     result.resident_bytes = tensor_bytes(session_modules(s), s.optimizer, device=device)

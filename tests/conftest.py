@@ -31,7 +31,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_sd1_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD1-family model saved as a diffusers folder (read-only: copy to modify)."""
-    from trainer.demo_model import write_tiny_sd1
+    from trainer.models.demo import write_tiny_sd1
 
     return write_tiny_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1", seed=0)
 

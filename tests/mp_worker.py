@@ -1,6 +1,6 @@
 """One process of a multi-process training run, started by ``accelerate launch`` in test_multiprocess.
 
-Runs ``trainer.loop.train`` exactly as the CLI does and records, for the test to check:
+Runs ``trainer.train.loop.train`` exactly as the CLI does and records, for the test to check:
   - every file-system write under ``--watch`` (Python audit events: open for writing, mkdir,
     rename/replace, remove), so the test can prove that only the main process writes files;
   - the samples each ``next_batch`` call handed this process, so the test can prove that the
@@ -58,11 +58,11 @@ def main() -> int:
     import torch
     from safetensors.torch import save_file
 
-    import trainer.loop as loop
-    from trainer import lora as lora_mod
-    from trainer.events import RunCommands, RunFinished, StepProgress
-    from trainer.presets import resolve_config
-    from trainer.session import Session
+    import trainer.train.loop as loop
+    from trainer.config.presets import resolve_config
+    from trainer.lora import inject as lora_mod
+    from trainer.train.events import RunCommands, RunFinished, StepProgress
+    from trainer.train.session import Session
 
     torch.set_num_threads(1)
     sessions: list[Session] = []

@@ -81,6 +81,16 @@ def test_every_working_event_is_a_named_endpoint(app_client: Client) -> None:
     assert ENDPOINTS <= named, ENDPOINTS - named
 
 
+def test_the_example_pictures_make_a_captioned_dataset_to_try(app_client: Client, app_server) -> None:
+    table, report, issues, status, name = app_client.predict("", "", 64, api_name="/add_examples")
+    assert status == "Added 8 pictures and 8 caption files." and name["value"] == "example"
+    data = rows(table)
+    assert len(data) == 8 and all("blue scarf" in row[2] for row in data)
+    assert "8 usable pictures of 8" in report
+    folder = app_server.projects.dataset_dir("example")
+    assert sorted(p.suffix for p in folder.iterdir()).count(".txt") == 8
+
+
 def test_upload_pictures_then_edit_captions(app_client: Client, app_server, tmp_path: Path) -> None:
     files = write_pictures(tmp_path / "in", 6, make_pattern_image)
     table, report, issues, status, *_ = app_client.predict(

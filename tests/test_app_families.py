@@ -20,7 +20,7 @@ from gradio_client.exceptions import AppError
 from safetensors import safe_open
 
 from app.run_view import format_bytes
-from trainer.demo_model import write_tiny_sd2, write_tiny_sdxl
+from trainer.models.demo import write_tiny_sd2, write_tiny_sdxl
 
 APP_PORT = 7910  # app_server's first port for this module
 DATASET = "families-set"
@@ -75,8 +75,8 @@ def generate(client: Client, base: str, lora: Path, **kwargs):
 
 
 def expected_size(base: Path) -> int:
-    from trainer.presets import resolve_config
-    from trainer.sizing import architecture_for, lora_size
+    from trainer.config.presets import resolve_config
+    from trainer.lora.sizing import architecture_for, lora_size
 
     config = resolve_config(PRESET, overrides={**SETTINGS, "base": str(base)})
     return lora_size(config, architecture_for(str(base)), config.output.export_dtype)[1]
@@ -129,15 +129,11 @@ def test_an_sd1_lora_on_the_sdxl_base_is_refused_clearly(app_client: Client, mod
 
 def _sd1_lora(path: Path) -> Path:
     """A small SD1 LoRA file (tiny SD1 model, random LoRA weights)."""
-    from trainer.config import NetworkConfig
-    from trainer.demo_model import build_tiny_sd1
-    from trainer.formats import (
-        ExportInfo,
-        build_metadata,
-        collect_lora_modules,
-        save_kohya_lora,
-    )
-    from trainer.lora import inject_lora, plan_lora
+    from trainer.config.schema import NetworkConfig
+    from trainer.lora.inject import inject_lora, plan_lora
+    from trainer.lora.metadata import ExportInfo, build_metadata
+    from trainer.lora.writing import collect_lora_modules, save_kohya_lora
+    from trainer.models.demo import build_tiny_sd1
 
     parts = build_tiny_sd1()
     network = NetworkConfig(rank=2, alpha=2, train_text_encoder=False)

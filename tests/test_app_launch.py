@@ -12,8 +12,8 @@ import pytest
 from child_process import REPO, child_env
 
 import app.ui
-from app.__main__ import free_port, launch_from_args, parse_auth
-from trainer.errors import StudioError
+from app.launch import free_port, launch_from_args, parse_auth
+from trainer.core.errors import StudioError
 
 
 def test_a_busy_port_moves_to_the_next_free_one() -> None:

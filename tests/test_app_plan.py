@@ -11,7 +11,7 @@ import pytest
 import app.run_plan as run_plan
 from app.run_view import format_bytes
 from app.studio import Studio
-from trainer.presets import resolve_config
+from trainer.config.presets import resolve_config
 
 GiB = 1024**3
 SDXL = SimpleNamespace(family="sdxl")  # what estimate_line reads of the architecture

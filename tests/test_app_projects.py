@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.projects import DEMO_MODEL_CHOICE, Projects, safe_name
-from trainer.errors import DatasetError, ModelLoadError, StudioError
+from trainer.core.errors import DatasetError, ModelLoadError, StudioError
 
 
 @pytest.mark.parametrize("raw, expected", [

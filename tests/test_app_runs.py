@@ -1,6 +1,6 @@
 """The run controller: queued runs run one after another, Stop reaches the engine, failures are kept.
 
-A scripted stand-in for ``trainer.loop.train`` yields the engine's real event types, so these
+A scripted stand-in for ``trainer.train.loop.train`` yields the engine's real event types, so these
 tests check the controller's bookkeeping in milliseconds; the real loop runs in the API and
 browser tests.
 """
@@ -14,17 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from app.runs import (
-    RECORD_FILE,
-    RunController,
-    RunState,
-    apply_event,
-    resume_config,
-    runs_on_disk,
-)
-from trainer.config import StudioConfig, save_toml
-from trainer.errors import StudioError, TrainingError
-from trainer.events import (
+from app.run_records import RECORD_FILE, resume_config, runs_on_disk
+from app.runs import RunController, RunState, apply_event, save_record
+from trainer.config.presets import resolve_config
+from trainer.config.schema import StudioConfig, save_toml
+from trainer.core.errors import StudioError, TrainingError
+from trainer.train.events import (
     CheckpointSaved,
     Event,
     Notice,
@@ -34,7 +29,6 @@ from trainer.events import (
     SamplesMade,
     StepProgress,
 )
-from trainer.presets import resolve_config
 
 TIMEOUT = 10.0
 
@@ -205,10 +199,9 @@ def test_runs_on_disk_and_resume_config(tmp_path: Path) -> None:
     (run_dir / "checkpoints" / "step-000003").mkdir(parents=True)
     save_toml(config, run_dir / "config.toml")
     state = RunState(id="x", name="old", config=config, status="stopped", step=3, total_steps=5)
-    from app.runs import write_record
 
-    write_record(state)
-    from trainer import checkpoints
+    save_record(state)
+    from trainer.train import checkpoints
 
     checkpoints.save_checkpoint(run_dir / "checkpoints", 3, {"step": 3}, keep_last=2)
     records = runs_on_disk(runs)
@@ -234,14 +227,13 @@ def test_apply_event_keeps_samples_newest_last_and_marks_early_stop(tmp_path: Pa
 def test_a_run_cut_off_by_a_closed_app_is_listed_as_interrupted_and_resumable(tmp_path: Path) -> None:
     from app.run_view import resumable_runs, runs_table
     from app.studio import Studio
-    from trainer import checkpoints
+    from trainer.train import checkpoints
 
     studio = Studio.create(tmp_path / "projects", train_fn=ScriptedEngine())
     config = make_config(tmp_path / "projects", "cut")
     state = RunState(id="x", name="cut", config=config, status="training", step=7, total_steps=20)
-    from app.runs import write_record
 
-    write_record(state)  # what the earlier session last wrote before it died
+    save_record(state)  # what the earlier session last wrote before it died
     checkpoints.save_checkpoint(state.run_dir / "checkpoints", 6, {"step": 6}, keep_last=2)
     assert runs_table(studio) == [["cut", "⚠ interrupted", "7 / 20", "step 6", ""]]
     assert resumable_runs(studio) == ["cut"]

@@ -25,12 +25,12 @@ from browser.app_server import write_pictures
 from conftest import make_pattern_image
 from gradio_client import Client
 
-from app.__main__ import free_port
+from app.launch import free_port
 from app.projects import DEMO_MODEL_CHOICE, DEMO_MODEL_DIR
 from app.studio import Studio
 from app.ui import launch
-from trainer.events import RunFinished, RunStarted, StepProgress
-from trainer.generate import Generator
+from trainer.generate.generator import Generator
+from trainer.train.events import RunFinished, RunStarted, StepProgress
 
 DEMO = DEMO_MODEL_CHOICE
 DATASET = "sessions-set"

@@ -39,13 +39,14 @@ from child_process import child_env
 from conftest import make_pattern_image
 from PIL import Image, features
 
-from trainer.cli import main
-from trainer.config import DataConfig
-from trainer.dataset import DatasetItem, DatasetScan, TrainingSet, scan_dataset
-from trainer.errors import StudioError
-from trainer.formats import read_lora_file
-from trainer.lint import lint_dataset
-from trainer.lora_files import MAX_HEADER_BYTES
+from trainer.cli.main import main
+from trainer.config.schema import DataConfig
+from trainer.core.errors import StudioError
+from trainer.core.safetensors_header import MAX_HEADER_BYTES
+from trainer.data.lint import lint_dataset
+from trainer.data.scan import DatasetItem, DatasetScan, scan_dataset
+from trainer.data.training_set import TrainingSet
+from trainer.lora.reading import read_lora_file
 
 RESOLUTION = 64  # the tiny model's native size
 
@@ -335,8 +336,8 @@ def _issue_about(issues, target: Path, code: str):
 def count_tokens():
     from transformers import CLIPTokenizer
 
-    from trainer.demo_model import TOKENIZER_DIR
-    from trainer.text import count_tokens as count
+    from trainer.models.family import TOKENIZER_DIR
+    from trainer.models.text import count_tokens as count
 
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
     return lambda caption: count(tokenizer, caption)
@@ -537,10 +538,11 @@ def test_bad_settings_end_with_one_clear_line(case: ConfigCase, tmp_path: Path, 
     _one_error_line(err, case.words)
     assert not (tmp_path / "out" / "lora.safetensors").exists()
 
-    from trainer.cli import build_parser, config_overrides
-    from trainer.events import RunStarted
-    from trainer.loop import train
-    from trainer.presets import resolve_config
+    from trainer.cli.main import build_parser
+    from trainer.cli.train import config_overrides
+    from trainer.config.presets import resolve_config
+    from trainer.train.events import RunStarted
+    from trainer.train.loop import train
 
     args = build_parser().parse_args(argv)
     with pytest.raises(StudioError, match=_escaped(case.words)):
@@ -644,7 +646,7 @@ def _header_claiming(shape: list[int]) -> bytes:
 
 @pytest.fixture(scope="module")
 def generator(tiny_sd1_dir: Path):
-    from trainer.generate import Generator
+    from trainer.generate.generator import Generator
 
     return Generator.from_base(str(tiny_sd1_dir), device="cpu")
 
@@ -663,7 +665,7 @@ def no_unpickling(monkeypatch):
 @pytest.mark.parametrize("case", LORA_CASES, ids=[c.name for c in LORA_CASES])
 def test_lora_file_case_in_the_generate_path(case: LoraCase, tmp_path: Path, generator, tiny_sd1_dir: Path,
                                              no_unpickling, capsys) -> None:
-    from trainer.generate import GenerationRequest, LoraSpec
+    from trainer.generate.requests import GenerationRequest, LoraSpec
 
     path = case.write(tmp_path)
     size = path.stat().st_size
@@ -734,7 +736,7 @@ def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, app_client
     from gradio_client import handle_file
 
     from app.projects import DEMO_MODEL_CHOICE, safe_name
-    from trainer.images import image_extensions
+    from trainer.data.images import image_extensions
 
     folder = tmp_path / "set"
     _build(case, folder)
@@ -773,7 +775,7 @@ def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, app_client
     if "caption" in case.name:  # the grid shows the caption as the engine reads it
         text = (folder / case.target).with_suffix(".txt")
         if text.is_file() and readable(text):
-            from trainer.captions import read_caption_file
+            from trainer.data.captions import read_caption_file
 
             assert row[2] == read_caption_file(text)[0]
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.atomic import atomic_write_bytes
-from trainer.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from trainer.errors import CheckpointError, StudioError
+from trainer.core.atomic import atomic_write_bytes
+from trainer.core.errors import CheckpointError, StudioError
+from trainer.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 
 
 def _optimizer_state():

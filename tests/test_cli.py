@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from trainer.cli import build_parser, config_overrides, main
-from trainer.config import field_index, load_toml
-from trainer.sizing import architecture_for, lora_size
+from trainer.cli.main import build_parser, main
+from trainer.cli.train import config_overrides
+from trainer.config.schema import field_index, load_toml
+from trainer.lora.sizing import architecture_for, lora_size
 
 
 def test_every_config_field_is_a_flag_and_the_stable_names_exist():
@@ -127,7 +128,7 @@ def test_presets_command_lists_exact_sizes_for_sd15(capsys):
 
 def test_sd15_sizes_match_the_parameter_counts_of_design_notes():
     arch = architecture_for(None)
-    from trainer.config import NetworkConfig
+    from trainer.config.schema import NetworkConfig
 
     def params_per_rank(**kw):
         r = 8
@@ -144,8 +145,8 @@ def test_sd15_sizes_match_the_parameter_counts_of_design_notes():
 
 
 def test_predicted_size_equals_the_trained_file(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
-    from trainer.loop import train
-    from trainer.presets import resolve_config
+    from trainer.config.presets import resolve_config
+    from trainer.train.loop import train
 
     config = resolve_config("style", overrides=dict(base=str(tiny_sd1_dir), data=str(image_folder), steps=1, rank=4,
                                                     output=str(tmp_path / "s.safetensors")))

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import StudioConfig, config_from_dict, config_to_dict, load_toml, save_toml
-from trainer.errors import ConfigError
-from trainer.presets import list_presets, load_preset, resolve_config
+from trainer.config.presets import list_presets, load_preset, resolve_config
+from trainer.config.schema import (
+    StudioConfig,
+    config_from_dict,
+    config_to_dict,
+    load_toml,
+    save_toml,
+)
+from trainer.core.errors import ConfigError
 
 
 def test_presets_are_sparse_overrides_with_the_promised_shapes():
@@ -24,6 +30,28 @@ def test_presets_are_sparse_overrides_with_the_promised_shapes():
     assert "data" not in presets["character"].overrides
     assert character.data == StudioConfig().data
     assert all(p.description for p in presets.values())
+
+
+@pytest.mark.parametrize("name", ["character-lite", "character", "style", "max"])
+def test_each_preset_file_says_truly_what_it_is_for_and_how_big_it_gets(name: str):
+    """The comment header users read before copying a preset matches what the preset does."""
+    import re
+
+    from trainer.cli.console import format_size
+    from trainer.lora.sizing import _build, lora_size
+    from trainer.models.family import BUNDLED_CONFIGS
+
+    preset = load_preset(name)
+    header = preset.path.read_text(encoding="utf-8").split("\n\n")[0]
+    assert header.startswith(f"# {name}: ")
+    config = resolve_config(name)
+    network = config.network
+    assert f"Rank {network.rank} / alpha {network.alpha:g} " in header
+    assert f"x {config.train.epochs} epochs at batch size 1 = {20 * config.train.epochs}-{50 * config.train.epochs} steps" in header
+    sizes = re.search(r"File size \(fp16\): SD 1\.5 (.+?), SDXL (.+?)\.$", header, re.M).groups()
+    for family, label, stated in (("sd1", "SD 1.5", sizes[0]), ("sdxl", "SDXL", sizes[1])):
+        _, size = lora_size(config, _build(BUNDLED_CONFIGS[family], family, label))
+        assert format_size(size) == stated, f"{name} on {label}"
 
 
 def test_layering_defaults_preset_file_overrides(tmp_path: Path):

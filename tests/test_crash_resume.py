@@ -23,9 +23,9 @@ from child_process import child_env
 from conftest import write_image_folder
 from tiny_runs import assert_same_lora
 
-from trainer.checkpoints import list_checkpoints, load_checkpoint
-from trainer.errors import StudioError
-from trainer.formats import read_lora_file
+from trainer.core.errors import StudioError
+from trainer.lora.reading import read_lora_file
+from trainer.train.checkpoints import list_checkpoints, load_checkpoint
 
 STEPS, SAVE_EVERY = 64, 4  # >= 52 steps remain after the latest kill point: the kill lands mid-run even on a fast, quiet machine
 TRAIN_FLAGS = ["--preset", "character", "--rank", "4", "--alpha", "2", "--steps", str(STEPS),
@@ -39,7 +39,7 @@ import os, signal, sys
 from pathlib import Path
 where = sys.argv.pop(1)
 if where.startswith("checkpoint:"):
-    import trainer.checkpoints as ck
+    import trainer.train.checkpoints as ck
     save_file, step = ck.save_file, where.split(":")[1]
     def save_then_die(tensors, path, *a, **kw):
         save_file(tensors, path, *a, **kw)
@@ -47,14 +47,14 @@ if where.startswith("checkpoint:"):
             os.kill(os.getpid(), signal.SIGKILL)
     ck.save_file = save_then_die
 elif where == "export":
-    import trainer.atomic as atomic
+    import trainer.core.atomic as atomic
     fsync = atomic._fsync_file
     def fsync_then_die(path):
         fsync(path)
         if Path(path).name.startswith(".lora.safetensors."):  # complete temp file, not yet renamed
             os.kill(os.getpid(), signal.SIGKILL)
     atomic._fsync_file = fsync_then_die
-from trainer.cli import main
+from trainer.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -189,8 +189,8 @@ def _fail_when_writing(marker: str):
 
 def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tiny_sd1_dir: Path, dataset: Path,
                                                                    tmp_path: Path, monkeypatch, capsys):
-    import trainer.checkpoints as ck
-    from trainer.cli import main
+    import trainer.train.checkpoints as ck
+    from trainer.cli.main import main
 
     monkeypatch.setattr(ck, "save_file", _fail_when_writing("step-000004"))
     out = tmp_path / "out"
@@ -211,8 +211,8 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tiny_sd1_dir
 
 
 def test_disk_full_while_exporting_keeps_the_previous_lora(tmp_path: Path, monkeypatch):
-    import trainer.formats as formats
-    from trainer.lora_files import LoraModule
+    import trainer.lora.writing as formats
+    from trainer.lora.reading import LoraModule
 
     modules = [LoraModule("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
                           torch.randn(4, 768), torch.randn(320, 4), 4.0)]
@@ -238,9 +238,9 @@ def _mount_tiny_tmpfs(where: Path) -> bool:
 def test_a_really_full_disk_gives_the_same_clear_errors(tmp_path: Path):
     """The real thing where the test may mount a 64 kB tmpfs (root): safetensors reports ENOSPC as
     its own SafetensorError, which must still become the disk-full message, not a traceback."""
-    from trainer.checkpoints import save_checkpoint
-    from trainer.formats import save_kohya_lora
-    from trainer.lora_files import LoraModule
+    from trainer.lora.reading import LoraModule
+    from trainer.lora.writing import save_kohya_lora
+    from trainer.train.checkpoints import save_checkpoint
 
     small = tmp_path / "small"
     if not _mount_tiny_tmpfs(small):
@@ -263,7 +263,7 @@ def test_a_really_full_disk_gives_the_same_clear_errors(tmp_path: Path):
 CAPTION_WRITER = r"""
 import sys
 from pathlib import Path
-from trainer.atomic import atomic_write_text
+from trainer.core.atomic import atomic_write_text
 path = Path(sys.argv[1])
 print("ready", flush=True)
 i = 0

@@ -17,12 +17,13 @@ import torch
 from conftest import make_pattern_image
 from PIL import Image
 
-from trainer.buckets import assign_bucket, fit_to_bucket, make_buckets
-from trainer.captions import process_caption
-from trainer.config import DataConfig
-from trainer.dataset import DatasetScan, TrainingSet, scan_dataset
-from trainer.errors import DatasetError
-from trainer.lint import LintReport, lint_dataset
+from trainer.config.schema import DataConfig
+from trainer.core.errors import DatasetError
+from trainer.data.buckets import assign_bucket, fit_to_bucket, make_buckets
+from trainer.data.captions import process_caption
+from trainer.data.lint import LintReport, lint_dataset
+from trainer.data.scan import DatasetScan, scan_dataset
+from trainer.data.training_set import TrainingSet
 
 
 def picture(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0, caption: str | None = None) -> Path:
@@ -50,7 +51,7 @@ def codes(report: LintReport | DatasetScan) -> Counter[str]:
 def count_clip_tokens() -> Callable[[str], int]:
     from transformers import CLIPTokenizer
 
-    from trainer.demo_model import TOKENIZER_DIR
+    from trainer.models.family import TOKENIZER_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
     return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.estimate import Estimate, Estimator, estimate_run, model_arch
-from trainer.presets import resolve_config
+from trainer.config.presets import resolve_config
+from trainer.train.estimate import Estimate, Estimator, estimate_run
+from trainer.train.step_profile import model_arch
 
 GiB = 1024**3
 
@@ -96,8 +97,8 @@ def test_steps_setting_wins_over_epochs(sd15):
 
 
 def test_a_loaded_model_is_measured_by_its_own_shapes(tiny_sd1_dir):
-    from trainer.config import ModelConfig
-    from trainer.models import load_base_model
+    from trainer.config.schema import ModelConfig
+    from trainer.models.loading import load_base_model
 
     tiny = load_base_model(ModelConfig(base=str(tiny_sd1_dir)))
     assert model_arch(tiny).unet_config["block_out_channels"] == [32, 64] or \
@@ -148,7 +149,7 @@ def test_sdxl_at_1024_with_checkpointing_fits_a_10_gb_budget():
     (6, True, "warning", "may not fit"),  # not even with it: the notice says what to lower
 ])
 def test_checkpointing_is_turned_on_only_when_the_run_would_not_fit_without_it(free_gib, checkpointing, level, words):
-    from trainer.estimate import checkpointing_for_memory
+    from trainer.train.estimate import checkpointing_for_memory
 
     config = resolve_config(None, None, {"resolution": 1024, "train_text_encoder": False, "precision": "bf16",
                                          "targets": "attn", "rank": 32})
@@ -160,7 +161,7 @@ def test_checkpointing_is_turned_on_only_when_the_run_would_not_fit_without_it(f
 
 
 def test_checkpointing_asked_for_is_kept_whatever_the_memory():
-    from trainer.estimate import checkpointing_for_memory
+    from trainer.train.estimate import checkpointing_for_memory
 
     config = resolve_config(None, None, {"grad_checkpointing": True})
     assert checkpointing_for_memory(Estimator("sd15"), config, 80 * GiB) == (True, "", "info")
@@ -171,9 +172,9 @@ def test_a_session_counts_the_memory_it_already_holds_as_its_own(tiny_sd1_dir, m
     the budget (the estimate includes those weights), else every run would look too big."""
     import torch
 
-    from trainer.config import ModelConfig
-    from trainer.models import load_base_model
-    from trainer.session import use_checkpointing
+    from trainer.config.schema import ModelConfig
+    from trainer.models.loading import load_base_model
+    from trainer.train.session import use_checkpointing
 
     model = load_base_model(ModelConfig(base=str(tiny_sd1_dir)))
     config = resolve_config(None, None, {"base": str(tiny_sd1_dir), "resolution": 64, "device": "cuda"})

@@ -15,35 +15,36 @@ import torch
 from library_logs import library_warnings
 from tiny_runs import load_pipeline, merge_by_hand, sd_outputs
 
-from trainer.config import NetworkConfig
-from trainer.demo_model import build_tiny_sd1
-from trainer.errors import LoraFileError
-from trainer.formats import (
-    METADATA_ESTIMATE_BYTES,
-    ExportInfo,
-    LoraModule,
-    build_metadata,
-    check_lora_fits,
-    collect_lora_modules,
-    detect_lora_family,
-    lora_file_size,
-    lora_shapes,
-    module_shape,
-    read_lora_file,
-    save_kohya_lora,
-    save_peft_lora,
-)
-from trainer.kohya_names import (
-    kohya_module_name,
-    model_module_path,
-    parse_kohya_module_name,
-)
-from trainer.lora import (
+from trainer.config.schema import NetworkConfig
+from trainer.core.errors import LoraFileError
+from trainer.lora.inject import (
     inject_lora,
     plan_lora,
     text_encoder_target_modules,
     unet_target_modules,
 )
+from trainer.lora.metadata import ExportInfo, build_metadata
+from trainer.lora.names import (
+    kohya_module_name,
+    model_module_path,
+    parse_kohya_module_name,
+)
+from trainer.lora.reading import (
+    LoraModule,
+    check_lora_fits,
+    detect_lora_family,
+    read_lora_file,
+)
+from trainer.lora.writing import (
+    METADATA_ESTIMATE_BYTES,
+    collect_lora_modules,
+    lora_file_size,
+    lora_shapes,
+    module_shape,
+    save_kohya_lora,
+    save_peft_lora,
+)
+from trainer.models.demo import build_tiny_sd1
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ def test_names_that_cannot_be_mapped_are_refused():
 def test_model_module_path_finds_the_text_model_level_either_way():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trainer.demo_model import TINY_SD1_TEXT
+    from trainer.models.demo import TINY_SD1_TEXT
 
     te = CLIPTextModel(CLIPTextConfig(**TINY_SD1_TEXT))
     real = model_module_path(te, "text_encoder", "text_model.encoder.layers.1.mlp.fc1")
@@ -569,12 +570,8 @@ def _tiny_sdxl_pipeline():
         CLIPTokenizer,
     )
 
-    from trainer.demo_model import (
-        SD_SCHEDULER,
-        TINY_SD1_TEXT,
-        TINY_SD1_VAE,
-        TOKENIZER_DIR,
-    )
+    from trainer.models.demo import SD_SCHEDULER, TINY_SD1_TEXT, TINY_SD1_VAE
+    from trainer.models.family import TOKENIZER_DIR
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

@@ -18,29 +18,29 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
-from trainer.config import ModelConfig
-from trainer.errors import ConfigError, LoraFileError
-from trainer.formats import (
-    ExportInfo,
-    LoraModule,
-    build_metadata,
-    save_kohya_lora,
-    save_peft_lora,
-)
-from trainer.generate import (
+from trainer.config.schema import ModelConfig
+from trainer.core.errors import ConfigError, LoraFileError
+from trainer.generate.generator import Generator
+from trainer.generate.infotext import parse_infotext, read_png_infotext
+from trainer.generate.matching import block_multipliers
+from trainer.generate.requests import (
     BlockWeights,
     GenerationRequest,
-    Generator,
     LoraSpec,
-    block_multipliers,
     parse_block_weights,
     parse_lora_arg,
     save_images,
 )
-from trainer.infotext import parse_infotext, read_png_infotext
-from trainer.kohya_names import kohya_module_name, parse_kohya_module_name
-from trainer.lora import module_in_out, text_encoder_target_modules, unet_target_modules
-from trainer.models import load_base_model
+from trainer.lora.inject import (
+    module_in_out,
+    text_encoder_target_modules,
+    unet_target_modules,
+)
+from trainer.lora.metadata import ExportInfo, build_metadata
+from trainer.lora.names import kohya_module_name, parse_kohya_module_name
+from trainer.lora.reading import LoraModule
+from trainer.lora.writing import save_kohya_lora, save_peft_lora
+from trainer.models.loading import load_base_model
 
 SIZE = {"width": 64, "height": 64, "steps": 2}
 
@@ -177,7 +177,7 @@ def test_weight_zero_renders_the_base_image_and_switching_never_reloads(tiny_sd1
     generator = Generator(load_model(tiny_sd1_dir))
     plain = generator.generate(GenerationRequest("a cat", seed=3, **SIZE))[0]
 
-    import trainer.generate as generate_module
+    import trainer.generate.generator as generate_module
     reads = []
     real_read = generate_module.read_lora_file
     monkeypatch.setattr(generate_module, "read_lora_file", lambda path: reads.append(path) or real_read(path))
@@ -563,7 +563,7 @@ def test_batch_with_comparison_writes_a1111_pngs(tiny_sd1_dir, two_loras, tmp_pa
 
 
 def test_cli_generate_writes_pngs(tiny_sd1_dir, two_loras, tmp_path, capsys) -> None:
-    from trainer.cli import main
+    from trainer.cli.main import main
 
     first_path = two_loras[0]
     code = main(["generate", "--base", str(tiny_sd1_dir), "--lora", f"{first_path}:0.8", "--prompt", "zxq girl",

@@ -13,8 +13,15 @@ import pytest
 from conftest import make_pattern_image
 from PIL import Image, features
 
-from trainer.errors import ImageError
-from trainer.images import IMAGE_EXTENSIONS, MAX_PIXELS, file_sha256, image_extensions, image_info, load_image
+from trainer.core.errors import ImageError
+from trainer.data.images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    file_sha256,
+    image_extensions,
+    image_info,
+    load_image,
+)
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.infotext import (
+from trainer.generate.infotext import (
     Infotext,
     LoraTag,
     lora_tags,

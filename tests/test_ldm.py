@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.config import ModelConfig
-from trainer.demo_model import SD_SCHEDULER, TINY_SD1_TEXT, TINY_SD1_UNET, TINY_SD1_VAE, TOKENIZER_DIR
-from trainer.ldm import ldm_state_dict, save_single_file
-from trainer.model_family import BUNDLED_CONFIGS
-from trainer.models import load_base_model
+from trainer.config.schema import ModelConfig
+from trainer.models.demo import SD_SCHEDULER, TINY_SD1_TEXT, TINY_SD1_UNET, TINY_SD1_VAE
+from trainer.models.family import BUNDLED_CONFIGS, TOKENIZER_DIR
+from trainer.models.loading import load_base_model
+from trainer.models.single_file import ldm_state_dict, save_single_file
 
 ALL_FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -31,11 +31,16 @@ def _assert_same_weights(original, loaded, parts: tuple[str, ...]) -> None:
             assert torch.equal(a[key].to(b[key].dtype), b[key]), f"{part}.{key}"
 
 
-# --- tiny SD2 / SDXL built in code (SD1 comes from trainer.demo_model) ------------------------
+# --- tiny SD2 / SDXL built in code (SD1 comes from trainer.models.demo) ------------------------
 
 def write_tiny_sd2(folder: Path) -> Path:
     """Tiny SD2-style model: linear proj_in/out, OpenCLIP-style (gelu) text encoder, v-prediction."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(10)
@@ -53,8 +58,18 @@ def write_tiny_sd2(folder: Path) -> Path:
 
 def write_tiny_sdxl(folder: Path) -> Path:
     """Tiny SDXL-style model: text_time embedding, two text encoders of different widths."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     torch.manual_seed(20)
     te2 = {**TINY_SD1_TEXT, "hidden_size": 48, "intermediate_size": 96, "hidden_act": "gelu", "projection_dim": 16}
@@ -120,7 +135,7 @@ def test_v_prediction_marker_is_read_back(tiny_folders: dict[str, Path], tmp_pat
 
 
 def test_components_without_family_are_detected(tmp_path: Path) -> None:
-    from trainer.demo_model import build_tiny_sd1
+    from trainer.models.demo import build_tiny_sd1
 
     parts = build_tiny_sd1(seed=3)
     path = save_single_file(parts, tmp_path / "parts.safetensors")
@@ -129,7 +144,7 @@ def test_components_without_family_are_detected(tmp_path: Path) -> None:
 
 
 def test_atomic_write_keeps_previous_file_on_failure(tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    from trainer.demo_model import build_tiny_sd1
+    from trainer.models.demo import build_tiny_sd1
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"previous")
@@ -144,8 +159,8 @@ def test_atomic_write_keeps_previous_file_on_failure(tiny_folders: dict[str, Pat
 def test_model_with_lora_adapters_is_refused(tmp_path: Path) -> None:
     from peft import LoraConfig
 
-    from trainer.demo_model import build_tiny_sd1
-    from trainer.errors import StudioError
+    from trainer.core.errors import StudioError
+    from trainer.models.demo import build_tiny_sd1
 
     parts = build_tiny_sd1()
     parts.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
@@ -219,7 +234,10 @@ TENSOR_COUNTS = {"sd1": 1131, "sd2": 1214, "sdxl": 2514}
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_full_size_layout_matches_original_files(family: str) -> None:
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     model = _full_size(family)
     ldm = ldm_state_dict(model)

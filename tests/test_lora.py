@@ -8,10 +8,17 @@ import re
 import pytest
 import torch
 
-from trainer.config import NetworkConfig
-from trainer.demo_model import build_tiny_sd1
-from trainer.lora import (inject_lora, lora_layers, lora_parameters, plan_lora, scaling_of,
-                          text_encoder_target_modules, unet_target_modules)
+from trainer.config.schema import NetworkConfig
+from trainer.lora.inject import (
+    inject_lora,
+    lora_layers,
+    lora_parameters,
+    plan_lora,
+    scaling_of,
+    text_encoder_target_modules,
+    unet_target_modules,
+)
+from trainer.models.demo import build_tiny_sd1
 
 
 def _unet_inputs():

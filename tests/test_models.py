@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ModelConfig
-from trainer.errors import ConfigError, ModelLoadError
-from trainer.model_family import (
+from trainer.config.schema import ModelConfig
+from trainer.core.errors import ConfigError, ModelLoadError
+from trainer.generate.pipeline import inference_pipeline
+from trainer.models.family import (
     BUNDLED_CONFIGS,
     detect_family_from_checkpoint_keys,
     detect_family_from_configs,
 )
-from trainer.models import inference_pipeline, load_base_model
+from trainer.models.loading import load_base_model
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def tiny_model(tiny_sd1_dir: Path):
 
 @pytest.fixture(scope="module")
 def tiny_single_file(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.ldm import save_single_file
+    from trainer.models.single_file import save_single_file
 
     return save_single_file(tiny_model, tmp_path_factory.mktemp("single") / "tiny-sd1.safetensors", dtype=torch.float32)
 
@@ -263,12 +264,12 @@ def test_bundled_configs_build_the_published_architectures(family: str, expected
 
 
 def test_bundled_configs_are_package_data() -> None:
-    """pyproject ships ``model_configs/**/*``; every bundled file must sit under that pattern."""
+    """pyproject ships ``trainer/models/configs/**/*``; every bundled file must sit under that pattern."""
     import tomllib
 
     root = Path(__file__).parents[1]
-    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["trainer"]
-    assert "model_configs/**/*" in patterns
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["trainer.models"]
+    assert "configs/**/*" in patterns
     files = [p for folder in BUNDLED_CONFIGS.values() for p in folder.rglob("*") if p.is_file()]
     assert len(files) == 16
 

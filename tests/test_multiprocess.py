@@ -2,7 +2,7 @@
 
 ``accelerate launch --multi_gpu --num_processes 2`` with ACCELERATE_USE_CPU=true (DESIGN §7: a
 plain Accelerator() would give two unsynchronised processes, ``--cpu --num_processes 2`` only
-one). Each process runs tests/mp_worker.py, which trains through ``trainer.loop.train`` and
+one). Each process runs tests/mp_worker.py, which trains through ``trainer.train.loop.train`` and
 records what it saw and wrote.
 """
 
@@ -21,7 +21,7 @@ from conftest import write_image_folder
 from safetensors.torch import load_file
 from tiny_runs import assert_same_lora
 
-from trainer.formats import read_lora_file
+from trainer.lora.reading import read_lora_file
 
 pytestmark = pytest.mark.slow
 

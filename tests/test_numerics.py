@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.loop as loop
-from trainer.checkpoints import list_checkpoints, load_checkpoint
-from trainer.errors import TrainingError
-from trainer.events import RunFinished, StepProgress
-from trainer.presets import resolve_config
+import trainer.train.loop as loop
+from trainer.config.presets import resolve_config
+from trainer.core.errors import TrainingError
+from trainer.train.checkpoints import list_checkpoints, load_checkpoint
+from trainer.train.events import RunFinished, StepProgress
 
 
 def _config(model: Path, data: Path, out: Path, **overrides):
@@ -32,7 +32,7 @@ def _steps_until_error(config) -> tuple[list[int], TrainingError]:
 
 
 def _fail_at_call(monkeypatch, name: str, call: int, make_failure):
-    """Wrap ``trainer.loop.<name>`` so that its ``call``-th call returns/raises ``make_failure(result)``."""
+    """Wrap ``trainer.train.loop.<name>`` so that its ``call``-th call returns/raises ``make_failure(result)``."""
     original = getattr(loop, name)
     calls = {"n": 0}
 
@@ -67,7 +67,7 @@ def test_non_finite_loss_stops_within_the_step_and_keeps_the_last_checkpoint(
 
 def test_a_learning_rate_far_too_high_ends_with_one_clear_line(tiny_sd1_dir: Path, image_folder: Path,
                                                                tmp_path: Path, capsys):
-    from trainer.cli import main
+    from trainer.cli.main import main
 
     code = main(["train", "--base", str(tiny_sd1_dir), "--data", str(image_folder), "--rank", "4", "--steps", "6",
                  "--lr", "1e30", "--te-lr", "1e30", "--output", str(tmp_path / "lora.safetensors")])
@@ -113,7 +113,7 @@ def test_out_of_memory_names_the_settings_to_lower(tiny_sd1_dir: Path, image_fol
 
 
 def test_out_of_memory_while_preparing_latents(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path, monkeypatch):
-    from trainer.session import Session
+    from trainer.train.session import Session
 
     def warm_caches(self, notify):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")

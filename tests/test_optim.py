@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.optim import build_optimizer
-from trainer.presets import resolve_config
+from trainer.config.presets import resolve_config
+from trainer.train.optim import build_optimizer
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

@@ -7,9 +7,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from trainer.events import CheckpointSaved, Notice, RunCommands, SamplesMade, StepProgress
-from trainer.loop import train
-from trainer.presets import resolve_config
+from trainer.config.presets import resolve_config
+from trainer.train.events import (
+    CheckpointSaved,
+    Notice,
+    RunCommands,
+    SamplesMade,
+    StepProgress,
+)
+from trainer.train.loop import train
 
 
 def _config(model: Path, data: Path, out: Path, **overrides):

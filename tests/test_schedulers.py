@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.demo_model import SD_SCHEDULER
-from trainer.errors import ConfigError
-from trainer.schedulers import make_scheduler, parse_sampler, sampler_names
+from trainer.core.errors import ConfigError
+from trainer.generate.schedulers import make_scheduler, parse_sampler, sampler_names
+from trainer.models.demo import SD_SCHEDULER
 
 CONFIG = {**SD_SCHEDULER, "_class_name": "PNDMScheduler"}
 

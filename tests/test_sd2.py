@@ -26,14 +26,14 @@ from tiny_runs import (
     sd_outputs,
 )
 
-from trainer.config import ModelConfig
-from trainer.demo_model import build_tiny_sd2, write_tiny_sd2
-from trainer.errors import LoraFileError
-from trainer.events import RunFinished, SamplesMade
-from trainer.formats import check_lora_fits, read_lora_file
-from trainer.loop import train
-from trainer.models import load_base_model
-from trainer.session import open_session
+from trainer.config.schema import ModelConfig
+from trainer.core.errors import LoraFileError
+from trainer.lora.reading import check_lora_fits, read_lora_file
+from trainer.models.demo import build_tiny_sd2, write_tiny_sd2
+from trainer.models.loading import load_base_model
+from trainer.train.events import RunFinished, SamplesMade
+from trainer.train.loop import train
+from trainer.train.session import open_session
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 60
@@ -77,7 +77,7 @@ def test_sd2_is_detected_from_the_model_itself(sd2_dir):
 
 
 def test_single_file_sd2_checkpoint_loads_as_v_prediction_sd2(sd2_dir, tmp_path):
-    from trainer.ldm import save_single_file
+    from trainer.models.single_file import save_single_file
 
     folder_model = load_base_model(ModelConfig(base=str(sd2_dir)), supported=("sd2",))
     single = save_single_file(folder_model, tmp_path / "tiny-sd2.safetensors", dtype=torch.float32)

@@ -28,22 +28,17 @@ from tiny_runs import (
     scaled_linear_alphas_cumprod,
 )
 
-from trainer.dataset import SampleRef
-from trainer.demo_model import build_tiny_sd1, build_tiny_sdxl, write_tiny_sdxl
-from trainer.errors import ConfigError, LoraFileError
-from trainer.events import RunFinished, SamplesMade, StepProgress
-from trainer.formats import (
-    ExportInfo,
-    build_metadata,
-    check_lora_fits,
-    collect_lora_modules,
-    read_lora_file,
-    save_kohya_lora,
-)
-from trainer.loop import train, training_step
-from trainer.models import make_inference_scheduler
-from trainer.sampling import make_samples
-from trainer.session import open_session
+from trainer.core.errors import ConfigError, LoraFileError
+from trainer.data.training_set import SampleRef
+from trainer.generate.pipeline import make_inference_scheduler
+from trainer.lora.metadata import ExportInfo, build_metadata
+from trainer.lora.reading import check_lora_fits, read_lora_file
+from trainer.lora.writing import collect_lora_modules, save_kohya_lora
+from trainer.models.demo import build_tiny_sd1, build_tiny_sdxl, write_tiny_sdxl
+from trainer.train.events import RunFinished, SamplesMade, StepProgress
+from trainer.train.loop import train, training_step
+from trainer.train.sampling import make_samples
+from trainer.train.session import open_session
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 80
@@ -176,9 +171,9 @@ def test_v_prediction_with_zero_terminal_snr(xl_dir, xl_data, tmp_path, monkeypa
 
 def test_single_file_sdxl_with_a_v_pred_marker_trains_as_v_prediction(xl_dir, xl_data, tmp_path):
     """An A1111/ComfyUI-layout SDXL file (NoobAI-style ``v_pred`` key) loads bit-identically."""
-    from trainer.config import ModelConfig
-    from trainer.ldm import save_single_file
-    from trainer.models import load_base_model
+    from trainer.config.schema import ModelConfig
+    from trainer.models.loading import load_base_model
+    from trainer.models.single_file import save_single_file
 
     folder_model = load_base_model(ModelConfig(base=str(xl_dir)), supported=("sdxl",))
     single = save_single_file(folder_model, tmp_path / "tiny-xl-vpred.safetensors", dtype=torch.float32,
@@ -327,8 +322,8 @@ def test_diffusers_loads_the_export_as_the_independent_merge(trained, xl_dir):
 
 def _sd1_lora(path: Path) -> Path:
     """A small SD1 LoRA file (tiny SD1 model, random LoRA weights)."""
-    from trainer.config import NetworkConfig
-    from trainer.lora import inject_lora, plan_lora
+    from trainer.config.schema import NetworkConfig
+    from trainer.lora.inject import inject_lora, plan_lora
 
     parts = build_tiny_sd1()
     network = NetworkConfig(rank=2, alpha=2, train_text_encoder=False)
@@ -343,9 +338,10 @@ def _sd1_lora(path: Path) -> Path:
 
 
 def test_family_is_detected_and_a_mismatch_is_refused(trained, xl_dir, tmp_path):
-    from trainer.config import ModelConfig
-    from trainer.generate import GenerationRequest, Generator, LoraSpec
-    from trainer.models import load_base_model
+    from trainer.config.schema import ModelConfig
+    from trainer.generate.generator import Generator
+    from trainer.generate.requests import GenerationRequest, LoraSpec
+    from trainer.models.loading import load_base_model
 
     xl_file = read_lora_file(trained[-1].output)
     assert xl_file.family == "sdxl"
@@ -377,8 +373,9 @@ def _effective_weight(layer: torch.nn.Module) -> torch.Tensor:
 def test_generator_mixes_two_sdxl_loras_exactly_and_renders(trained, xl_dir, tmp_path, fuse):
     """W = W0 + 0.7·ΔW1 - 0.5·ΔW2 on the UNet and both encoders, then an SDXL image with both
     (fused into the weights, or unfused: packed into one low-rank product per layer)."""
-    from trainer.formats import LoraModule
-    from trainer.generate import GenerationRequest, Generator, LoraSpec
+    from trainer.generate.generator import Generator
+    from trainer.generate.requests import GenerationRequest, LoraSpec
+    from trainer.lora.reading import LoraModule
 
     generator = Generator.from_base(str(xl_dir), device="cpu", fuse=fuse)
     model = generator.model

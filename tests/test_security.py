@@ -19,7 +19,7 @@ import pytest
 import torch
 from child_process import REPO, child_env
 
-from trainer.errors import StudioError
+from trainer.core.errors import StudioError
 
 APP_PORT = 7950  # app_server's first port for this module
 SCANNED = ("trainer", "app", "bench")
@@ -95,9 +95,9 @@ def test_training_resume_and_export_never_unpickle(tiny_sd1_dir: Path, image_fol
                                                    monkeypatch) -> None:
     """The runtime side of the scan: a run with checkpoints, a resume and an export, with every
     unpickling entry point booby-trapped."""
-    from trainer.events import RunCommands, RunFinished, StepProgress
-    from trainer.loop import train
-    from trainer.presets import resolve_config
+    from trainer.config.presets import resolve_config
+    from trainer.train.events import RunCommands, RunFinished, StepProgress
+    from trainer.train.loop import train
 
     def refuse(*args, **kwargs):
         raise AssertionError("something unpickled")
@@ -120,9 +120,9 @@ def test_base_models_and_checkpoints_with_absurd_headers_are_refused_cheaply(tmp
     """safetensors files claiming a huge header: a clear error, and nothing near that size allocated."""
     import resource
 
-    from trainer.checkpoints import load_checkpoint, save_checkpoint
-    from trainer.config import ModelConfig
-    from trainer.models import load_base_model
+    from trainer.config.schema import ModelConfig
+    from trainer.models.loading import load_base_model
+    from trainer.train.checkpoints import load_checkpoint, save_checkpoint
 
     bogus = struct.pack("<Q", header_length) + b'{"a":' + b" " * 100
     model = tmp_path / "model.safetensors"
@@ -187,9 +187,8 @@ def test_only_the_project_folder_is_served(app_server, tmp_path: Path) -> None:
 
 
 def test_uploaded_file_names_cannot_leave_the_project_folder(app_server, app_client, tmp_path: Path) -> None:
-    from gradio_client import handle_file
-
     from conftest import make_pattern_image
+    from gradio_client import handle_file
 
     sneaky = tmp_path / "..\\..\\..\\escape.png"  # a legal Linux file name that reads as a path on Windows
     make_pattern_image((64, 64), 1).save(sneaky, format="PNG")
@@ -217,7 +216,7 @@ def test_uploaded_file_names_cannot_leave_the_project_folder(app_server, app_cli
 
 
 def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
-    from app.__main__ import free_port
+    from app.launch import free_port
 
     port = free_port("127.0.0.1", 7940)
     env = child_env(GRADIO_ANALYTICS_ENABLED="False", CI="1")

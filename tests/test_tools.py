@@ -11,20 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ModelConfig
-from trainer.errors import ConfigError, LoraFileError
-from trainer.formats import (
-    ExportInfo,
-    LoraModule,
-    build_metadata,
-    read_lora_file,
-    save_kohya_lora,
+from trainer.config.schema import ModelConfig
+from trainer.core.errors import ConfigError, LoraFileError
+from trainer.generate.generator import Generator
+from trainer.generate.requests import GenerationRequest, LoraSpec
+from trainer.lora.inject import (
+    module_in_out,
+    text_encoder_target_modules,
+    unet_target_modules,
 )
-from trainer.generate import GenerationRequest, Generator, LoraSpec
-from trainer.kohya_names import kohya_module_name
-from trainer.lora import module_in_out, text_encoder_target_modules, unet_target_modules
-from trainer.models import load_base_model
-from trainer.tools import bake_loras, inspect_lora, merge_loras, resize_lora
+from trainer.lora.metadata import ExportInfo, build_metadata
+from trainer.lora.names import kohya_module_name
+from trainer.lora.reading import LoraModule, read_lora_file
+from trainer.lora.writing import save_kohya_lora
+from trainer.models.loading import load_base_model
+from trainer.tools.bake import bake_loras
+from trainer.tools.inspect import inspect_lora
+from trainer.tools.resize import merge_loras, resize_lora
 
 RANK, ALPHA = 6, 3.0  # scale 0.5
 
@@ -226,7 +229,7 @@ def test_bake_then_plain_generation_equals_the_lora_generation(lora_file, tiny_s
 
 
 def test_cli_inspect_resize_merge(lora_file, tmp_path, capsys) -> None:
-    from trainer.cli import main
+    from trainer.cli.main import main
 
     path, _ = lora_file
     assert main(["inspect", str(path), "--plot", str(tmp_path / "p.png")]) == 0
@@ -244,7 +247,7 @@ def test_cli_inspect_resize_merge(lora_file, tmp_path, capsys) -> None:
 
 
 def test_extract_recovers_a_baked_lora(lora_file, tiny_model, tiny_sd1_dir, tmp_path) -> None:
-    from trainer.tools import extract_lora
+    from trainer.tools.extract import extract_lora
 
     unet_only = {n: m for n, m in lora_file[1].items() if n.startswith("lora_unet_")}
     source = tmp_path / "unet-only.safetensors"

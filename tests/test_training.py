@@ -8,12 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.caching import encode_latents
-from trainer.errors import CheckpointError, StudioError
-from trainer.events import CheckpointSaved, Notice, RunCommands, RunFinished, RunStarted, SamplesMade, StepProgress
-from trainer.loop import train
-from trainer.presets import resolve_config
-from trainer.text import encode_text, tokenize
+from trainer.config.presets import resolve_config
+from trainer.core.errors import CheckpointError, StudioError
+from trainer.data.caches import encode_latents
+from trainer.models.text import encode_text, tokenize
+from trainer.train.events import (
+    CheckpointSaved,
+    Notice,
+    RunCommands,
+    RunFinished,
+    RunStarted,
+    SamplesMade,
+    StepProgress,
+)
+from trainer.train.loop import train
 
 
 def _config(model: Path, data: Path, out: Path, **overrides):
@@ -36,7 +44,7 @@ def _run(config, commands=None, stop_after=None):
 def _eval_loss(pipe, data: Path, seed: int = 0) -> float:
     """Denoising loss of a pipeline's UNet+TE on the training images at fixed noise/timesteps."""
     images = sorted(data.glob("*.png"))
-    from trainer.images import load_image
+    from trainer.data.images import load_image
 
     pixels = torch.stack([torch.from_numpy(__import__("numpy").array(load_image(p))).permute(2, 0, 1).float() / 127.5 - 1
                           for p in images])
@@ -167,7 +175,7 @@ def test_a_compiled_unet_trains_to_the_same_weights(tiny_sd1_dir: Path, image_fo
                                                      monkeypatch):
     """``compile = true`` compiles the UNet in place: same losses, same exported file, names unchanged.
     (aot_eager traces and compiles the graphs like inductor but skips code generation: seconds, not minutes.)"""
-    import trainer.session as session_mod
+    import trainer.train.session as session_mod
 
     monkeypatch.setattr(session_mod, "COMPILE_BACKEND", "aot_eager")
     compiled_modules = []

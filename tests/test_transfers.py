@@ -1,4 +1,4 @@
-"""Host <-> device traffic of the training step (trainer.transfers).
+"""Host <-> device traffic of the training step (trainer.train.transfers).
 
 Reading the loss back one step late (what the loop does on a GPU, so the GPU never waits for the
 host) loses nothing: every step is reported once and in order, with the same numbers, a stop takes
@@ -14,13 +14,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-import trainer.loop as loop
-from trainer.checkpoints import list_checkpoints
-from trainer.errors import TrainingError
-from trainer.events import CheckpointSaved, RunCommands, RunFinished, StepProgress
-from trainer.presets import resolve_config
-from trainer.caching import LatentCache, TextEmbeddingCache
-from trainer.transfers import ParkedModules, StepReadback
+import trainer.train.loop as loop
+from trainer.config.presets import resolve_config
+from trainer.core.errors import TrainingError
+from trainer.data.caches import LatentCache, TextEmbeddingCache
+from trainer.train.checkpoints import list_checkpoints
+from trainer.train.events import CheckpointSaved, RunCommands, RunFinished, StepProgress
+from trainer.train.transfers import ParkedModules, StepReadback
 
 
 def test_readings_come_back_lag_steps_late_in_order_and_drain_returns_the_rest():
@@ -175,7 +175,7 @@ def test_caches_keep_their_entries_and_new_ones_on_the_device_they_were_moved_to
 ])
 def test_the_modules_a_session_parks_are_those_whose_outputs_are_all_cached(
         tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path, settings: dict, idle: list[str]):
-    from trainer.session import open_session
+    from trainer.train.session import open_session
 
     config = _config(tiny_sd1_dir, image_folder, tmp_path, **{"train_text_encoder": False, **settings})
     session = open_session(config, lambda level, text: None)

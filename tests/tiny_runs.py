@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer.config import StudioConfig
-from trainer.presets import resolve_config
+from trainer.config.presets import resolve_config
+from trainer.config.schema import StudioConfig
 
 
 def run_config(model: Path, data: Path, out: Path, *, steps: int, seed: int, **overrides) -> StudioConfig:
@@ -38,8 +38,8 @@ def load_pipeline(model_dir: Path):
 
 def capture_training_step(monkeypatch: pytest.MonkeyPatch, session, timesteps: list[int]) -> dict:
     """Run one training step at fixed timesteps; return its latents, time ids, noise and loss target."""
-    from trainer import loop
-    from trainer.loop import training_step
+    from trainer.train import loop
+    from trainer.train.loop import training_step
 
     seen: dict = {}
     latents_for = session.latents_for

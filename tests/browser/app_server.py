@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from app.__main__ import free_port
+from app.launch import free_port
 from app.projects import DEMO_MODEL_DIR
 from app.studio import Studio
 from app.ui import launch

@@ -1,0 +1,362 @@
+"""What a training run *is*: typed, frozen dataclasses with defaults and one validation pass.
+
+The engine only ever sees a validated ``StudioConfig``; widget values, TOML dicts and argparse
+namespaces are turned into one here (``config_from_dict``) and nowhere else. Field names are
+unique across sections so that every field is also a CLI flag (``rank`` -> ``--rank``,
+``te_lr`` -> ``--te-lr``) without ambiguity.
+
+TOML layout: one table per section (``[model]``, ``[data]``, ``[network]``, ``[optim]``,
+``[train]``, ``[output]``); presets are sparse files of the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+import tomllib
+
+from trainer.core.errors import ConfigError
+
+TargetSet = Literal["cross-attn", "attn", "full"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+ExportDtype = Literal["fp16", "bf16", "fp32"]
+OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
+SchedulerName = Literal["constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts"]
+PredictionType = Literal["auto", "epsilon", "v_prediction"]
+LoraInit = Literal["kaiming", "gaussian"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to train on."""
+
+    base: str = field(default="", metadata={"help": "Diffusers folder, single-file .safetensors checkpoint, or hub id."})
+    base_config: str = field(default="", metadata={"help": "Diffusers-style config folder for a single-file checkpoint of an unusual architecture (default: the bundled config of the detected family)."})
+    prediction_type: PredictionType = field(default="auto", metadata={"help": "Noise prediction target; 'auto' reads it from the model."})
+    clip_skip: int = field(default=1, metadata={"help": "Use the text encoder's N-th last layer (1 = last, 2 = A1111 'clip skip 2')."})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the pictures are and how they become training samples."""
+
+    data: str = field(default="", metadata={"help": "Folder of images with .txt/.caption sidecars; kohya-style 'N_name' sub-folders repeat N times."})
+    trigger: str = field(default="", metadata={"help": "Trigger word prepended to every caption (unless already present)."})
+    default_caption: str = field(default="", metadata={"help": "Caption for images without a sidecar (the trigger word alone when empty)."})
+    repeats: int = field(default=1, metadata={"help": "Repeats for images not inside an 'N_name' folder."})
+    resolution: int = field(default=0, metadata={"help": "Training resolution in pixels; 0 = the base model's native size."})
+    buckets: bool = field(default=True, metadata={"help": "Aspect-ratio bucketing: keep each image's shape instead of square-cropping."})
+    min_bucket_side: int = field(default=256, metadata={"help": "Smallest bucket side in pixels."})
+    max_bucket_side: int = field(default=0, metadata={"help": "Largest bucket side in pixels; 0 = twice the training resolution (1024 for SD 1.5, 2048 for SDXL)."})
+    flip: bool = field(default=False, metadata={"help": "Random horizontal flip (off for asymmetric characters)."})
+    shuffle_captions: bool = field(default=False, metadata={"help": "Shuffle comma-separated caption tags each step."})
+    keep_tokens: int = field(default=1, metadata={"help": "Tags at the start of the caption kept in place when shuffling."})
+    caption_dropout: float = field(default=0.0, metadata={"help": "Probability of training a step with an empty caption."})
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The LoRA itself: where it goes and how big it is."""
+
+    rank: int = field(default=16, metadata={"help": "LoRA rank r (file size grows linearly with it)."})
+    alpha: float = field(default=8.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/rank."})
+    targets: TargetSet = field(default="cross-attn", metadata={"help": "UNet layers: cross-attn (attn2), attn (attn1+attn2), full (all transformer Linear/1x1 incl. ff and proj_in/out)."})
+    train_text_encoder: bool = field(default=True, metadata={"help": "Also train LoRA on the text encoder's q/k/v/out projections."})
+    te_mlp: bool = field(default=False, metadata={"help": "Also train the text encoder's MLP fc1/fc2."})
+    rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha/sqrt(rank)."})
+    lora_init: LoraInit = field(default="kaiming", metadata={"help": "Initialisation of A (B is always zero)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How the LoRA weights are updated."""
+
+    optimizer: OptimizerName = field(default="adamw", metadata={"help": "adamw, adamw8bit (bitsandbytes), prodigy, adafactor."})
+    lr: float = field(default=1e-4, metadata={"help": "Learning rate of the UNet LoRA."})
+    te_lr: float = field(default=0.0, metadata={"help": "Learning rate of the text-encoder LoRA; 0 = half of lr."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    scheduler: SchedulerName = field(default="constant_with_warmup", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 = off."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps per optimiser step."})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long and how the loop runs."""
+
+    steps: int = field(default=0, metadata={"help": "Optimiser steps; 0 = derive from epochs."})
+    epochs: int = field(default=10, metadata={"help": "Passes over images x repeats (used when steps is 0)."})
+    batch_size: int = field(default=1, metadata={"help": "Images per step."})
+    precision: Precision = field(default="auto", metadata={"help": "Frozen-weight precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16. LoRA weights stay fp32."})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (on a GPU it turns itself on when a run would not fit without it)."})
+    compile: bool = field(default=False, metadata={"help": "Compile the UNet with torch.compile: faster GPU steps after a one-off compile of a few minutes (needs a C compiler)."})
+    seed: int = field(default=42, metadata={"help": "Random seed for init, data order and noise."})
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "Min-SNR-gamma loss weighting; 0 = off."})
+    noise_offset: float = field(default=0.0, metadata={"help": "Noise offset for darker/brighter images (0.05 typical)."})
+    zero_terminal_snr: bool = field(default=False, metadata={"help": "Rescale the noise schedule to zero terminal SNR (v-prediction models only, e.g. NoobAI v-pred); samples use 'trailing' timesteps."})
+    cache_latents: bool = field(default=True, metadata={"help": "Encode each image once and cache the latents on disk."})
+    cache_text: bool = field(default=True, metadata={"help": "Cache text embeddings when the text encoder is frozen and captions are static."})
+    device: str = field(default="auto", metadata={"help": "auto, cuda, cuda:N, mps or cpu."})
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What the run writes and when."""
+
+    output: str = field(default="output/lora.safetensors", metadata={"help": "Final LoRA file."})
+    save_every: int = field(default=0, metadata={"help": "Write a resumable checkpoint every N steps; 0 = only at the end."})
+    keep_last: int = field(default=3, metadata={"help": "Checkpoints kept (older ones are deleted)."})
+    sample_every: int = field(default=0, metadata={"help": "Make sample images every N steps; 0 = off."})
+    sample_prompts: tuple[str, ...] = field(default=(), metadata={"help": "Prompts for sample images (the trigger word alone when empty)."})
+    sample_seed: int = field(default=1234, metadata={"help": "Seed of the sample images (fixed, so samples are comparable)."})
+    sample_steps: int = field(default=20, metadata={"help": "Denoising steps per sample image."})
+    export_dtype: ExportDtype = field(default="fp16", metadata={"help": "dtype of the exported LoRA tensors."})
+    export_peft: bool = field(default=False, metadata={"help": "Also write a diffusers/PEFT-format copy next to the output."})
+    resume: str = field(default="", metadata={"help": "'auto' = latest checkpoint of this output, or a checkpoint folder."})
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "network": NetworkConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+}
+
+
+@dataclass(frozen=True)
+class StudioConfig:
+    """A whole training run: one instance of each section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def effective_te_lr(self) -> float:
+        return self.optim.te_lr if self.optim.te_lr > 0 else self.optim.lr / 2
+
+    @property
+    def lora_scale(self) -> float:
+        """The factor applied to B·A: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+        r = self.network.rank
+        return self.network.alpha / (math.sqrt(r) if self.network.rslora else r)
+
+    def replace(self, **overrides: Any) -> StudioConfig:
+        """A copy with flat field overrides (``rank=8``), validated again."""
+        return config_from_dict(merge_dicts(config_to_dict(self), nest_flat(overrides)))
+
+
+def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every field name -> (section, field). Names are unique across sections."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (section, f)
+    return index
+
+
+def nest_flat(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"rank": 8}`` -> ``{"network": {"rank": 8}}``; unknown names are a ConfigError."""
+    index = field_index()
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        if name not in index:
+            raise ConfigError(f"Unknown setting '{name}'.", hint=_did_you_mean(name, index))
+        nested.setdefault(index[name][0], {})[name] = value
+    return nested
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Section-wise merge: later values win, sections are merged key by key."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_to_dict(config: StudioConfig) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        values = dataclasses.asdict(getattr(config, section))
+        out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> StudioConfig:
+    """Build and validate a config from a TOML-shaped dict; errors name the field and the fix."""
+    sections: dict[str, Any] = {}
+    index = field_index()
+    for key in data:
+        if key not in SECTIONS:
+            if key in index:
+                hint = f"Put it under [{index[key][0]}]."
+            else:
+                hint = f"Valid sections: {', '.join(f'[{s}]' for s in SECTIONS)}."
+            raise ConfigError(f"Unknown config section '{key}'.", hint=hint)
+    for section, cls in SECTIONS.items():
+        values = data.get(section, {}) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of settings, got {type(values).__name__}.")
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"Unknown setting '{name}' in [{section}].", hint=_did_you_mean(name, index))
+            kwargs[name] = _coerce(section, known[name], value)
+        sections[section] = cls(**kwargs)
+    config = StudioConfig(**sections)
+    validate(config)
+    return config
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file into a dict; syntax errors name the file and line."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file not found: {path}.", hint="Check the path.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}.", hint="Fix the line it names.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text.", hint="Save it as UTF-8.") from None
+
+
+def save_toml(config: StudioConfig, path: str | Path) -> None:
+    """Write the full config (every field) so a run can be repeated exactly."""
+    from trainer.core.atomic import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), tomli_w.dumps(config_to_dict(config)).encode("utf-8"))
+
+
+def validate(config: StudioConfig) -> None:
+    """Range checks that types alone cannot express. Raises ConfigError on the first problem."""
+    n, o, t, d = config.network, config.optim, config.train, config.data
+    _require(n.rank >= 1, "network.rank", n.rank, "Use a rank of 1 or more (4-128 is typical).")
+    _require(n.rank <= 1024, "network.rank", n.rank, "Use a rank of 1024 or less.")
+    _require(n.alpha > 0, "network.alpha", n.alpha, "Use a positive alpha (often rank or rank/2).")
+    _require(0 <= n.lora_dropout < 1, "network.lora_dropout", n.lora_dropout, "Use a value in [0, 1).")
+    _require(o.lr > 0, "optim.lr", o.lr, "Use a positive learning rate such as 1e-4.")
+    _require(o.te_lr >= 0, "optim.te_lr", o.te_lr, "Use 0 (half of lr) or a positive learning rate.")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "Use 0 or a small positive value.")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "Use 0 or more.")
+    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "Use 0 (off) or a positive norm.")
+    _require(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "Use 1 or more.")
+    _require(t.steps >= 0, "train.steps", t.steps, "Use 0 (derive from epochs) or a positive number.")
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "Use 1 or more.")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "Use 1 or more.")
+    _require(t.min_snr_gamma >= 0, "train.min_snr_gamma", t.min_snr_gamma, "Use 0 (off) or a positive gamma such as 5.")
+    _require(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "Use 0 (off) or a small value such as 0.05.")
+    _require(d.repeats >= 1, "data.repeats", d.repeats, "Use 1 or more.")
+    _require(d.resolution == 0 or d.resolution >= 64, "data.resolution", d.resolution,
+             "Use 0 (the model's native size) or at least 64 pixels.")
+    _require(d.resolution <= 4096, "data.resolution", d.resolution, "Use 4096 pixels or less.")
+    _require(d.min_bucket_side >= 64, "data.min_bucket_side", d.min_bucket_side, "Use at least 64 pixels.")
+    _require(d.max_bucket_side == 0 or d.max_bucket_side >= d.min_bucket_side, "data.max_bucket_side",
+             d.max_bucket_side, "Use 0 (twice the resolution) or at least data.min_bucket_side.")
+    _require(0 <= d.caption_dropout < 1, "data.caption_dropout", d.caption_dropout, "Use a value in [0, 1).")
+    _require(d.keep_tokens >= 0, "data.keep_tokens", d.keep_tokens, "Use 0 or more.")
+    _require(config.model.clip_skip >= 1, "model.clip_skip", config.model.clip_skip, "Use 1 (last layer) or 2.")
+    out = config.output
+    _require(out.save_every >= 0, "output.save_every", out.save_every, "Use 0 (end only) or a positive number.")
+    _require(out.keep_last >= 1, "output.keep_last", out.keep_last, "Keep at least 1 checkpoint.")
+    _require(out.sample_every >= 0, "output.sample_every", out.sample_every, "Use 0 (off) or a positive number.")
+    _require(out.sample_steps >= 1, "output.sample_steps", out.sample_steps, "Use 1 or more.")
+    _require(out.output.endswith(".safetensors"), "output.output", out.output,
+             "Name the output file with a .safetensors extension.")
+
+
+def check_resolution_multiple(resolution: int, factor: int) -> None:
+    """Called once the model is known: its latent grid needs sides divisible by ``factor``."""
+    if resolution % factor:
+        lower = resolution - resolution % factor
+        raise ConfigError(
+            f"data.resolution = {resolution} is not a multiple of {factor}, which this model needs.",
+            hint=f"Use {lower} or {lower + factor}.",
+        )
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, name: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} is out of range.", hint=fix)
+
+
+def _did_you_mean(name: str, index: dict[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.replace("-", "_"), list(index), n=1)
+    return f"Did you mean '{close[0]}'?" if close else "Run 'lora-studio train --help' for the list."
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check and convert one value to the field's declared type (TOML ints for floats are fine)."""
+    hint = typing.get_type_hints(SECTIONS[section])[f.name]
+    label = f"{section}.{f.name}"
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{label} = {value!r} is not a valid choice.",
+                              hint=f"Use one of: {', '.join(map(str, allowed))}.")
+        return value
+    if origin in (tuple, list) or hint is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{label} must be a list of strings, got {value!r}.")
+        return tuple(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0", "on", "off"}:
+            return value.lower() in {"true", "yes", "1", "on"}
+        raise ConfigError(f"{label} must be true or false, got {value!r}.")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{label} must be a whole number, got {value!r}.")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{label} must be a whole number, got {value!r}.") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{label} must be a whole number, got {value!r}.")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{label} must be a number, got {value!r}.")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{label} must be a number, got {value!r}.") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{label} must be a finite number, got {value!r}.")
+        return number
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{label} must be text, got {value!r}.")
+        return str(value)
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields today
+        return value
+    return value

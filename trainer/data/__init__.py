@@ -1,0 +1,9 @@
+"""The dataset: from a folder of pictures and captions to the batches a run trains on.
+
+``scan`` walks the folder once (images, caption sidecars, kohya ``N_name`` repeats, problems as
+rows, never crashes); ``images`` opens a picture as the user saw it; ``captions`` reads and
+shapes caption text; ``buckets`` picks each picture's aspect bucket; ``lint`` is the report shown
+before training; ``training_set`` is the deterministic, resumable sample order; ``caches`` keeps
+latents and text embeddings out of the steady-state step. Imports ``trainer.core`` and
+``trainer.config`` only (never a model: encoders are passed in).
+"""

@@ -1,0 +1,254 @@
+"""The dataset folder, scanned once: pictures, their captions and repeats, and what is wrong with them.
+
+``scan_dataset`` finds images, pairs ``name.txt``/``name.caption`` sidecars, reads kohya-style
+``N_name`` repeat folders, and measures and hashes each file (header + hash only; pixels are
+decoded later, by the loop or the latent cache). Problems become ``DatasetIssue`` rows, never
+crashes; only "there is nothing to train on" is an error. ``trainer.data.lint`` turns a scan into
+the report the Dataset tab shows before training; ``trainer.data.training_set`` turns it into
+the batches a run iterates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from trainer.config.schema import DataConfig
+from trainer.core.errors import DatasetError, ImageError
+from trainer.data.captions import (
+    CAPTION_EXTENSIONS,
+    clean_caption,
+    read_caption_file,
+    split_tags,
+    with_trigger,
+)
+from trainer.data.images import file_sha256, image_extensions, image_info
+
+Severity = Literal["error", "warning", "info"]
+
+# Pictures people drop in that Pillow cannot read here: say so instead of silently ignoring them.
+_UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".jxl", ".psd", ".raw", ".cr2", ".nef",
+                                           ".dng", ".arw", ".svg", ".avif", ".jp2", ".ico", ".tga"})
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+# --- what a scan finds ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetIssue:
+    """One row of the linter's table: what is wrong with which file, and how to fix it."""
+
+    severity: Severity
+    code: str  # stable identifier: "unreadable", "too_small", "duplicate", ...
+    path: Path | None  # None for issues about the dataset as a whole
+    message: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class DatasetItem:
+    """One usable picture: its final caption (trigger included), repeats and displayed size."""
+
+    path: Path
+    caption: str
+    repeats: int
+    width: int  # after EXIF rotation
+    height: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DatasetScan:
+    """Everything ``scan_dataset`` found: usable items plus the problems it skipped or noticed."""
+
+    root: Path
+    items: tuple[DatasetItem, ...]
+    issues: tuple[DatasetIssue, ...]
+    num_files: int  # image files found, unreadable ones included
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch: each image counted once per repeat."""
+        return sum(item.repeats for item in self.items)
+
+    def folder_of(self, item: DatasetItem) -> str:
+        """The folder name kohya metadata files an item under (the root's own name at the top)."""
+        parent = item.path.parent
+        return self.root.name if parent == self.root else parent.relative_to(self.root).as_posix()
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """Per folder, how often each caption tag occurs (kohya's ``ss_tag_frequency``)."""
+        counts: dict[str, Counter[str]] = {}
+        for item in self.items:
+            counts.setdefault(self.folder_of(item), Counter()).update(split_tags(item.caption))
+        return {folder: dict(counter) for folder, counter in counts.items()}
+
+    def folder_summary(self) -> dict[str, dict[str, int]]:
+        """Per folder, repeats and image count (kohya's ``ss_dataset_dirs``)."""
+        summary: dict[str, dict[str, int]] = {}
+        for item in self.items:
+            entry = summary.setdefault(self.folder_of(item), {"n_repeats": item.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return summary
+
+
+# --- scanning ------------------------------------------------------------------------------------
+
+
+def scan_dataset(cfg: DataConfig) -> DatasetScan:
+    """Find, measure and caption every image under ``cfg.data``.
+
+    Raises ``DatasetError`` only when there is nothing to look at (no folder, no image files);
+    unreadable images, missing captions and odd encodings become issues so the user sees them
+    all at once instead of one crash at a time.
+    """
+    root = _dataset_root(cfg.data)
+    paths, issues = _find_images(root)
+    if not paths:
+        unsupported = Counter(i.path.suffix.lower() for i in issues if i.code == "unsupported_format" and i.path)
+        if unsupported:
+            kinds = ", ".join(f"{n} {ext[1:].upper()}" for ext, n in sorted(unsupported.items()))
+            raise DatasetError(f"Found 0 readable images in {root}, only files this program cannot read ({kinds}).",
+                               hint="Convert them to PNG or JPEG.")
+        raise DatasetError(f"Found 0 images in {root}.",
+                           hint="Add .png/.jpg/.webp files, or point --data at the folder that holds them.")
+
+    # Hashing and header reads are I/O and C code that release the GIL: threads overlap them.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        probes = list(pool.map(_probe, paths))
+
+    items: list[DatasetItem] = []
+    for path, probe in zip(paths, probes, strict=True):
+        if isinstance(probe, ImageError):
+            issues.append(DatasetIssue("error", "unreadable", path, probe.message,
+                                       probe.hint or "Remove the file from the dataset."))
+            continue
+        (width, height), sha256 = probe
+        repeats, class_tokens = _repeats_for(path, root, cfg.repeats)
+        caption = _caption_for(path, cfg, class_tokens, issues)
+        items.append(DatasetItem(path, caption, repeats, width, height, sha256))
+    return DatasetScan(root, tuple(items), tuple(issues), num_files=len(paths))
+
+
+def _dataset_root(data: str) -> Path:
+    if not data.strip():
+        raise DatasetError("No dataset folder is set.",
+                           hint="Pass --data with the folder that holds your images, or choose one in the Dataset tab.")
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DatasetError(f"The dataset folder {root} does not exist.",
+                           hint="Check the spelling, or point --data at the folder that holds your images.")
+    if not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a folder.",
+                           hint="Point --data at the folder that holds your images.")
+    return root.resolve()
+
+
+def _find_images(root: Path) -> tuple[list[Path], list[DatasetIssue]]:
+    """Image files under ``root`` in a stable order; hidden entries skipped, symlink loops cut."""
+    extensions = image_extensions()
+    found: list[Path] = []
+    issues: list[DatasetIssue] = []
+    visited: set[tuple[int, int]] = set()
+
+    def unreadable_folder(exc: OSError) -> None:  # os.walk would otherwise skip it without a word
+        folder = Path(exc.filename) if exc.filename else root
+        issues.append(DatasetIssue(
+            "warning", "unreadable_folder", folder, f"Cannot open the folder {folder}: {exc.strerror or exc}; "
+            "its pictures are skipped.", "Check the folder's permissions."))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable_folder):
+        try:
+            stat = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (stat.st_dev, stat.st_ino) in visited:  # a symlink back into a folder already walked
+            dirnames[:] = []
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):  # dotfiles, macOS "._name" resource forks
+                continue
+            path = Path(dirpath) / name
+            suffix = path.suffix.lower()
+            if suffix in extensions:
+                found.append(path)
+            elif suffix in _UNSUPPORTED_IMAGE_EXTENSIONS:
+                issues.append(DatasetIssue(
+                    "warning", "unsupported_format", path,
+                    f"{path.name} is a {suffix[1:].upper()} file, which cannot be read here; it is skipped.",
+                    "Convert it to PNG or JPEG."))
+    return found, issues
+
+
+def _probe(path: Path) -> tuple[tuple[int, int], str] | ImageError:
+    """Size (after EXIF) and hash of one file, or the error that makes it unusable."""
+    try:
+        return image_info(path, verify=True), file_sha256(path)
+    except ImageError as exc:
+        return exc
+
+
+def _repeats_for(path: Path, root: Path, default: int) -> tuple[int, str]:
+    """(repeats, class tokens) from the nearest ``N_name`` folder between ``root`` and ``path``.
+
+    The root's own name is not consulted: the folder the user points at is a container, as in
+    kohya, where ``train_data_dir`` holds the ``N_name`` sub-folders.
+    """
+    folder = path.parent
+    while folder != root and root in folder.parents:
+        match = _REPEAT_FOLDER.match(folder.name)
+        if match and int(match.group(1)) >= 1:
+            return int(match.group(1)), match.group(2).strip()
+        folder = folder.parent
+    return default, ""
+
+
+def _caption_for(path: Path, cfg: DataConfig, class_tokens: str, issues: list[DatasetIssue]) -> str:
+    """The item's final caption: sidecar (or fallback), then the trigger word in front."""
+    sidecar = next((path.with_suffix(ext) for ext in CAPTION_EXTENSIONS if path.with_suffix(ext).is_file()), None)
+    caption = ""
+    if sidecar is None:
+        # kohya uses an N_name folder's name as the caption of its uncaptioned images
+        caption = clean_caption(cfg.default_caption) or class_tokens
+        used = f'"{with_trigger(caption, cfg.trigger)}"' if (caption or cfg.trigger) else "an empty caption"
+        issues.append(DatasetIssue(
+            "warning", "missing_caption", path, f"{path.name} has no caption file; it is trained with {used}.",
+            f"Add {path.with_suffix('.txt').name} next to it, type a caption in the grid, or set a default caption."))
+    else:
+        try:
+            caption, encoding = read_caption_file(sidecar)
+        except OSError as exc:
+            issues.append(DatasetIssue(
+                "warning", "unreadable_caption", sidecar, f"Cannot read {sidecar.name}: {exc.strerror or exc}.",
+                "Check the file's permissions."))
+            encoding = None
+        if encoding is not None:
+            issues.append(DatasetIssue(
+                "warning", "caption_encoding", sidecar,
+                f"{sidecar.name} is not UTF-8; it was read as {encoding}: \"{caption[:60]}\".",
+                "Check the accents look right, then save the file as UTF-8."))
+        if not caption:
+            issues.append(DatasetIssue(
+                "warning", "empty_caption", path,
+                f"{sidecar.name} is empty; {path.name} is trained with "
+                f"{repr(cfg.trigger.strip()) if cfg.trigger.strip() else 'an empty caption'}.",
+                "Describe the picture in the caption file (what varies: pose, clothes, background)."))
+    return with_trigger(caption, cfg.trigger)
+
+
+# --- the training set ----------------------------------------------------------------------------
+
+
+
+
+
+

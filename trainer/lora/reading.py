@@ -1,0 +1,390 @@
+"""Reading any LoRA file safely: kohya, diffusers/PEFT and old diffusers key styles.
+
+Only safetensors is read. Pickles (``.ckpt/.pt/.bin/.pth``) can run arbitrary code when loaded,
+so they are refused by name and by content. The header is checked before anything is allocated
+(length, JSON, dtypes, offsets), so a truncated download or a renamed file gets a message that
+says so instead of a crash deep inside a loader.
+
+Every style is normalised to ``LoraFile.modules``: kohya name -> ``LoraModule`` with the kohya
+meaning of alpha (scale = alpha / rank), whatever convention the file used. The base family is
+read from the shapes (cross-attention key width 768 = SD1, 1024 = SD2, 2048 = SDXL; a second
+text encoder = SDXL), then names and metadata, so a LoRA for another family is refused with a
+clear message instead of loading partially.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from trainer.core.errors import LoraFileError
+from trainer.core.safetensors_header import (
+    PICKLE_SUFFIXES,
+    read_safetensors_header,
+    refuse_pickle,
+)
+from trainer.lora.names import (
+    canonical_te_path,
+    kohya_module_name,
+    parse_kohya_module_name,
+)
+from trainer.models.family import FAMILY_LABELS
+
+_FLOAT_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
+_TORCH_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+_CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TE_WIDTH = {1024: "sd2", 1280: "sdxl"}  # 768 is SD1 *or* SDXL's first encoder
+
+_UNSUPPORTED = [  # key pattern -> network type
+    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), "LyCORIS LoHa"),
+    (re.compile(r"\.lokr_(w[12](_[ab])?|t2)$"), "LyCORIS LoKr"),
+    (re.compile(r"\.(oft_blocks|oft_diag|oft_[a-z_]+|rescale)$"), "OFT/BOFT"),
+    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with Tucker decomposition"),
+    (re.compile(r"(\.dora_scale|lora_magnitude_vector(\.[^.]+)?(\.weight)?)$"), "DoRA"),
+    (re.compile(r"\.(diff|diff_b|w_norm|b_norm|on_input)$"), "LyCORIS full/norm"),
+    (re.compile(r"\.lora_(B|up)(\.[^.]+)?\.bias$"), "LoRA with bias"),
+]
+_KOHYA_KEY = re.compile(r"^(lora_(?:unet|te|te1|te2)_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_PREFIXES = r"(?:(unet|text_encoder|text_encoder_2|base_model\.model)\.)?"
+_PEFT_KEY = re.compile(rf"^{_PREFIXES}(.+?)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_PEFT_ALPHA = re.compile(rf"^{_PREFIXES}(.+)\.alpha$")
+_OLD_PROCESSOR_KEY = re.compile(rf"^{_PREFIXES}(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_LAYER_KEY = re.compile(rf"^{_PREFIXES}(.+?)\.(?:lora_linear_layer|lora)\.(down|up)\.weight$")
+_UNET_ROOTS = {"down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding",
+               "conv_norm_out", "encoder_hid_proj", "class_embedding"}
+_TE_ROOTS = {"encoder", "embeddings", "final_layer_norm", "text_projection"}
+_OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_OLD_UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+
+
+@dataclass(eq=False)
+class LoraModule:
+    """One layer's LoRA: ``W = W0 + (alpha / rank) · up @ down``."""
+
+    name: str  # kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    down: torch.Tensor  # A: [r, in] or [r, in, kh, kw]
+    up: torch.Tensor  # B: [out, r] or [out, r, 1, 1]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale · up @ down`` in fp32, shaped like the base layer's weight."""
+        delta = self.scale * (self.up.float().flatten(1) @ self.down.float().flatten(1))
+        return delta.reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass(eq=False)
+class LoraFile:
+    """A LoRA file normalised to kohya names and kohya alpha, whatever style it was written in."""
+
+    path: Path
+    style: str  # "kohya" | "peft" | "diffusers-old"
+    family: str | None  # "sd1" | "sd2" | "sdxl", None when the file does not tell
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    dtype: str = "fp16"  # most common weight dtype
+
+
+@dataclass
+class _RawModule:
+    """One layer as found in the file, before names are normalised."""
+
+    component: str
+    path: str | None  # diffusers/canonical path; None for kohya names we cannot map
+    label: str  # the file's own name for the layer, for messages
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+    kohya_stem: str | None = None
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def read_lora_file(path: str | Path) -> LoraFile:
+    """Read and validate a LoRA ``.safetensors`` file of any supported key style."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        refuse_pickle(path, LoraFileError)
+    if not path.is_file():
+        raise LoraFileError(f"LoRA file not found: {path}.", hint="Check the path.")
+    header, metadata = read_safetensors_header(path, LoraFileError)
+    _check_weight_dtypes(path, header)
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
+        raise LoraFileError(f"{path.name} could not be read as safetensors: {exc}.",
+                            hint="The file is damaged; download or export it again.") from None
+    style, raws = _group_keys(path, tensors, metadata)
+    for raw in raws.values():
+        _check_raw(path, raw)
+    sgm = any(r.kohya_stem and re.search(r"_(input_blocks|output_blocks|middle_block)_", r.kohya_stem)
+              for r in raws.values())
+    family = _family_from(((r.component, r.path, tuple(r.down.shape)) for r in raws.values()), metadata, sgm)
+    modules: dict[str, LoraModule] = {}
+    for raw in raws.values():
+        name = _canonical_name(raw, family)
+        if name in modules:
+            raise LoraFileError(f"{path.name} holds the layer {name} twice (as {raw.label} too).",
+                                hint="The file is malformed; export it again.")
+        modules[name] = LoraModule(name, raw.down, raw.up, raw.alpha)
+    dtypes = collections.Counter(_TORCH_DTYPE_NAMES[m.down.dtype] for m in modules.values())
+    return LoraFile(path, style, family, modules, metadata, dtypes.most_common(1)[0][0])
+
+
+def detect_lora_family(file: LoraFile) -> str | None:
+    """"sd1" | "sd2" | "sdxl" from the modules' shapes, names and metadata; None if undecidable."""
+    entries = []
+    for name, module in file.modules.items():
+        try:
+            component, module_path = parse_kohya_module_name(name)
+        except ValueError:
+            component, module_path = ("text_encoder_2" if name.startswith("lora_te2_") else "unet"), None
+        entries.append((component, module_path, tuple(module.down.shape)))
+    sgm = any(re.search(r"_(input_blocks|output_blocks|middle_block)_", name) for name in file.modules)
+    return _family_from(entries, file.metadata, sgm)
+
+
+def check_lora_fits(file: LoraFile, family: str) -> None:
+    """Raise LoraFileError when ``file`` was made for another model family than ``family``."""
+    if file.family is None or file.family == family:
+        return
+    made_for, loaded = FAMILY_LABELS[file.family], FAMILY_LABELS.get(family, family)
+    raise LoraFileError(f"The LoRA {file.path.name} was made for {made_for} but the loaded model is {loaded}.",
+                        hint=f"Pick an {made_for} base model or another LoRA.")
+
+
+
+
+# --- header checks -------------------------------------------------------------------------------
+
+
+
+
+def _check_weight_dtypes(path: Path, header: dict) -> None:
+    for name, info in header.items():
+        if not name.endswith(".alpha") and info["dtype"] not in _FLOAT_DTYPES:
+            raise LoraFileError(
+                f"{path.name}: '{name}' is stored as {info['dtype']}, but LoRA weights must be floating point "
+                "(F16, BF16, F32).", hint="This is not a LoRA file LoRA Studio can use (quantised or corrupt).")
+
+
+
+
+
+
+
+
+# --- key styles ----------------------------------------------------------------------------------
+
+
+def _group_keys(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, dict]:
+    raws: dict[tuple, _RawModule] = {}
+    styles = set()
+    peft_alphas: dict[tuple, float] = {}
+    for key, tensor in tensors.items():
+        for pattern, kind in _UNSUPPORTED:
+            if pattern.search(key):
+                raise LoraFileError(f"{path.name} is a {kind} network (key '{key}'), not a plain LoRA.",
+                                    hint="LoRA Studio loads plain LoRA files only; use a LoRA export of it.")
+        if m := _KOHYA_KEY.match(key):
+            styles.add("kohya")
+            stem, part = m.groups()
+            if ("kohya", stem) not in raws:
+                raws[("kohya", stem)] = _kohya_raw(stem)
+            raw = raws[("kohya", stem)]
+            _assign(path, raw, {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[part], tensor, key)
+        elif (m := _PEFT_KEY.match(key)) and (where := _component_path(m.group(1), m.group(2))):
+            styles.add("peft")
+            component, module_path = where
+            raw = raws.setdefault((component, module_path), _RawModule(component, module_path, key.split(".lora_")[0]))
+            _assign(path, raw, "down" if m.group(3) == "A" else "up", tensor, key)
+        elif (m := _OLD_PROCESSOR_KEY.match(key)) and (where := _component_path(m.group(1), m.group(2))):
+            styles.add("diffusers-old")
+            component, base = where
+            proj = (_OLD_UNET_PROJ if component == "unet" else _OLD_TE_PROJ)[m.group(3)]
+            module_path = f"{base}.{proj}"
+            raw = raws.setdefault((component, module_path), _RawModule(component, module_path, key.rsplit(".", 2)[0]))
+            _assign(path, raw, m.group(4), tensor, key)
+        elif (m := _OLD_LAYER_KEY.match(key)) and (where := _component_path(m.group(1), m.group(2))):
+            styles.add("diffusers-old")
+            component, module_path = where
+            raw = raws.setdefault((component, module_path), _RawModule(component, module_path, key.rsplit(".", 2)[0]))
+            _assign(path, raw, m.group(3), tensor, key)
+        elif (m := _PEFT_ALPHA.match(key)) and (where := _component_path(m.group(1), m.group(2))):
+            peft_alphas[where] = _scalar(path, key, tensor)
+        else:
+            raise LoraFileError(f"{path.name} has the key '{key}', which is not part of a LoRA for Stable Diffusion.",
+                                hint="Only kohya, diffusers/PEFT and old diffusers LoRA files for SD 1.x, SD 2.x "
+                                     "and SDXL can be loaded.")
+    if len(styles) > 1:
+        raise LoraFileError(f"{path.name} mixes LoRA key styles ({', '.join(sorted(styles))}).",
+                            hint="The file is malformed; export it again in one format.")
+    if not raws:
+        raise LoraFileError(f"{path.name} holds no LoRA weights.", hint="Pick a LoRA .safetensors file.")
+    style = styles.pop()
+    if style == "peft":
+        _apply_peft_alphas(path, raws, metadata, peft_alphas)
+    for raw in raws.values():
+        if raw.alpha is None and raw.down is not None:
+            raw.alpha = float(raw.down.shape[0])  # no alpha stored: every loader uses scale 1
+    return style, raws
+
+
+def _kohya_raw(stem: str) -> _RawModule:
+    try:
+        component, module_path = parse_kohya_module_name(stem)
+    except ValueError:
+        component = "text_encoder_2" if stem.startswith("lora_te2_") else (
+            "unet" if stem.startswith("lora_unet_") else "text_encoder")
+        module_path = None
+    return _RawModule(component, module_path, stem, kohya_stem=stem)
+
+
+def _component_path(prefix: str | None, module_path: str) -> tuple[str, str] | None:
+    """(component, path) of a diffusers/PEFT key, or None when it is no SD UNet/CLIP layer."""
+    if prefix in ("unet", "text_encoder", "text_encoder_2"):
+        component = prefix
+    else:  # bare keys (or peft's base_model.model.): text-encoder layers have CLIP's names
+        component = "text_encoder" if module_path.startswith(("text_model.", "encoder.layers.")) else "unet"
+    if component != "unet":
+        module_path = canonical_te_path(module_path)
+    roots = _UNET_ROOTS if component == "unet" else _TE_ROOTS
+    return (component, module_path) if module_path.split(".", 1)[0] in roots else None
+
+
+def _assign(path: Path, raw: _RawModule, part: str, tensor: torch.Tensor, key: str) -> None:
+    if part == "alpha":
+        raw.alpha = _scalar(path, key, tensor)
+    elif getattr(raw, part) is not None:
+        raise LoraFileError(f"{path.name} holds the {part} weight of {raw.label} twice.",
+                            hint="The file is malformed; export it again.")
+    else:
+        setattr(raw, part, tensor)
+
+
+def _scalar(path: Path, key: str, tensor: torch.Tensor) -> float:
+    if tensor.numel() != 1:
+        raise LoraFileError(f"{path.name}: '{key}' should be one number but has shape {tuple(tensor.shape)}.",
+                            hint="The file is malformed; export it again.")
+    value = float(tensor.item())
+    if not math.isfinite(value):
+        raise LoraFileError(f"{path.name}: '{key}' is {value}.", hint="The file is damaged; export it again.")
+    return value
+
+
+def _apply_peft_alphas(path: Path, raws: dict, metadata: dict[str, str], explicit: dict[tuple, float]) -> None:
+    """PEFT alpha comes from diffusers' ``lora_adapter_metadata`` (LoraConfig kwargs per component)."""
+    config: dict = {}
+    if raw_config := metadata.get("lora_adapter_metadata"):
+        try:
+            config = json.loads(raw_config)
+        except json.JSONDecodeError:
+            raise LoraFileError(f"{path.name}: its lora_adapter_metadata is not valid JSON.",
+                                hint="The file is damaged; export it again.") from None
+    for (component, module_path), raw in raws.items():
+        if raw.down is None:
+            continue
+        rank = int(raw.down.shape[0])
+        if (component, module_path) in explicit:
+            raw.alpha = explicit[(component, module_path)]
+            continue
+        own = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
+        cfg = own or {k: v for k, v in config.items() if "." not in k}
+        lora_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, component, module_path, cfg.get("lora_alpha"))
+        if lora_alpha is None:
+            continue  # no metadata: diffusers' convention is alpha = rank
+        scale = float(lora_alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        raw.alpha = scale * rank
+
+
+def _pattern_value(patterns: dict, component: str, module_path: str, default):
+    candidates = [module_path] if component == "unet" else [module_path, "text_model." + module_path]
+    for pattern, value in patterns.items():
+        regex = pattern[1:] if pattern.startswith("^") else rf"(.*\.)?{pattern}"
+        if any(re.fullmatch(regex, c) for c in candidates):
+            return value
+    return default
+
+
+def _check_raw(path: Path, raw: _RawModule) -> None:
+    for part, other in (("down", "up"), ("up", "down")):
+        if getattr(raw, part) is None:
+            raise LoraFileError(f"{path.name}: the layer {raw.label} has a lora_{other} weight but no lora_{part}.",
+                                hint="The file is incomplete or malformed; export it again.")
+    down, up = raw.down, raw.up
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise LoraFileError(f"{path.name}: the layer {raw.label} has down {tuple(down.shape)} and up "
+                            f"{tuple(up.shape)}, which is not a LoRA pair.", hint="The file is malformed.")
+    if down.shape[0] != up.shape[1]:
+        raise LoraFileError(f"{path.name}: the layer {raw.label} has rank {down.shape[0]} in lora_down but "
+                            f"{up.shape[1]} in lora_up.", hint="The file is malformed; export it again.")
+    for part, tensor in (("down", down), ("up", up)):
+        if not torch.isfinite(tensor).all():
+            raise LoraFileError(f"{path.name}: the {part} weight of {raw.label} contains NaN or infinite values.",
+                                hint="The LoRA was saved from a diverged training run; use an earlier checkpoint.")
+
+
+def _canonical_name(raw: _RawModule, family: str | None) -> str:
+    if raw.path is not None:
+        try:
+            return kohya_module_name(raw.component, raw.path, family or ("sdxl" if raw.component == "text_encoder_2"
+                                                                          else "sd1"))
+        except ValueError:
+            pass
+    if raw.kohya_stem:
+        return raw.kohya_stem
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_", "text_encoder_2": "lora_te2_text_model_"}
+    return prefix[raw.component] + raw.path.replace(".", "_")
+
+
+# --- family detection ----------------------------------------------------------------------------
+
+
+def _family_from(entries, metadata: dict[str, str], sgm_names: bool) -> str | None:
+    """entries: (component, module path or None, down shape). Shapes first, then names, then metadata."""
+    entries = list(entries)
+    cross = {_CROSS_ATTN_WIDTH.get(shape[1]) for component, module_path, shape in entries
+             if component == "unet" and module_path and re.search(r"attn2\.to_[kv]$", module_path)}
+    cross.discard(None)
+    if len(cross) == 1:
+        return cross.pop()
+    if any(component == "text_encoder_2" for component, _, _ in entries) or sgm_names:
+        return "sdxl"
+    te = {_TE_WIDTH.get(shape[1]) for component, module_path, shape in entries
+          if component == "text_encoder" and module_path and re.search(r"(q_proj|k_proj|v_proj|fc1)$", module_path)}
+    te.discard(None)
+    if len(te) == 1:
+        return te.pop()
+    return _family_from_metadata(metadata)
+
+
+def _family_from_metadata(metadata: dict[str, str]) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if version == "sd_v2" or architecture.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if version == "sd_v1" or architecture.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return None

@@ -1,0 +1,320 @@
+"""Writing LoRA files: kohya/A1111 format (the default), diffusers/PEFT format, exact size.
+
+The kohya file is what every tool reads (A1111/Forge, ComfyUI, diffusers' ``load_lora_weights``):
+``<name>.lora_down.weight`` (A, [r, in] or [r, in, 1, 1]), ``<name>.lora_up.weight`` (B,
+[out, r] or [out, r, 1, 1]) and a 0-dim ``<name>.alpha``, nothing else; every loader applies
+``alpha / r`` with r read from the tensor shape. The exported alpha is therefore the layer's
+*actual* scaling times r, which is alpha for plain LoRA and alpha·sqrt(r) for rsLoRA.
+
+The header carries kohya's ``ss_*`` keys, the SAI ``modelspec.*`` keys and ``sshs_model_hash``,
+the sha256 of the bytes after the header (A1111's LoRA hash). The PEFT-format copy instead
+carries ``lora_adapter_metadata`` (r, lora_alpha, target modules), which diffusers turns into
+the ``LoraConfig`` it injects, so alpha survives there too. The two never share a file:
+diffusers refuses ``lora_adapter_metadata`` next to kohya alpha tensors.
+
+Reading any LoRA file back (and ``LoraModule``, the in-memory layer both halves share) lives in
+``trainer.lora.reading``; the header metadata in ``trainer.lora.metadata``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import secrets
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import safetensors.torch
+import torch
+from peft.tuners.lora import LoraLayer
+
+from trainer.core.atomic import atomic_path
+from trainer.core.errors import LoraFileError
+from trainer.lora.inject import ADAPTER_NAME, lora_layers, module_in_out
+from trainer.lora.names import (
+    KOHYA_PREFIXES,
+    canonical_te_path,
+    kohya_module_name,
+    parse_kohya_module_name,
+)
+from trainer.lora.reading import LoraModule
+
+EXPORT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+HASH_KEY = "sshs_model_hash"
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; only ever in PEFT-format files
+# Typical size of build_metadata's output with a short tag list; lora_file_size adds it when the
+# real metadata is not known yet. Long tag-frequency lists add their JSON length on top.
+METADATA_ESTIMATE_BYTES = 1400
+
+
+class LoraShape(NamedTuple):
+    """What the file size depends on: a layer's kohya name, widths and whether it is a 1x1 conv."""
+
+    name: str
+    in_features: int
+    out_features: int
+    conv: bool
+
+
+# --- from a trained model ------------------------------------------------------------------------
+
+
+def collect_lora_modules(component: str, model: torch.nn.Module, family: str,
+                         adapter_name: str = ADAPTER_NAME) -> list[LoraModule]:
+    """The LoRA weights of one peft-injected component as kohya modules (fp32 copies, sorted)."""
+    modules = []
+    for path, layer in lora_layers(model).items():
+        if adapter_name not in layer.lora_A:
+            continue
+        rank = int(layer.r[adapter_name])
+        modules.append(LoraModule(
+            name=kohya_module_name(component, path, family),
+            down=layer.lora_A[adapter_name].weight.detach().float().cpu().clone(),
+            up=layer.lora_B[adapter_name].weight.detach().float().cpu().clone(),
+            alpha=_exported_alpha(layer, adapter_name, rank),
+        ))
+    if component == "text_encoder_2":
+        _check_complete_attention(modules)
+    return sorted(modules, key=lambda m: m.name)
+
+
+def lora_shapes(component: str, model: torch.nn.Module, module_paths: Iterable[str], family: str) -> list[LoraShape]:
+    """Shapes of the layers a plan targets (works on meta-device models: nothing is allocated)."""
+    named = dict(model.named_modules())
+    shapes = []
+    for path in module_paths:
+        module = named[path]
+        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+        in_features, out_features = module_in_out(base)
+        shapes.append(LoraShape(kohya_module_name(component, path, family), in_features, out_features,
+                                isinstance(base, torch.nn.Conv2d)))
+    return shapes
+
+
+def module_shape(module: LoraModule) -> LoraShape:
+    return LoraShape(module.name, int(module.down.shape[1]), int(module.up.shape[0]), module.is_conv)
+
+
+def _exported_alpha(layer: LoraLayer, adapter_name: str, rank: int) -> float:
+    # From the layer's real scaling, so rsLoRA (alpha/sqrt(r)) exports alpha·sqrt(r).
+    alpha = float(layer.scaling[adapter_name]) * rank
+    return round(alpha, 6) if abs(alpha - round(alpha, 6)) < 1e-9 * max(1.0, alpha) else alpha
+
+
+def _check_complete_attention(modules: list[LoraModule]) -> None:
+    # A1111 skips an SDXL TE2 layer unless q, k, v and out_proj all carry LoRA.
+    by_layer: dict[str, set[str]] = collections.defaultdict(set)
+    for m in modules:
+        head, _, tail = m.name.rpartition("_self_attn_")
+        if head:
+            by_layer[head].add(tail)
+    for layer, parts in by_layer.items():
+        if parts != {"q_proj", "k_proj", "v_proj", "out_proj"}:
+            raise LoraFileError(f"{layer} has LoRA on {sorted(parts)} only; A1111 ignores partial sets.",
+                                hint="Target q, k, v and out_proj together for the second text encoder.")
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+
+# --- kohya export --------------------------------------------------------------------------------
+
+
+def kohya_state_dict(modules: Iterable[LoraModule], dtype: str = "fp16") -> dict[str, torch.Tensor]:
+    """The tensors of a kohya file; refuses duplicate names, bad shapes and NaN/Inf (after casting)."""
+    torch_dtype = _export_dtype(dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for module in modules:
+        _check_module(module)
+        if f"{module.name}.alpha" in tensors:
+            raise LoraFileError(f"Two LoRA modules are both named {module.name}.")
+        down = module.down.detach().to("cpu", torch_dtype).contiguous()
+        up = module.up.detach().to("cpu", torch_dtype).contiguous()
+        for label, tensor in (("lora_down", down), ("lora_up", up)):
+            if not torch.isfinite(tensor).all():
+                raise LoraFileError(
+                    f"{module.name}.{label} has NaN or infinite values in {dtype}; nothing was written.",
+                    hint="Training diverged (lower the learning rate), or export as bf16/fp32 if values overflow fp16.")
+        tensors[f"{module.name}.lora_down.weight"] = down
+        tensors[f"{module.name}.lora_up.weight"] = up
+        tensors[f"{module.name}.alpha"] = torch.tensor(module.alpha, dtype=_alpha_dtype(module.alpha, torch_dtype))
+    if not tensors:
+        raise LoraFileError("There are no LoRA layers to export.", hint="Check that LoRA was injected.")
+    return tensors
+
+
+def save_kohya_lora(modules: Iterable[LoraModule], metadata: dict[str, str], path: str | Path,
+                    dtype: str = "fp16") -> int:
+    """Write a kohya/A1111 LoRA file atomically with ``sshs_model_hash``; returns its size in bytes."""
+    path = Path(path)
+    header_meta = _checked_metadata(metadata)
+    tensors = kohya_state_dict(modules, dtype)
+    # The hash covers the tensor bytes, which follow the header; write a unique same-length
+    # placeholder, hash what follows the header, then patch the placeholder in place.
+    placeholder = secrets.token_hex(32)
+    header_meta[HASH_KEY] = placeholder
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=header_meta)
+        _patch_model_hash(tmp, placeholder)
+    return path.stat().st_size
+
+
+def tensor_data_sha256(path: str | Path) -> str:
+    """sha256 of a safetensors file's bytes after the 8-byte length and the header."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + header_len)
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _patch_model_hash(path: Path, placeholder: str) -> None:
+    digest = tensor_data_sha256(path)
+    with open(path, "r+b") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = fh.read(header_len)
+        marker = placeholder.encode("ascii")
+        if header.count(marker) != 1:
+            raise RuntimeError("hash placeholder not found exactly once in the safetensors header")
+        fh.seek(8 + header.index(marker))
+        fh.write(digest.encode("ascii"))
+        fh.seek(8)
+        written = json.loads(fh.read(header_len))["__metadata__"][HASH_KEY]
+    if written != digest or tensor_data_sha256(path) != digest:
+        raise RuntimeError("sshs_model_hash does not match the file just written")
+
+
+def _checked_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings: {bad}")
+    if PEFT_METADATA_KEY in metadata:
+        raise ValueError(f"'{PEFT_METADATA_KEY}' next to kohya alpha tensors makes diffusers refuse the file")
+    return {k: v for k, v in metadata.items() if k != HASH_KEY}
+
+
+def _export_dtype(dtype: str) -> torch.dtype:
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype must be one of {list(EXPORT_DTYPES)}, got {dtype!r}")
+    return EXPORT_DTYPES[dtype]
+
+
+def _alpha_dtype(alpha: float, weight_dtype: torch.dtype) -> torch.dtype:
+    # kohya stores alpha in the weights' dtype; keep fp32 when that would round it (rsLoRA's
+    # alpha·sqrt(r)) so the loaders' alpha/r stays exact. Every loader reads it with .item().
+    return weight_dtype if torch.tensor(alpha, dtype=weight_dtype).item() == alpha else torch.float32
+
+
+def _check_module(module: LoraModule) -> None:
+    if not module.name.startswith(KOHYA_PREFIXES) or "." in module.name:
+        raise ValueError(f"{module.name!r} is not a kohya module name")
+    down, up = module.down, module.up
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] or up.shape[2:] not in (
+            torch.Size([]), torch.Size([1, 1])):
+        raise ValueError(f"{module.name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a LoRA pair")
+    if not (math.isfinite(module.alpha) and module.alpha > 0):
+        raise LoraFileError(f"{module.name} has alpha {module.alpha}; it must be a positive number.")
+
+
+# --- diffusers/PEFT export -----------------------------------------------------------------------
+
+
+def save_peft_lora(modules: Iterable[LoraModule], path: str | Path, dtype: str = "fp16",
+                   metadata: dict[str, str] | None = None) -> int:
+    """Write the diffusers/PEFT format (``unet.<path>.lora_A.weight`` …) with alpha preserved.
+
+    diffusers builds its ``LoraConfig`` from the ``lora_adapter_metadata`` header entry, so r,
+    lora_alpha (exported alpha: the effective scale is alpha/r) and the target modules go there.
+    """
+    modules = list(modules)
+    kohya = kohya_state_dict(modules, dtype)  # same checks and casts as the kohya export
+    tensors: dict[str, torch.Tensor] = {}
+    per_component: dict[str, dict[str, tuple[int, float]]] = collections.defaultdict(dict)
+    for module in modules:
+        component, module_path = parse_kohya_module_name(module.name)
+        # "text_model." keeps older transformers happy; diffusers strips it where the model lacks it
+        key_path = module_path if component == "unet" else "text_model." + canonical_te_path(module_path)
+        tensors[f"{component}.{key_path}.lora_A.weight"] = kohya.pop(f"{module.name}.lora_down.weight")
+        tensors[f"{component}.{key_path}.lora_B.weight"] = kohya.pop(f"{module.name}.lora_up.weight")
+        per_component[component][module_path] = (module.rank, module.alpha)
+    adapter_meta = {}
+    for component, layers in per_component.items():
+        for key, value in _peft_config(layers).items():
+            adapter_meta[f"{component}.{key}"] = value
+    header = {k: v for k, v in (metadata or {}).items() if k != HASH_KEY}
+    _checked_metadata(header)
+    header.update({"format": "pt", PEFT_METADATA_KEY: json.dumps(adapter_meta, indent=2, sort_keys=True)})
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=header)
+    return path.stat().st_size
+
+
+def _peft_config(layers: dict[str, tuple[int, float]]) -> dict:
+    """``LoraConfig`` kwargs: the most common rank/alpha plus per-module patterns for the rest."""
+    rank = collections.Counter(r for r, _ in layers.values()).most_common(1)[0][0]
+    alpha = collections.Counter(a for _, a in layers.values()).most_common(1)[0][0]
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(layers),
+        "rank_pattern": {path: r for path, (r, _) in layers.items() if r != rank},
+        "alpha_pattern": {path: a for path, (_, a) in layers.items() if a != alpha},
+        "use_rslora": False,  # alpha is already the exported alpha: scale = alpha / r
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+# --- exact file size -----------------------------------------------------------------------------
+
+
+def lora_file_size(shapes: Iterable[LoraShape], rank: int, dtype: str = "fp16", alpha: float = 1.0,
+                   metadata: dict[str, str] | None = None) -> int:
+    """The exact byte size ``save_kohya_lora`` will write for these layers.
+
+    Built like safetensors builds its header (compact JSON, tensors ordered by dtype size then
+    name, padded with spaces to a multiple of 8). ``alpha`` matters only through its dtype (see
+    ``_alpha_dtype``). Without ``metadata`` the size includes ``METADATA_ESTIMATE_BYTES`` instead
+    and is exact to within the metadata's deviation from it (a few hundred bytes, plus tag lists).
+    """
+    torch_dtype = _export_dtype(dtype)
+    alpha_dtype = _alpha_dtype(alpha, torch_dtype)
+    entries = []  # (itemsize, name, dtype string, shape)
+    for shape in shapes:
+        tail = [1, 1] if shape.conv else []
+        itemsize = torch_dtype.itemsize
+        entries.append((itemsize, f"{shape.name}.lora_down.weight", _SAFETENSORS_DTYPE[torch_dtype],
+                        [rank, shape.in_features, *tail]))
+        entries.append((itemsize, f"{shape.name}.lora_up.weight", _SAFETENSORS_DTYPE[torch_dtype],
+                        [shape.out_features, rank, *tail]))
+        entries.append((alpha_dtype.itemsize, f"{shape.name}.alpha", _SAFETENSORS_DTYPE[alpha_dtype], []))
+    entries.sort(key=lambda e: (-e[0], e[1]))
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = {**_checked_metadata(metadata), HASH_KEY: "0" * 64}
+    offset = 0
+    for itemsize, name, dtype_name, shape in entries:
+        end = offset + itemsize * math.prod(shape)
+        header[name] = {"dtype": dtype_name, "shape": shape, "data_offsets": [offset, end]}
+        offset = end
+    header_bytes = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if metadata is None:
+        header_bytes += METADATA_ESTIMATE_BYTES
+    return 8 + (header_bytes + 7) // 8 * 8 + offset
