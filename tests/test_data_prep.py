@@ -361,3 +361,34 @@ def test_a_run_records_the_data_prep_settings(tiny_sd1_dir: Path, reg_dataset, t
         "reg_data": str(reg), "class_prompt": "a woman", "prior_loss_weight": 0.25, "masked_loss": True,
         "tag_dropout": 0.2, "caption_prefix": "masterpiece |||", "caption_suffix": "by me",
         "keep_tokens_separator": "|||"}
+
+
+def test_reg_pictures_made_from_the_base_model_are_seeded_and_resumable(tiny_sd1_dir: Path, tmp_path: Path,
+                                                                        capsys, one_torch_thread) -> None:
+    from trainer.cli.main import main
+    from trainer.generate.generator import Generator
+    from trainer.generate.reg_images import RegImagesRequest, make_reg_images
+
+    generator = Generator.from_base(str(tiny_sd1_dir), device="cpu")
+    request = RegImagesRequest("a woman", 2, seed=7, steps=2)
+    progress = []
+    first = make_reg_images(generator, request, tmp_path / "reg", progress.append)
+    assert [p.name for p in first] == ["a-woman-000007.png", "a-woman-000008.png"]
+    assert [(p.done, p.total) for p in progress] == [(1, 2), (2, 2)]
+    assert all(p.with_suffix(".txt").read_text(encoding="utf-8") == "a woman\n" for p in first)
+    pixels = [np.asarray(Image.open(p)) for p in first]
+    assert pixels[0].shape == (64, 64, 3) and not np.array_equal(pixels[0], pixels[1])  # one seed each
+    stamp = first[0].stat().st_mtime_ns
+    more = make_reg_images(generator, RegImagesRequest("a woman", 3, seed=7, steps=2), tmp_path / "reg")
+    assert len(more) == 3 and first[0].stat().st_mtime_ns == stamp  # kept, not rendered again
+    again = make_reg_images(generator, request, tmp_path / "again")
+    assert np.array_equal(np.asarray(Image.open(again[1])), pixels[1])  # the seed decides the picture
+    reg = scan_regularization(DataConfig(data=str(tmp_path / "x"), reg_data=str(tmp_path / "reg")))
+    assert [i.caption for i in reg.items] == ["a woman"] * 3
+    with pytest.raises(ConfigError, match="No class prompt"):
+        RegImagesRequest(" ", 3)
+
+    code = main(["reg-images", "--base", str(tiny_sd1_dir), "--class-prompt", "a cat", "-n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "cli"), "--device", "cpu"])
+    assert code == 0 and (tmp_path / "cli" / "a-cat-000000.txt").is_file()
+    assert f"train with --reg-data {tmp_path / 'cli'}" in capsys.readouterr().out

@@ -29,7 +29,7 @@ TAGS: list[tuple[str, int, tuple[float, float, float], float]] = [
     ("smile", 0, (0, 0, 0), _logit(0.40)),
     ("^_^", 0, (0, 0, 0), _logit(0.50)),
     ("simple_background", 0, (0, 0, 0), _logit(0.30)),
-    ("hatsune_miku", 4, (0, 0, 0), _logit(0.90)),
+    ("hatsune_miku", 4, (0, 0, 0), _logit(0.92)),
     ("kagamine_rin", 4, (0, 0, 0), _logit(0.50)),
 ]
 INPUT_SIZE = 32

@@ -4,8 +4,9 @@ Anything that rewrites caption files (auto-captioning, bulk edits in the grid) w
 ``CaptionUndo.batch``: before a sidecar changes, its old bytes (or "there was no file") are
 stored under ``<dataset>/.lora-studio/caption-undo/<batch>/``, one small file per caption and
 written before the caption itself, so even a crash half-way through leaves every change undoable.
-``restore`` puts a batch back after recording the present state as a new batch, so an undo can
-itself be undone and nothing is ever silently lost. The folder is hidden, so scans skip it.
+``restore`` puts a batch back after recording the present state as a "redo" batch, so an undo can
+itself be undone and nothing is ever silently lost; repeated undos walk back through the changes
+(redo batches are not undone by a plain "undo", only by name). The folder is hidden, so scans skip it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class UndoBatch:
     created: float  # unix seconds
     count: int  # captions it changed
     restored: bool  # already put back (its "before undo" batch can redo it)
+    undoes: str = ""  # for a redo batch: the id of the batch whose undo it recorded
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,11 @@ class CaptionUndo:
         self.folder = self.root / UNDO_FOLDER
 
     @contextmanager
-    def batch(self, label: str) -> Iterator[CaptionWriter]:
+    def batch(self, label: str, *, undoes: str = "") -> Iterator[CaptionWriter]:
         """Record every sidecar written inside the ``with`` as one undoable batch (kept even on error)."""
         folder = self._new_batch_folder()
-        atomic_write_text(folder / "batch.json", json.dumps({"label": label, "created": time.time()}))
+        meta = {"label": label, "created": time.time(), **({"undoes": undoes} if undoes else {})}
+        atomic_write_text(folder / "batch.json", json.dumps(meta))
         writer = CaptionWriter(self.root, folder)
         try:
             yield writer
@@ -107,8 +110,8 @@ class CaptionUndo:
         return sorted((b for b in found if b is not None), key=lambda b: b.id, reverse=True)
 
     def latest(self) -> UndoBatch | None:
-        """The newest batch not yet restored (what "Undo" takes back)."""
-        return next((b for b in self.batches() if not b.restored), None)
+        """The newest change not yet undone (what "Undo" takes back; redo batches are not changes)."""
+        return next((b for b in self.batches() if not b.restored and not b.undoes), None)
 
     def restore(self, batch_id: str | None = None) -> RestoreResult:
         """Put the captions of ``batch_id`` (default: the latest) back as they were before it."""
@@ -120,7 +123,7 @@ class CaptionUndo:
         folder = self.folder / batch.id
         entries = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((folder / "entries").glob("*.json"))]
         restored = removed = 0
-        with self.batch(f"Before undoing: {batch.label}") as redo:
+        with self.batch(f"Before undoing: {batch.label}", undoes=batch.id) as redo:
             for entry in entries:
                 sidecar = self.root / _inside(self.root, self.root / entry["path"])
                 old = None if entry["old"] is None else base64.b64decode(entry["old"])
@@ -135,12 +138,21 @@ class CaptionUndo:
                     atomic_write_bytes(sidecar, old)
                     restored += 1
             redo_count = redo.count
-        meta = json.loads((folder / "batch.json").read_text(encoding="utf-8"))
-        atomic_write_text(folder / "batch.json", json.dumps({**meta, "restored_at": time.time()}))
+        self._mark(folder, restored=True)
+        if batch.undoes:  # a redo: the change it undid is in force again, and can be undone again
+            self._mark(self.folder / batch.undoes, restored=False)
         redo_batch = self.batches()[0] if redo_count else None
         return RestoreResult(self._read(folder) or batch, restored, removed, redo_batch)
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _mark(self, folder: Path, *, restored: bool) -> None:
+        try:
+            meta = json.loads((folder / "batch.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        meta.pop("restored_at", None)
+        atomic_write_text(folder / "batch.json", json.dumps({**meta, **({"restored_at": time.time()} if restored else {})}))
 
     def _new_batch_folder(self) -> Path:
         stamp = time.time()
@@ -161,7 +173,7 @@ class CaptionUndo:
             return None  # a batch being written, or damaged: not offered
         count = len(list((folder / "entries").glob("*.json"))) if (folder / "entries").is_dir() else 0
         return UndoBatch(folder.name, str(meta.get("label", "")), float(meta.get("created", 0.0)), count,
-                         "restored_at" in meta)
+                         "restored_at" in meta, str(meta.get("undoes", "")))
 
 
 def _inside(root: Path, path: Path) -> Path:
