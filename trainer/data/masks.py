@@ -131,18 +131,18 @@ def mask_problems(images: Iterable[tuple[Path, tuple[int, int]]], mask_files: It
         try:
             mask_size = image_info(file)
         except ImageError as exc:
-            problems.append(MaskProblem("error", "mask_unreadable", file, exc.message,
+            problems.append(MaskProblem("error", "mask_unreadable", image, f"Its mask: {exc.message}",
                                         exc.hint or "Save the mask again as a PNG."))
             continue
         if mask_size != size:
             problems.append(MaskProblem(
-                "error", "mask_size", file,
+                "error", "mask_size", image,
                 f"{file.name} is {mask_size[0]}×{mask_size[1]} but {image.name} is {size[0]}×{size[1]}; "
                 "training would stretch the mask over the picture.",
                 "Save the mask at the picture's exact size (white = learn, black = ignore)."))
         elif masked_loss and load_image(file).getchannel("R").getextrema()[1] == 0:
             problems.append(MaskProblem(
-                "warning", "mask_empty", file, f"{file.name} is all black, so {image.name} teaches nothing.",
+                "warning", "mask_empty", image, f"{file.name} is all black, so {image.name} teaches nothing.",
                 "Paint the part to learn white, or delete the mask."))
     for file in mask_files:
         stem = file.with_name(file.stem[: -len(MASK_MARK)])
