@@ -23,7 +23,7 @@ def build_dataset_prep_panel(studio: Studio, *, name: gr.Dropdown, trigger: gr.T
                              refresh_triggers: Sequence[Any]) -> None:
     """``refresh(name, *lint_inputs)`` returns values for ``refresh_outputs`` (the grid and report);
     ``refresh_triggers`` are the tab's events after which the tag table is recounted."""
-    with gr.Accordion("Auto-caption the pictures", open=False, elem_id="dataset-caption-panel"):
+    with gr.Accordion("Auto-caption the pictures", open=False, elem_id="dataset-caption-panel") as caption_panel:
         with gr.Row():
             kind = gr.Radio([prep.TAGGER, prep.CAPTIONER], value=prep.TAGGER, label="Model kind",
                             elem_id="dataset-caption-kind", scale=2)
@@ -96,6 +96,11 @@ def build_dataset_prep_panel(studio: Studio, *, name: gr.Dropdown, trigger: gr.T
         return (gr.update(choices=found, value=found[0] if found else None), prep.model_help(studio, picked),
                 gr.update(visible=picked == prep.TAGGER), gr.update(visible=picked != prep.TAGGER))
 
+    def refresh_models(picked: str, current: str | None):
+        found = prep.model_choices(studio, picked)
+        value = current if current else (found[0] if found else None)
+        return gr.update(choices=found, value=value), prep.model_help(studio, picked)
+
     @user_errors
     def caption(dataset: str, confirmed: bool, *values: Any, progress: gr.Progress = gr.Progress()):
         settings = settings_of(values)
@@ -123,6 +128,7 @@ def build_dataset_prep_panel(studio: Studio, *, name: gr.Dropdown, trigger: gr.T
                                       negative, lambda f, text: progress(f, desc=text))
 
     kind.change(switch_kind, kind, [model, model_info, tagger_row, captioner_row], api_name=False)
+    caption_panel.expand(refresh_models, [kind, model], [model, model_info], api_name=False)  # models added meanwhile
     # Hidden flags rather than gr.State: a script calling /caption_dataset can pass confirmed=True itself.
     no = gr.Checkbox(False, visible=False, label="confirmed", elem_id="dataset-caption-unconfirmed")
     yes = gr.Checkbox(True, visible=False, label="confirmed", elem_id="dataset-caption-confirmed")
