@@ -79,16 +79,18 @@ def caption_dataset(studio: Studio, dataset: str, settings: CaptionSettings, pro
     folder = studio.projects.dataset_dir(dataset)
     if not str(settings.model or "").strip():
         raise StudioError("No model is chosen.", hint=model_help(studio, settings.kind).replace("**", ""))
-    progress(0.0, "Loading the model…")
-    with studio.build_lock:
-        model = open_model(settings)
 
     def on_progress(p) -> None:
         eta = "" if p.eta_s is None else f", about {format_eta(p.eta_s)} left"
         progress(p.done / max(p.total, 1), f"{p.done} of {p.total} pictures{eta}")
 
-    report = caption_folder(folder, model, mode=settings.mode, trigger=settings.trigger,
-                            batch_size=max(1, int(settings.batch_size)), on_progress=on_progress)
+    # On a GPU a training run holds the memory: wait for it, as generation does.
+    with studio.gpu_job(lambda run: progress(0.0, f"Waiting for the training run '{run.name}' to finish…")):
+        progress(0.0, "Loading the model…")
+        with studio.build_lock:
+            model = open_model(settings)
+        report = caption_folder(folder, model, mode=settings.mode, trigger=settings.trigger,
+                                batch_size=max(1, int(settings.batch_size)), on_progress=on_progress)
     return report.text()
 
 
