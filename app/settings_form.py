@@ -83,6 +83,14 @@ LABELS = {
     "device": "Device",
     "seed": "Seed",
     "repeats": "Repeats",
+    "caption_prefix": "Caption prefix",
+    "caption_suffix": "Caption suffix",
+    "keep_tokens_separator": "Keep-tokens separator",
+    "tag_dropout": "Tag dropout",
+    "masked_loss": "Masked loss",
+    "reg_data": "Reg data (folder of regularization pictures)",
+    "class_prompt": "Class prompt (reg pictures without a caption)",
+    "prior_loss_weight": "Prior loss weight (reg pictures)",
 }
 
 

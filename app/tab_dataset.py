@@ -15,15 +15,18 @@ from urllib.parse import quote
 import gradio as gr
 
 from app.bundled import EXAMPLE_DATASET
+from app.dataset_prep import masked_thumbnail
 from app.errors import user_errors
-from app.projects import safe_name
+from app.projects import THUMB_SIDE, safe_name
 from app.studio import Studio
+from app.tab_dataset_prep import build_dataset_prep_panel
 from trainer.config.schema import DataConfig
 from trainer.core.atomic import atomic_write_text
 from trainer.core.errors import DatasetError, StudioError
 from trainer.data.captions import has_trigger, read_caption_file
 from trainer.data.images import image_extensions
 from trainer.data.lint import LintReport, lint_dataset
+from trainer.data.masks import is_mask_file
 from trainer.data.scan import DatasetIssue, scan_dataset
 
 TABLE_HEADERS = ["Picture", "File", "Caption (click to edit)", "Problems"]
@@ -53,7 +56,8 @@ def dataset_view(studio: Studio, name: str, trigger: str, resolution: int | floa
     if not folder.is_dir():
         new = safe_name(name, "dataset name")
         return DatasetView([], f"New dataset **{new}**: drop pictures above to create it.", [])
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in image_extensions())
+    images = sorted(p for p in folder.iterdir()
+                    if p.is_file() and p.suffix.lower() in image_extensions() and not is_mask_file(p))
     if not images:
         return DatasetView([], f"**{name}** has no pictures yet: drop 20–50 pictures (and their .txt captions) "
                                "above.", [])
@@ -64,8 +68,10 @@ def dataset_view(studio: Studio, name: str, trigger: str, resolution: int | floa
             problems.setdefault(issue.path.with_suffix(""), []).append(issue)
     rows = []
     for image in images:
-        thumb = studio.projects.thumbnail(image)
-        picture = f"![{image.name}](/gradio_api/file={quote(str(thumb))})" if thumb else "✖"
+        masked = masked_thumbnail(studio, image, THUMB_SIDE)  # the part its mask ignores shown in red
+        thumb = masked or studio.projects.thumbnail(image)
+        alt = f"{image.name} (masked)" if masked else image.name
+        picture = f"![{alt}](/gradio_api/file={quote(str(thumb))})" if thumb else "✖"
         notes = "<br>".join(f"{SEVERITY_ICON[i.severity]} {i.message} *{i.fix}*"
                             for i in problems.get(image.with_suffix(""), []))
         rows.append([picture, image.name, read_caption(studio, image), notes or "✔"])
@@ -293,4 +299,9 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
     add_trigger.click(add_trigger_to_all, [name, table, *lint_inputs], [*view_outputs, status], api_name="add_trigger")
     replace_button.click(replace_in_captions, [name, table, find, replace_with, *lint_inputs],
                          [*view_outputs, status], api_name="replace_in_captions")
+    build_dataset_prep_panel(
+        studio, name=name, trigger=trigger, lint_inputs=lint_inputs,
+        refresh=lambda *args: show_dataset(*args)[:3], refresh_outputs=view_outputs,
+        refresh_triggers=[name.change, check.click, trigger.submit, table.input, add_trigger.click,
+                          replace_button.click, upload.upload, import_button.click, examples_button.click])
     return DatasetTab(name=name, trigger=trigger)

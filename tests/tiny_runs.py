@@ -52,7 +52,7 @@ def capture_training_step(monkeypatch: pytest.MonkeyPatch, session, timesteps: l
         seen["noise"] = torch.randn(latents.shape, generator=generator)
         return seen["noise"]
 
-    def record_loss(prediction, target, scheduler, t, gamma):
+    def record_loss(prediction, target, scheduler, t, gamma, **weights):
         seen["target"] = target.detach().clone()
         return torch.nn.functional.mse_loss(prediction, target)
 

@@ -59,6 +59,14 @@ class DataConfig:
     shuffle_captions: bool = field(default=False, metadata={"help": "Shuffle comma-separated caption tags each step."})
     keep_tokens: int = field(default=1, metadata={"help": "Tags at the start of the caption kept in place when shuffling."})
     caption_dropout: float = field(default=0.0, metadata={"help": "Probability of training a step with an empty caption."})
+    caption_prefix: str = field(default="", metadata={"help": "Text put before every caption, joined with a comma (kohya's caption_prefix; e.g. 'zxq, 1girl |||')."})
+    caption_suffix: str = field(default="", metadata={"help": "Text put after every caption, joined with a comma."})
+    keep_tokens_separator: str = field(default="|||", metadata={"help": "In a caption 'a, b ||| c, d', the tags before the separator stay first (after a second one, last); shuffling and tag dropout only touch the tags between. The separator itself is never trained; empty = off."})
+    tag_dropout: float = field(default=0.0, metadata={"help": "Probability of leaving out each tag per step (0.1 typical); the trigger word and kept tags are never dropped."})
+    masked_loss: bool = field(default=False, metadata={"help": "Learn only where a picture's mask is white: 'name.mask.png' beside it, else its alpha channel (black = ignored, grey = partly)."})
+    reg_data: str = field(default="", metadata={"help": "Folder of regularization (class) pictures for prior preservation; 'N_name' sub-folders repeat N times. As many are drawn per epoch as there are training samples."})
+    class_prompt: str = field(default="", metadata={"help": "Caption of regularization pictures without a caption file (e.g. 'a woman'; an 'N_name' folder's name otherwise)."})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "Loss weight of the regularization pictures (kohya's prior_loss_weight)."})
 
 
 @dataclass(frozen=True)
@@ -275,6 +283,14 @@ def validate(config: StudioConfig) -> None:
              d.max_bucket_side, "Use 0 (twice the resolution) or at least data.min_bucket_side.")
     _require(0 <= d.caption_dropout < 1, "data.caption_dropout", d.caption_dropout, "Use a value in [0, 1).")
     _require(d.keep_tokens >= 0, "data.keep_tokens", d.keep_tokens, "Use 0 or more.")
+    _require(0 <= d.tag_dropout < 1, "data.tag_dropout", d.tag_dropout, "Use a value in [0, 1), e.g. 0.1.")
+    _require("," not in d.keep_tokens_separator and d.keep_tokens_separator == d.keep_tokens_separator.strip(),
+             "data.keep_tokens_separator", d.keep_tokens_separator,
+             "Use a marker without commas or outer spaces that never occurs in a tag, such as '|||' (empty = off).")
+    _require(0 <= d.prior_loss_weight <= 100, "data.prior_loss_weight", d.prior_loss_weight,
+             "Use a weight from 0 to 100 (1.0 = as much as a training picture).")
+    _require(not d.reg_data.strip() or d.reg_data.strip().rstrip("/\\") != d.data.strip().rstrip("/\\"),
+             "data.reg_data", d.reg_data, "Use a folder of class pictures other than the training folder.")
     _require(config.model.clip_skip >= 1, "model.clip_skip", config.model.clip_skip, "Use 1 (last layer) or 2.")
     out = config.output
     _require(out.save_every >= 0, "output.save_every", out.save_every, "Use 0 (end only) or a positive number.")

@@ -4,6 +4,9 @@
 rows, never crashes); ``images`` opens a picture as the user saw it; ``captions`` reads and
 shapes caption text; ``buckets`` picks each picture's aspect bucket; ``lint`` is the report shown
 before training; ``training_set`` is the deterministic, resumable sample order; ``caches`` keeps
-latents and text embeddings out of the steady-state step. Imports ``trainer.core`` and
-``trainer.config`` only (never a model: encoders are passed in).
+latents and text embeddings out of the steady-state step. ``masks`` (loss masks), ``regularization``
+(class pictures and kohya's balancing), ``tag_stats`` (the tag table), ``caption_undo`` (every
+caption change undoable) and ``captioning`` (taggers and captioners writing captions) prepare a
+dataset. Imports ``trainer.core`` and ``trainer.config`` only (never a diffusion model: encoders
+are passed in; the captioning models load through onnxruntime/transformers on demand).
 """

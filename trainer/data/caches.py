@@ -2,8 +2,9 @@
 
 Latents are cached on disk per (image content hash, bucket, flip) and VAE fingerprint, so an
 edited image or another base model is re-encoded while an unchanged one never is, even across
-runs; each entry also keeps the crop and original size SDXL's size conditioning needs, so a
-cached image is never decoded again. Text embeddings (for SDXL: hidden states and pooled
+runs; each entry also keeps the crop and original size SDXL's size conditioning needs, and with
+masked loss the latent-sized mask (the key then names the mask too: an edited mask is re-read),
+so a cached image is never decoded again. Text embeddings (for SDXL: hidden states and pooled
 embedding) are cached in memory per caption when the text encoders are frozen and captions
 don't change from step to step.
 """
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.core.atomic import atomic_path
+from trainer.data.masks import latent_mask
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -50,9 +52,11 @@ class LatentEntry:
     latents: torch.Tensor  # [C, h, w], fp32, on the cache's device
     crop_top_left: tuple[int, int]  # (y, x) in the scaled image
     original_size: tuple[int, int]  # (h, w) before scaling
+    mask: torch.Tensor | None = None  # [1, h, w] loss weights on the latent grid (masked loss), or None
 
 
 PixelLoader = Callable[[], tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]  # TrainingSet.load_pixels
+MaskLoader = Callable[[], torch.Tensor | None]  # TrainingSet.load_mask: [H, W] at pixel size, or None
 
 
 class LatentCache:
@@ -68,10 +72,15 @@ class LatentCache:
     def to(self, device: torch.device) -> None:
         """Keep the entries on ``device`` (a few MB: the training step then copies nothing)."""
         self.device = device
-        self._memory = {key: replace(entry, latents=entry.latents.to(device)) for key, entry in self._memory.items()}
+        self._memory = {key: replace(entry, latents=entry.latents.to(device),
+                                     mask=None if entry.mask is None else entry.mask.to(device))
+                        for key, entry in self._memory.items()}
 
-    def get(self, sha256: str, bucket: tuple[int, int], flip: bool, load_pixels: PixelLoader) -> LatentEntry:
-        key = f"{sha256}_{bucket[0]}x{bucket[1]}_{int(flip)}"
+    def get(self, sha256: str, bucket: tuple[int, int], flip: bool, load_pixels: PixelLoader,
+            mask_key: str = "", load_mask: MaskLoader | None = None) -> LatentEntry:
+        """The entry of one (image, bucket, flip); with ``mask_key`` (the mask's identity) it holds
+        the mask too, read through ``load_mask``."""
+        key = f"{sha256}_{bucket[0]}x{bucket[1]}_{int(flip)}" + (f"_{mask_key}" if mask_key else "")
         if key in self._memory:
             return self._memory[key]
         path = self.folder / f"{key}.safetensors" if self.folder else None
@@ -79,7 +88,8 @@ class LatentCache:
             try:
                 stored = load_file(str(path))
                 entry = LatentEntry(stored["latents"].to(self.device), tuple(stored["crop_top_left"].tolist()),
-                                    tuple(stored["original_size"].tolist()))
+                                    tuple(stored["original_size"].tolist()),
+                                    stored["mask"].to(self.device) if "mask" in stored else None)
             except Exception:  # a damaged (or older, size-less) entry is re-encoded, never fatal  # noqa: BLE001
                 entry = None
             if entry is not None:
@@ -89,11 +99,15 @@ class LatentCache:
         with torch.no_grad():
             latents = encode_latents(self.vae, pixels.unsqueeze(0))[0].float().cpu()
         self.encoded += 1
+        pixel_mask = load_mask() if (mask_key and load_mask is not None) else None
+        mask = None if pixel_mask is None else latent_mask(pixel_mask, tuple(latents.shape[-2:])).contiguous()
         if path is not None:
+            tensors = {"latents": latents.contiguous(), "crop_top_left": torch.tensor(crop_top_left),
+                       "original_size": torch.tensor(original_size)}
             with atomic_path(path) as tmp:
-                save_file({"latents": latents.contiguous(), "crop_top_left": torch.tensor(crop_top_left),
-                           "original_size": torch.tensor(original_size)}, str(tmp))
-        entry = LatentEntry(latents.to(self.device), tuple(crop_top_left), tuple(original_size))
+                save_file(tensors if mask is None else {**tensors, "mask": mask}, str(tmp))
+        entry = LatentEntry(latents.to(self.device), tuple(crop_top_left), tuple(original_size),
+                            None if mask is None else mask.to(self.device))
         self._memory[key] = entry
         return entry
 

@@ -1,14 +1,18 @@
 """Caption text: reading sidecar files, tags, the trigger word, and what one training step sees.
 
 A caption is one line of comma-separated tags. Sidecars (``name.txt``, ``name.caption``) are
-read in whatever encoding they were saved in; the trigger word goes first unless already there;
-per step a caption may be dropped (for CFG) or tag-shuffled behind its first ``keep_tokens`` tags.
+read in whatever encoding they were saved in; ``compose_caption`` adds the prefix/suffix and the
+trigger word (first unless already there) and resolves kohya's keep-tokens separator (``a |||
+b, c``) into fixed tags; per step a caption may be dropped (for CFG), tag-shuffled and have tags
+dropped, never touching its fixed tags or the trigger.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 CAPTION_EXTENSIONS = (".txt", ".caption")  # first match wins
@@ -30,6 +34,15 @@ def read_caption_file(path: Path) -> tuple[str, str | None]:
         except UnicodeDecodeError:
             continue
     raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
+
+
+def caption_sidecar(image: Path) -> Path:
+    """The sidecar that holds ``image``'s caption: an existing .txt/.caption, else a new .txt."""
+    for ext in CAPTION_EXTENSIONS:
+        candidate = image.with_suffix(ext)
+        if candidate.is_file():
+            return candidate
+    return image.with_suffix(CAPTION_EXTENSIONS[0])
 
 
 def clean_caption(text: str) -> str:
@@ -60,19 +73,56 @@ def with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
+@dataclass(frozen=True)
+class ComposedCaption:
+    """A caption as training reads it: the text (no separator left in it) and its fixed tags."""
+
+    text: str
+    keep_head: int  # tags at the start that never move or drop
+    keep_tail: int = 0  # tags at the end that never move or drop (after a second separator)
+
+
+def compose_caption(caption: str, *, trigger: str = "", prefix: str = "", suffix: str = "",
+                    separator: str = "", keep_tokens: int = 0) -> ComposedCaption:
+    """Prefix, caption and suffix joined with commas, the trigger first, the separator resolved.
+
+    kohya's rule: when the text holds ``separator``, the tags before it are fixed (``keep_tokens``
+    is then ignored) and, after a second one, so are the tags at the end; otherwise the first
+    ``keep_tokens`` tags are fixed. The separator is removed, so the model never reads it. A
+    trigger word that is missing goes in front, inside the fixed tags.
+    """
+    text = ", ".join(part for part in (clean_caption(prefix), caption, clean_caption(suffix)) if part)
+    if not separator or separator not in text:
+        return ComposedCaption(with_trigger(text, trigger), keep_tokens)
+    parts = text.split(separator, 2)
+    head, body = split_tags(parts[0]), split_tags(parts[1])
+    tail = split_tags(parts[2].replace(separator, ",")) if len(parts) > 2 else []  # a third one is a typo
+    trigger = trigger.strip()
+    if trigger and trigger.casefold() not in (tag.casefold() for tag in head + body + tail):
+        head = [trigger, *head]
+    return ComposedCaption(", ".join(head + body + tail), len(head), len(tail))
+
+
 def process_caption(caption: str, *, shuffle: bool, keep_tokens: int, dropout: float,
-                    rng: random.Random) -> str:
-    """The caption one training step sees: maybe dropped, maybe tag-shuffled.
+                    rng: random.Random, keep_tail: int = 0, tag_dropout: float = 0.0,
+                    protected: Collection[str] = ()) -> str:
+    """The caption one training step sees: maybe dropped, maybe tag-shuffled, maybe missing tags.
 
     Dropout (an empty caption with probability ``dropout``) teaches the unconditional branch
-    that CFG needs; shuffling stops the model tying meaning to tag order. The first
-    ``keep_tokens`` tags (the trigger, usually) stay in front so they keep their weight.
+    that CFG needs; shuffling stops the model tying meaning to tag order; tag dropout (each
+    tag left out with probability ``tag_dropout``) stops it leaning on any one tag. The first
+    ``keep_tokens`` and last ``keep_tail`` tags stay where they are and are never dropped, and
+    neither is any tag in ``protected`` (casefolded: the trigger word).
     """
     if dropout > 0 and rng.random() < dropout:
         return ""
-    if not shuffle:
+    if not shuffle and tag_dropout <= 0:
         return caption
     tags = split_tags(caption)
-    head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
-    return ", ".join(head + tail)
+    cut = max(keep_tokens, len(tags) - keep_tail) if keep_tail else len(tags)
+    head, body, tail = tags[:keep_tokens], tags[keep_tokens:cut], tags[cut:]
+    if shuffle:
+        rng.shuffle(body)
+    if tag_dropout > 0:
+        body = [tag for tag in body if tag.casefold() in protected or rng.random() >= tag_dropout]
+    return ", ".join(head + body + tail)

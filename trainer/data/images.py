@@ -116,6 +116,25 @@ def load_image(path: Path) -> Image.Image:
     return rgb.transpose(transpose) if transpose is not None else rgb
 
 
+def load_alpha(path: Path) -> Image.Image | None:
+    """The upright alpha channel of ``path`` as an "L" image, or None when it has no transparency.
+
+    Same file checks and EXIF rotation as ``load_image``, so the alpha lines up with its pixels.
+    """
+    path = Path(path)
+    with _open(path) as im:
+        if im.mode not in _ALPHA_MODES and "transparency" not in im.info:
+            return None
+        orientation = _orientation(im)
+        try:
+            alpha = im.convert("RGBA").getchannel("A")
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"{path} is damaged or truncated ({exc}).",
+                             hint="Re-export or re-download it, or remove it from the dataset.") from None
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    return alpha.transpose(transpose) if transpose is not None else alpha
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,9 @@
 """The dataset check shown before any training: what is wrong with which picture, and the steps math.
 
 ``lint_dataset`` checks a scan against the run it is meant for -- too-small images, duplicates,
-caption problems, trigger coverage -- and adds the bucket histogram and the steps math
-(images x repeats x epochs / batch = steps) into a ``LintReport`` the Dataset tab shows as a
-table and the CLI prints with ``--check``.
+caption problems, trigger coverage, masks, regularization pictures -- and adds the bucket
+histogram and the steps math ((images x repeats + reg samples) x epochs / batch = steps) into a
+``LintReport`` the Dataset tab shows as a table and the CLI prints with ``--check``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from trainer.config.schema import DataConfig
 from trainer.data.buckets import Bucket
 from trainer.data.captions import has_trigger
+from trainer.data.masks import mask_problems
+from trainer.data.regularization import RegPlan, scan_regularization
 from trainer.data.scan import DatasetIssue, DatasetItem, DatasetScan, Severity
 from trainer.data.training_set import TrainingSet
 
@@ -33,10 +35,15 @@ class StepsPlan:
     steps_per_epoch: int  # sum over buckets of ceil(samples in bucket / batch)
     epochs: float  # as configured, or implied by a fixed step count
     total_steps: int
+    reg_images: int = 0  # regularization pictures used (after balancing)
+    reg_samples_per_epoch: int = 0  # their balanced repeats, summed
 
     def text(self) -> str:
         samples = (f"{self.images} images per epoch" if self.samples_per_epoch == self.images else
                    f"{self.images} images × repeats = {self.samples_per_epoch} samples per epoch")
+        if self.reg_samples_per_epoch:
+            samples += (f" + {self.reg_samples_per_epoch} regularization samples (from {self.reg_images} "
+                        f"class pictures)")
         per_epoch = f"{samples} ÷ batch {self.batch_size} → {self.steps_per_epoch} steps per epoch"
         if self.epochs.is_integer():
             return f"{per_epoch} × {int(self.epochs)} epochs = {self.total_steps} steps"
@@ -96,25 +103,33 @@ class LintReport:
 
 def lint_dataset(scan: DatasetScan, cfg: DataConfig, resolution: int,
                  count_tokens: Callable[[str], int] | None, epochs: int, batch_size: int,
-                 steps: int = 0, *, bucket_step: int = 64) -> LintReport:
+                 steps: int = 0, *, bucket_step: int = 64, reg_scan: DatasetScan | None = None) -> LintReport:
     """Check a scan against the run it is meant for and do the steps math.
 
     ``count_tokens`` counts a caption's CLIP tokens without BOS/EOS (None skips the length
     check); ``steps`` > 0 means a fixed step count, and the report gives the epochs it implies.
+    ``reg_scan``: the regularization pictures, scanned here from ``cfg.reg_data`` when not given.
     """
+    if reg_scan is None:
+        reg_scan = scan_regularization(cfg)
     issues = list(scan.issues)
     issues += _size_issues(scan.items, resolution)
     issues += _duplicate_issues(scan.items)
     issues += _caption_issues(scan, cfg, count_tokens)
+    masked = sum(item.mask is not None for item in scan.items)
+    issues += [DatasetIssue(p.severity, p.code, p.path, p.message, p.fix) for p in mask_problems(
+        ((item.path, (item.width, item.height)) for item in scan.items), scan.mask_files, cfg.masked_loss, masked)]
 
     trigger = cfg.trigger.strip()
     trigger_count = sum(has_trigger(item.caption, trigger) for item in scan.items) if trigger else 0
     bucket_counts: dict[Bucket, int] = {}
     plan = None
     if scan.items:
-        training_set = TrainingSet(scan, cfg, resolution, bucket_step)
+        training_set = TrainingSet(scan, cfg, resolution, bucket_step, reg=reg_scan)
         bucket_counts = training_set.bucket_counts()
         plan = _steps_plan(training_set, batch_size, epochs, steps)
+        if training_set.reg is not None:
+            issues += _reg_issues(training_set.reg, cfg)
         if len(scan.items) < FEW_IMAGES:
             n = len(scan.items)
             issues.append(DatasetIssue(
@@ -135,8 +150,29 @@ def _steps_plan(training_set: TrainingSet, batch_size: int, epochs: int, steps: 
     per_epoch = training_set.steps_per_epoch(batch_size)
     total = steps if steps > 0 else per_epoch * epochs
     implied_epochs = steps / per_epoch if steps > 0 else float(epochs)
-    return StepsPlan(len(training_set.items), training_set.num_samples, batch_size, per_epoch,
-                     implied_epochs, total)
+    reg = training_set.reg
+    reg_samples = reg.samples_per_epoch if reg else 0
+    return StepsPlan(training_set.num_train_items, training_set.num_samples - reg_samples, batch_size, per_epoch,
+                     implied_epochs, total, len(reg.items) if reg else 0, reg_samples)
+
+
+def _reg_issues(reg: RegPlan, cfg: DataConfig) -> list[DatasetIssue]:
+    """The reg folder's unreadable files, uncaptioned pictures (one row) and unused pictures."""
+    issues = [DatasetIssue(i.severity, i.code, i.path, f"Regularization picture: {i.message}", i.fix)
+              for i in reg.scan.issues if i.code not in ("missing_caption", "empty_caption")]
+    uncaptioned = [item for item in reg.scan.items if not item.caption]
+    if uncaptioned:
+        issues.append(DatasetIssue(
+            "warning", "reg_no_caption", reg.scan.root,
+            f"{len(uncaptioned)} regularization picture{'s have' if len(uncaptioned) != 1 else ' has'} no caption "
+            "and train with an empty one.", "Set a class prompt (--class-prompt, e.g. 'a woman') or add .txt files."))
+    if reg.unused:
+        issues.append(DatasetIssue(
+            "info", "reg_unused", reg.scan.root,
+            f"{reg.unused} of {len(reg.scan.items)} regularization pictures are never used: an epoch holds as many "
+            f"regularization samples as training samples ({reg.samples_per_epoch}).",
+            "Fine as it is; add repeats to the training pictures to use more of them."))
+    return issues
 
 
 def _size_issues(items: tuple[DatasetItem, ...], resolution: int) -> list[DatasetIssue]:

@@ -23,11 +23,14 @@ from trainer.core.errors import DatasetError, ImageError
 from trainer.data.captions import (
     CAPTION_EXTENSIONS,
     clean_caption,
+    ComposedCaption,
+    compose_caption,
     read_caption_file,
     split_tags,
     with_trigger,
 )
 from trainer.data.images import file_sha256, image_extensions, image_info
+from trainer.data.masks import MaskSource, find_mask, is_mask_file
 
 Severity = Literal["error", "warning", "info"]
 
@@ -61,6 +64,9 @@ class DatasetItem:
     width: int  # after EXIF rotation
     height: int
     sha256: str
+    keep_head: int = 0  # caption tags fixed at the start (keep_tokens, or the tags before '|||')
+    keep_tail: int = 0  # caption tags fixed at the end (after a second '|||')
+    mask: MaskSource | None = None  # set when masked loss is on and the picture has a mask
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class DatasetScan:
     items: tuple[DatasetItem, ...]
     issues: tuple[DatasetIssue, ...]
     num_files: int  # image files found, unreadable ones included
+    mask_files: tuple[Path, ...] = ()  # every name.mask.* file found (masks, not pictures)
 
     @property
     def num_samples(self) -> int:
@@ -109,7 +116,7 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
     all at once instead of one crash at a time.
     """
     root = _dataset_root(cfg.data)
-    paths, issues = _find_images(root)
+    paths, issues, mask_files = _find_images(root)
     if not paths:
         unsupported = Counter(i.path.suffix.lower() for i in issues if i.code == "unsupported_format" and i.path)
         if unsupported:
@@ -132,8 +139,15 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
         (width, height), sha256 = probe
         repeats, class_tokens = _repeats_for(path, root, cfg.repeats)
         caption = _caption_for(path, cfg, class_tokens, issues)
-        items.append(DatasetItem(path, caption, repeats, width, height, sha256))
-    return DatasetScan(root, tuple(items), tuple(issues), num_files=len(paths))
+        mask = find_mask(path, sha256) if cfg.masked_loss else None
+        items.append(DatasetItem(path, caption.text, repeats, width, height, sha256, caption.keep_head,
+                                 caption.keep_tail, mask))
+    return DatasetScan(root, tuple(items), tuple(issues), num_files=len(paths), mask_files=tuple(mask_files))
+
+
+def find_images(root: Path) -> list[Path]:
+    """The training pictures under ``root``, in the order a scan sees them (masks and hidden files left out)."""
+    return _find_images(Path(root))[0]
 
 
 def _dataset_root(data: str) -> Path:
@@ -150,10 +164,11 @@ def _dataset_root(data: str) -> Path:
     return root.resolve()
 
 
-def _find_images(root: Path) -> tuple[list[Path], list[DatasetIssue]]:
-    """Image files under ``root`` in a stable order; hidden entries skipped, symlink loops cut."""
+def _find_images(root: Path) -> tuple[list[Path], list[DatasetIssue], list[Path]]:
+    """Image files and mask files under ``root`` in a stable order; hidden entries skipped, symlink loops cut."""
     extensions = image_extensions()
     found: list[Path] = []
+    masks: list[Path] = []
     issues: list[DatasetIssue] = []
     visited: set[tuple[int, int]] = set()
 
@@ -180,13 +195,13 @@ def _find_images(root: Path) -> tuple[list[Path], list[DatasetIssue]]:
             path = Path(dirpath) / name
             suffix = path.suffix.lower()
             if suffix in extensions:
-                found.append(path)
+                (masks if is_mask_file(path) else found).append(path)
             elif suffix in _UNSUPPORTED_IMAGE_EXTENSIONS:
                 issues.append(DatasetIssue(
                     "warning", "unsupported_format", path,
                     f"{path.name} is a {suffix[1:].upper()} file, which cannot be read here; it is skipped.",
                     "Convert it to PNG or JPEG."))
-    return found, issues
+    return found, issues, masks
 
 
 def _probe(path: Path) -> tuple[tuple[int, int], str] | ImageError:
@@ -212,8 +227,8 @@ def _repeats_for(path: Path, root: Path, default: int) -> tuple[int, str]:
     return default, ""
 
 
-def _caption_for(path: Path, cfg: DataConfig, class_tokens: str, issues: list[DatasetIssue]) -> str:
-    """The item's final caption: sidecar (or fallback), then the trigger word in front."""
+def _caption_for(path: Path, cfg: DataConfig, class_tokens: str, issues: list[DatasetIssue]) -> ComposedCaption:
+    """The item's final caption: sidecar (or fallback), prefix/suffix, the trigger word in front."""
     sidecar = next((path.with_suffix(ext) for ext in CAPTION_EXTENSIONS if path.with_suffix(ext).is_file()), None)
     caption = ""
     if sidecar is None:
@@ -242,7 +257,8 @@ def _caption_for(path: Path, cfg: DataConfig, class_tokens: str, issues: list[Da
                 f"{sidecar.name} is empty; {path.name} is trained with "
                 f"{repr(cfg.trigger.strip()) if cfg.trigger.strip() else 'an empty caption'}.",
                 "Describe the picture in the caption file (what varies: pose, clothes, background)."))
-    return with_trigger(caption, cfg.trigger)
+    return compose_caption(caption, trigger=cfg.trigger, prefix=cfg.caption_prefix, suffix=cfg.caption_suffix,
+                           separator=cfg.keep_tokens_separator, keep_tokens=cfg.keep_tokens)
 
 
 # --- the training set ----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """What the loop iterates: a scanned dataset as deterministic, bucketed training samples.
 
 Repeats are expanded, each batch holds one bucket (``trainer.data.buckets``), and every choice
-(order, flips, caption shuffles, dropout) is a pure function of (seed, epoch, position), so a
-resumed run sees exactly the batches it would have seen.
+(order, flips, caption shuffles, tag and caption dropout) is a pure function of (seed, epoch,
+position), so a resumed run sees exactly the batches it would have seen. Regularization pictures
+(``trainer.data.regularization``) join the training pictures' batches with their balanced
+repeats and their own loss weight; masks (``trainer.data.masks``) follow each sample's geometry.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from PIL import ImageOps
 from trainer.config.schema import DataConfig
 from trainer.core.errors import DatasetError
 from trainer.data.buckets import Bucket, assign_bucket, fit_to_bucket, make_buckets
-from trainer.data.captions import (
-    process_caption,
-)
+from trainer.data.captions import process_caption
 from trainer.data.images import load_image
+from trainer.data.masks import bucket_mask, load_mask
+from trainer.data.regularization import RegPlan, plan_regularization
 from trainer.data.scan import DatasetScan
 
 
@@ -41,13 +43,17 @@ class SampleRef:
 class TrainingSet:
     """The samples of a run, with every random choice a pure function of (seed, epoch, slot)."""
 
-    def __init__(self, scan: DatasetScan, cfg: DataConfig, resolution: int, bucket_step: int = 64) -> None:
+    def __init__(self, scan: DatasetScan, cfg: DataConfig, resolution: int, bucket_step: int = 64,
+                 reg: DatasetScan | None = None) -> None:
         if not scan.items:
             raise DatasetError(
                 f"None of the {scan.num_files} images in {scan.root} can be used.",
                 hint="Run the dataset check (the Dataset tab, or 'lora-studio train --check') to see why, "
                      "then fix or remove them.")
-        self.items = scan.items
+        # Training pictures first, then the regularization pictures an epoch uses (kohya's balancing).
+        self.reg: RegPlan | None = plan_regularization(reg, scan.num_samples)
+        self.num_train_items = len(scan.items)
+        self.items = scan.items + (self.reg.items if self.reg else ())
         self.cfg = cfg
         self.resolution = resolution
         if cfg.buckets:
@@ -67,7 +73,19 @@ class TrainingSet:
     @property
     def is_caption_static(self) -> bool:
         """True when every step sees an item's caption unchanged, so text embeddings can be cached."""
-        return not self.cfg.shuffle_captions and self.cfg.caption_dropout == 0
+        return not self.cfg.shuffle_captions and self.cfg.caption_dropout == 0 and self.cfg.tag_dropout == 0
+
+    def is_reg(self, index: int) -> bool:
+        """Whether ``items[index]`` is a regularization picture."""
+        return index >= self.num_train_items
+
+    def loss_weights(self, refs: list[SampleRef]) -> torch.Tensor | None:
+        """[B] per-sample loss weights (``prior_loss_weight`` for reg pictures, 1 otherwise);
+        None when every weight is 1."""
+        weight = self.cfg.prior_loss_weight
+        if weight == 1.0 or not any(self.is_reg(ref.index) for ref in refs):
+            return None
+        return torch.tensor([weight if self.is_reg(ref.index) else 1.0 for ref in refs], dtype=torch.float32)
 
     def bucket_counts(self) -> dict[Bucket, int]:
         """Images (not samples) per bucket, widest first: the aspect histogram."""
@@ -102,12 +120,22 @@ class TrainingSet:
 
     def caption_for(self, ref: SampleRef, epoch: int, seed: int) -> str:
         """The caption this sample trains with (shuffled/dropped per the config, reproducibly)."""
-        caption = self.items[ref.index].caption
+        item = self.items[ref.index]
         if self.is_caption_static:
-            return caption
+            return item.caption
         rng = random.Random(_derive_seed(seed, epoch, "caption", ref.slot))
-        return process_caption(caption, shuffle=self.cfg.shuffle_captions, keep_tokens=self.cfg.keep_tokens,
-                               dropout=self.cfg.caption_dropout, rng=rng)
+        trigger = self.cfg.trigger.strip().casefold()
+        return process_caption(item.caption, shuffle=self.cfg.shuffle_captions, keep_tokens=item.keep_head,
+                               keep_tail=item.keep_tail, dropout=self.cfg.caption_dropout, rng=rng,
+                               tag_dropout=self.cfg.tag_dropout, protected={trigger} if trigger else ())
+
+    def load_mask(self, ref: SampleRef) -> torch.Tensor | None:
+        """[H, W] loss weights in [0, 1] at the bucket's pixel size, or None (learn everywhere)."""
+        item = self.items[ref.index]
+        if item.mask is None:
+            return None
+        mask = load_mask(item.mask, (item.width, item.height))
+        return None if mask is None else bucket_mask(mask, ref.flip, ref.bucket)
 
     def load_pixels(self, ref: SampleRef) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """([3, H, W] float tensor in [-1, 1], crop top-left (y, x), original size (h, w)).

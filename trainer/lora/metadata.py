@@ -50,6 +50,8 @@ class ExportInfo:
     base_model_name: str = ""
     clip_skip: int = 1
     trigger_phrase: str = ""
+    num_reg_images: int = 0  # regularization pictures x their repeats (kohya: before balancing)
+    data_prep: dict[str, str] = field(default_factory=dict)  # ss_* keys of captions, masks, reg pictures
 
     @property
     def exported_alpha(self) -> float:
@@ -73,6 +75,7 @@ def build_metadata(info: ExportInfo) -> dict[str, str]:
         "ss_output_name": info.output_name,
         "ss_resolution": f"({width}, {height})",
         "ss_num_train_images": str(info.num_train_images),
+        "ss_num_reg_images": str(info.num_reg_images),
         "ss_tag_frequency": json.dumps(info.tag_frequency),
         "ss_dataset_dirs": json.dumps(info.dataset_dirs),
         "ss_bucket_info": json.dumps(info.bucket_info),
@@ -98,6 +101,7 @@ def build_metadata(info: ExportInfo) -> dict[str, str]:
         "modelspec.trigger_phrase": info.trigger_phrase,
         "modelspec.encoder_layer": str(info.clip_skip),
     }
+    meta.update(info.data_prep)
     return meta
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from trainer.lora import writing
 from trainer.lora.metadata import ExportInfo, build_metadata
+from trainer.train.data_metadata import data_prep_metadata
 
 
 def export_lora(session, step: int) -> tuple[Path, list[Path]]:
@@ -29,7 +30,7 @@ def export_lora(session, step: int) -> tuple[Path, list[Path]]:
         te_mlp=cfg.network.te_mlp and trains_te,
         v_parameterization=session.model.prediction_type == "v_prediction",
         resolution=(session.resolution, session.resolution),
-        num_train_images=len(session.training_set.items),
+        num_train_images=session.training_set.num_train_items,
         tag_frequency=session.scan.tag_frequency(),
         dataset_dirs=session.scan.folder_summary(),
         bucket_info={"buckets": {f"{w}x{h}": n for (w, h), n in session.training_set.bucket_counts().items()}},
@@ -43,6 +44,8 @@ def export_lora(session, step: int) -> tuple[Path, list[Path]]:
         base_model_name=session.model.name,
         clip_skip=cfg.model.clip_skip,
         trigger_phrase=cfg.data.trigger,
+        num_reg_images=session.training_set.reg.num_reg_images if session.training_set.reg else 0,
+        data_prep=data_prep_metadata(cfg.data, session.training_set),
     )
     metadata = build_metadata(info)
     output = Path(cfg.output.output)

@@ -56,7 +56,10 @@ def training_step(session: Session) -> torch.Tensor:
         added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
         prediction = model.unet(noisy, timesteps, text, added_cond_kwargs=added).sample
         target = prediction_target(model.noise_scheduler, latents, noise, timesteps)
-        loss = diffusion_loss(prediction, target, model.noise_scheduler, timesteps, cfg.train.min_snr_gamma)
+        mask = session.masks_for(refs, latents.shape[-2:])  # masked loss: [B,1,h,w] or None
+        weights = session.training_set.loss_weights(refs)  # prior_loss_weight of reg pictures, or None
+        loss = diffusion_loss(prediction, target, model.noise_scheduler, timesteps, cfg.train.min_snr_gamma,
+                              mask=mask, sample_weights=None if weights is None else weights.to(latents.device))
     session.accelerator.backward(loss / cfg.optim.grad_accum)
     return loss.detach()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.data.masks import apply_mask
 from trainer.train.transfers import to_device
 
 
@@ -43,13 +44,24 @@ def diffusion_loss(
     scheduler,
     timesteps: torch.Tensor,
     min_snr_gamma: float,
+    *,
+    mask: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean-squared error per sample, optionally min-SNR-gamma weighted (Hang et al. 2023)."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """Mean-squared error per sample, optionally min-SNR-gamma weighted (Hang et al. 2023).
+
+    ``mask`` ([B, 1, h, w], masked loss) weights each latent pixel before the per-sample mean;
+    ``sample_weights`` ([B], reg pictures' prior_loss_weight) each sample before the batch
+    mean, which is a plain mean as in kohya (not divided by the weights' sum).
+    """
+    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = apply_mask(per_element, mask).mean(dim=(1, 2, 3))
     if min_snr_gamma:
         ratio = snr(scheduler, timesteps)
         weights = torch.clamp(ratio, max=min_snr_gamma) / ratio
         if scheduler.config.prediction_type == "v_prediction":
             weights = torch.clamp(ratio, max=min_snr_gamma) / (ratio + 1)
         per_sample = per_sample * weights
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights
     return per_sample.mean()

@@ -31,6 +31,8 @@ from trainer.config.schema import (
 from trainer.core.errors import CheckpointError, ConfigError
 from trainer.data.caches import LatentCache, TextEmbeddingCache, encode_latents
 from trainer.data.lint import LintReport, lint_dataset
+from trainer.data.masks import latent_mask
+from trainer.data.regularization import scan_regularization
 from trainer.data.scan import DatasetScan, scan_dataset
 from trainer.data.training_set import SampleRef, TrainingSet
 from trainer.lora import inject as lora_inject
@@ -124,10 +126,8 @@ class Session:
 
     def latents_for(self, refs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(latents [B,C,h,w], SDXL ``add_time_ids`` [B,6] or None for SD1/SD2)."""
-        items = self.training_set.items
         if self.latent_cache is not None:
-            entries = [self.latent_cache.get(items[ref.index].sha256, ref.bucket, ref.flip,
-                                             lambda ref=ref: self.training_set.load_pixels(ref)) for ref in refs]
+            entries = [self._cache_entry(ref) for ref in refs]
             latents = torch.stack([entry.latents for entry in entries])
             geometry = [(entry.crop_top_left, entry.original_size) for entry in entries]
         else:
@@ -142,6 +142,31 @@ class Session:
         time_ids = [[*original_size, *crop_top_left, ref.bucket[1], ref.bucket[0]]
                     for ref, (crop_top_left, original_size) in zip(refs, geometry)]
         return latents, to_device(torch.tensor(time_ids, dtype=torch.float32), self.device)
+
+    def _cache_entry(self, ref: SampleRef):
+        item = self.training_set.items[ref.index]
+        mask_key = item.mask.key if item.mask is not None and self.config.data.masked_loss else ""
+        return self.latent_cache.get(item.sha256, ref.bucket, ref.flip, lambda: self.training_set.load_pixels(ref),
+                                     mask_key, lambda: self.training_set.load_mask(ref))
+
+    def masks_for(self, refs: list, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """[B, 1, h, w] loss masks of a batch on the device; None when masked loss is off or no
+        picture of the batch has a mask (every weight would be 1)."""
+        if not self.config.data.masked_loss:
+            return None
+        masks: list[torch.Tensor | None] = []
+        for ref in refs:
+            if self.training_set.items[ref.index].mask is None:
+                masks.append(None)
+            elif self.latent_cache is not None:
+                masks.append(self._cache_entry(ref).mask)  # in memory since latents_for
+            else:
+                pixels = self.training_set.load_mask(ref)
+                masks.append(None if pixels is None else latent_mask(pixels, latent_hw))
+        if all(mask is None for mask in masks):
+            return None
+        ones = torch.ones(1, *latent_hw)
+        return torch.stack([(ones if mask is None else mask).to(self.device) for mask in masks])
 
     def text_embeddings_for(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states the UNet cross-attends to, SDXL pooled embedding or None)."""
@@ -272,13 +297,14 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     check_resolution_multiple(resolution, model.resolution_multiple)
 
     scan = scan_dataset(config.data)
-    training_set = TrainingSet(scan, config.data, resolution, bucket_step=model.resolution_multiple)
+    reg_scan = scan_regularization(config.data)
+    training_set = TrainingSet(scan, config.data, resolution, bucket_step=model.resolution_multiple, reg=reg_scan)
     batches_per_epoch = training_set.steps_per_epoch(config.train.batch_size)
     per_step = config.optim.grad_accum * accelerator.num_processes
     total_steps = config.train.steps or config.train.epochs * math.ceil(batches_per_epoch / per_step)
     lint = lint_dataset(scan, config.data, resolution, lambda c: count_tokens(model.tokenizer, c),
                         epochs=config.train.epochs, batch_size=config.train.batch_size, steps=config.train.steps,
-                        bucket_step=model.resolution_multiple)
+                        bucket_step=model.resolution_multiple, reg_scan=reg_scan)
     for issue in lint.issues:
         if issue.severity != "info":
             notify("warning", f"{issue.path.name if issue.path else 'dataset'}: {issue.message}")
