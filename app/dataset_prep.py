@@ -96,7 +96,11 @@ def caption_dataset(studio: Studio, dataset: str, settings: CaptionSettings, pro
 
 def open_model(settings: CaptionSettings):
     if settings.kind == TAGGER:
-        from trainer.data.captioning.tagger import TaggerSettings, open_tagger, parse_tag_list
+        from trainer.data.captioning.tagger import (
+            TaggerSettings,
+            open_tagger,
+            parse_tag_list,
+        )
 
         return open_tagger(settings.model, TaggerSettings(
             general_threshold=float(settings.general_threshold), character_threshold=float(settings.character_threshold),

@@ -10,8 +10,17 @@ from tiny_captioners import expected_probabilities, write_tiny_blip, write_tiny_
 
 from trainer.core.errors import ModelLoadError
 from trainer.data.caption_undo import CaptionUndo
-from trainer.data.captioning.autocaption import CaptionProgress, caption_folder, undo_last_captioning
-from trainer.data.captioning.tagger import TaggerSettings, open_tagger, prepare_image, select_tags
+from trainer.data.captioning.autocaption import (
+    CaptionProgress,
+    caption_folder,
+    undo_last_captioning,
+)
+from trainer.data.captioning.tagger import (
+    TaggerSettings,
+    open_tagger,
+    prepare_image,
+    select_tags,
+)
 
 BLUE, RED = (0, 0, 255), (255, 0, 0)
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_pattern_image
+from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors import safe_open
 
 from trainer.config.presets import resolve_config
-from trainer.config.schema import DataConfig, load_toml
+from trainer.config.schema import DataConfig, TrainConfig, load_toml
 from trainer.core.errors import ConfigError, DatasetError
 from trainer.data.captions import compose_caption, process_caption
 from trainer.data.lint import lint_dataset
@@ -177,14 +178,18 @@ def test_reg_problems_are_reported(reg_dataset, tmp_path: Path) -> None:
         scan_regularization(DataConfig(data=str(train), reg_data=str(tmp_path / "nope")))
 
 
+SCHEDULER = DDPMScheduler()
+PLAIN_L2 = TrainConfig(loss="l2", min_snr_gamma=0.0)  # no per-timestep weighting: the weights under test stand alone
+
+
 def test_sample_weights_scale_each_sample_and_the_batch_mean_is_plain() -> None:
     g = torch.Generator().manual_seed(0)
     prediction, target = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
     weights = torch.tensor([1.0, 0.25, 3.0])
-    loss = diffusion_loss(prediction, target, None, torch.zeros(3, dtype=torch.long), 0.0, sample_weights=weights)
+    loss = diffusion_loss(prediction, target, SCHEDULER, torch.zeros(3, dtype=torch.long), PLAIN_L2, sample_weights=weights)
     assert loss.item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-6)
-    plain = diffusion_loss(prediction, target, None, torch.zeros(3, dtype=torch.long), 0.0)
+    plain = diffusion_loss(prediction, target, SCHEDULER, torch.zeros(3, dtype=torch.long), PLAIN_L2)
     assert plain.item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
 
@@ -200,7 +205,7 @@ def test_masked_out_latent_pixels_get_exactly_zero_gradient() -> None:
     pixel_mask[:8, :8] = 0.5  # one latent pixel at half weight
     mask = torch.stack([latent_mask(pixel_mask, (8, 8)), torch.ones(1, 8, 8)])
     assert mask[0, 0, 0, 0] == 0.5 and mask[0, 0, :, 4:].eq(0).all() and mask[0, 0, 1:, :4].eq(1).all()
-    loss = diffusion_loss(prediction, target, None, torch.zeros(2, dtype=torch.long), 0.0, mask=mask)
+    loss = diffusion_loss(prediction, target, SCHEDULER, torch.zeros(2, dtype=torch.long), PLAIN_L2, mask=mask)
     loss.backward()
     assert prediction.grad[0, :, :, 4:].eq(0).all()  # exactly zero, not small
     assert prediction.grad[0, :, :, :4].ne(0).all() and prediction.grad[1].ne(0).all()

@@ -147,6 +147,7 @@ def test_public_names_of_01_still_resolve() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import trainer.loop as old_loop
+
         from trainer.models import load_base_model
     from trainer.models.loading import load_base_model as loader
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 # (name, category, weights on mean (B, G, R) in [0, 1], bias): p = sigmoid(w . bgr + bias)
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
@@ -78,7 +79,12 @@ BLIP_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "pictu
 def write_tiny_blip(folder: Path, *, seed: int = 0) -> Path:
     """A random BLIP captioner (32 px, one layer each) saved with its processor; returns ``folder``."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipProcessor,
+    )
     from transformers.models.blip.image_processing_blip import BlipImageProcessor
 
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(BLIP_WORDS)})

@@ -48,17 +48,17 @@ def capture_training_step(monkeypatch: pytest.MonkeyPatch, session, timesteps: l
         seen["latents"], seen["time_ids"] = latents_for(refs)
         return seen["latents"], seen["time_ids"]
 
-    def record_noise(latents, offset, generator):
+    def record_noise(latents, train, generator):
         seen["noise"] = torch.randn(latents.shape, generator=generator)
         return seen["noise"]
 
-    def record_loss(prediction, target, scheduler, t, gamma, **weights):
+    def record_loss(prediction, target, scheduler, t, train, **weights):
         seen["target"] = target.detach().clone()
         return torch.nn.functional.mse_loss(prediction, target)
 
     monkeypatch.setattr(session, "latents_for", record_latents)
     monkeypatch.setattr(loop, "sample_noise", record_noise)
-    monkeypatch.setattr(loop, "sample_timesteps", lambda n, T, g, device: torch.tensor(timesteps[:n]))
+    monkeypatch.setattr(loop, "sample_timesteps", lambda n, T, train, g, device: torch.tensor(timesteps[:n]))
     monkeypatch.setattr(loop, "diffusion_loss", record_loss)
     training_step(session)
     return seen

@@ -68,7 +68,11 @@ def register(sub: Any) -> None:
 def open_captioner(args: argparse.Namespace):
     """The tagger or captioner the flags name."""
     if args.tagger:
-        from trainer.data.captioning.tagger import TaggerSettings, open_tagger, parse_tag_list
+        from trainer.data.captioning.tagger import (
+            TaggerSettings,
+            open_tagger,
+            parse_tag_list,
+        )
 
         settings = TaggerSettings(general_threshold=args.general_threshold, character_threshold=args.character_threshold,
                                   blacklist=parse_tag_list(args.blacklist), replace_underscores=not args.keep_underscores,

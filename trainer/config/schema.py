@@ -31,6 +31,9 @@ OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
 SchedulerName = Literal["constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
 LoraInit = Literal["kaiming", "gaussian"]
+LossType = Literal["l2", "l1", "huber", "smooth_l1"]
+HuberSchedule = Literal["constant", "exponential", "snr"]
+TimestepSampling = Literal["uniform", "logit_normal", "range"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,10 @@ class NetworkConfig:
     te_mlp: bool = field(default=False, metadata={"help": "Also train the text encoder's MLP fc1/fc2."})
     rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha/sqrt(rank)."})
     lora_init: LoraInit = field(default="kaiming", metadata={"help": "Initialisation of A (B is always zero)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input (peft's lora_dropout)."})
+    network_dropout: float = field(default=0.0, metadata={"help": "kohya's network_dropout: neuron dropout on the LoRA's r hidden values (after lora_down), training only; 0 = off, 0.1 typical."})
+    rank_dropout: float = field(default=0.0, metadata={"help": "kohya's rank_dropout: drop each of the r ranks per sample with this probability (rest scaled by 1/(1-p)), training only; 0 = off."})
+    module_dropout: float = field(default=0.0, metadata={"help": "kohya's module_dropout: skip a whole LoRA layer for a step with this probability (no rescaling), training only; 0 = off."})
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,9 @@ class OptimConfig:
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 = off."})
     grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps per optimiser step."})
+    lr_cycles: int = field(default=1, metadata={"help": "Cosine cycles of the cosine_with_restarts schedule: the learning rate restarts from its peak N-1 times."})
+    loraplus_ratio: float = field(default=0.0, metadata={"help": "LoRA+: the B (lora_up) matrices learn this many times faster than A; 0 = off, 16 is the paper's choice."})
+    ema_decay: float = field(default=0.0, metadata={"help": "Keep an EMA of the LoRA weights (fp32) and export/sample it; 0 = off, 0.999 typical. The decay ramps up as min(decay, (1+k)/(10+k)) at step k, as diffusers' EMAModel."})
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,21 @@ class TrainConfig:
     cache_latents: bool = field(default=True, metadata={"help": "Encode each image once and cache the latents on disk."})
     cache_text: bool = field(default=True, metadata={"help": "Cache text embeddings when the text encoder is frozen and captions are static."})
     device: str = field(default="auto", metadata={"help": "auto, cuda, cuda:N, mps or cpu."})
+    loss: LossType = field(default="l2", metadata={"help": "Loss per latent value: l2 (MSE), l1, huber or smooth_l1 (robust to outliers; threshold from huber_schedule)."})
+    huber_schedule: HuberSchedule = field(default="snr", metadata={"help": "Huber threshold c over timesteps (kohya): snr (small at noisy steps), exponential, or constant huber_c*huber_scale."})
+    huber_c: float = field(default=0.1, metadata={"help": "Huber threshold parameter (kohya's huber_c), in (0, 1] for the snr and exponential schedules."})
+    huber_scale: float = field(default=1.0, metadata={"help": "Scale of the Huber threshold for the exponential and constant schedules."})
+    debiased_estimation: bool = field(default=False, metadata={"help": "Debiased estimation loss: weight each timestep by 1/sqrt(SNR) (v-prediction: 1/(SNR+1))."})
+    scale_v_pred_loss_like_noise_pred: bool = field(default=False, metadata={"help": "v-prediction models: scale the loss by SNR/(SNR+1) so it weighs timesteps like epsilon loss."})
+    v_pred_like_loss: float = field(default=0.0, metadata={"help": "Epsilon models: add this multiple of a v-prediction-like loss (loss*(SNR+1)/SNR); 0 = off."})
+    timestep_sampling: TimestepSampling = field(default="uniform", metadata={"help": "Training timesteps: uniform over the schedule, range (uniform in [min_timestep, max_timestep)), or logit_normal (SD3: middle timesteps more often) within that range."})
+    min_timestep: int = field(default=0, metadata={"help": "Smallest training timestep for range/logit_normal sampling (0-999)."})
+    max_timestep: int = field(default=1000, metadata={"help": "Training timesteps stay below this for range/logit_normal sampling (1-1000)."})
+    logit_mean: float = field(default=0.0, metadata={"help": "logit_normal sampling: mean of the normal before the sigmoid (negative = less noisy steps)."})
+    logit_std: float = field(default=1.0, metadata={"help": "logit_normal sampling: standard deviation of the normal before the sigmoid."})
+    multires_noise_iterations: int = field(default=0, metadata={"help": "Multires (pyramid) noise: levels of lower-resolution noise added; 0 = off, 6-10 typical."})
+    multires_noise_discount: float = field(default=0.3, metadata={"help": "Multires noise: weight of level i is discount**i (kohya's default 0.3)."})
+    ip_noise_gamma: float = field(default=0.0, metadata={"help": "Input perturbation noise: extra gamma*N(0,1) mixed into the noisy input but not the target; 0 = off, 0.1 typical."})
 
 
 @dataclass(frozen=True)
@@ -130,6 +154,7 @@ class OutputConfig:
     export_dtype: ExportDtype = field(default="fp16", metadata={"help": "dtype of the exported LoRA tensors."})
     export_peft: bool = field(default=False, metadata={"help": "Also write a diffusers/PEFT-format copy next to the output."})
     resume: str = field(default="", metadata={"help": "'auto' = latest checkpoint of this output, or a checkpoint folder."})
+    ema_export_raw: bool = field(default=False, metadata={"help": "With ema_decay on: also write the raw (not averaged) weights as NAME.raw.safetensors."})
 
 
 SECTIONS: dict[str, type] = {
@@ -269,6 +294,7 @@ def validate(config: StudioConfig) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "Use 0 or more.")
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "Use 0 (off) or a positive norm.")
     _require(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "Use 1 or more.")
+    validate_methods(config)
     _require(t.steps >= 0, "train.steps", t.steps, "Use 0 (derive from epochs) or a positive number.")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "Use 1 or more.")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "Use 1 or more.")
@@ -299,6 +325,44 @@ def validate(config: StudioConfig) -> None:
     _require(out.sample_steps >= 1, "output.sample_steps", out.sample_steps, "Use 1 or more.")
     _require(out.output.endswith(".safetensors"), "output.output", out.output,
              "Name the output file with a .safetensors extension.")
+
+
+def validate_methods(config: StudioConfig) -> None:
+    """The training-method settings: dropouts, LoRA+, EMA, lr cycles, loss, timesteps, noise."""
+    n, o, t = config.network, config.optim, config.train
+    for name in ("network_dropout", "rank_dropout", "module_dropout"):
+        value = getattr(n, name)
+        _require(0 <= value < 1, f"network.{name}", value, "Use 0 (off) or a probability below 1 (0.1 typical).")
+    _require(o.lr_cycles >= 1, "optim.lr_cycles", o.lr_cycles, "Use 1 or more cycles.")
+    _require(o.lr_cycles == 1 or o.scheduler == "cosine_with_restarts", "optim.lr_cycles", o.lr_cycles,
+             "Cycles only apply to scheduler = \"cosine_with_restarts\": set that schedule, or lr_cycles = 1.")
+    _require(o.loraplus_ratio >= 0, "optim.loraplus_ratio", o.loraplus_ratio, "Use 0 (off) or a positive ratio (16 typical).")
+    _require(o.ema_decay == 0 or 0 < o.ema_decay < 1, "optim.ema_decay", o.ema_decay,
+             "Use 0 (off) or a decay between 0 and 1 such as 0.999.")
+    _require(not config.output.ema_export_raw or o.ema_decay > 0, "output.ema_export_raw", True,
+             "The raw weights are the normal export without EMA: set optim.ema_decay (e.g. 0.999) or turn this off.")
+    _require(t.huber_c > 0, "train.huber_c", t.huber_c, "Use a positive threshold such as 0.1.")
+    _require(t.huber_schedule == "constant" or t.huber_c <= 1, "train.huber_c", t.huber_c,
+             "The snr and exponential schedules need huber_c in (0, 1]; 0.1 is kohya's default.")
+    _require(t.huber_scale > 0, "train.huber_scale", t.huber_scale, "Use a positive scale such as 1.")
+    _require(t.v_pred_like_loss >= 0, "train.v_pred_like_loss", t.v_pred_like_loss, "Use 0 (off) or a positive multiple.")
+    _require(not (t.v_pred_like_loss and t.zero_terminal_snr), "train.v_pred_like_loss", t.v_pred_like_loss,
+             "It divides by SNR, which is 0 at the last step of a zero-terminal-SNR schedule: turn one of them off.")
+    _require(0 <= t.min_timestep <= 999, "train.min_timestep", t.min_timestep, "Use a timestep in 0-999.")
+    _require(1 <= t.max_timestep <= 1000, "train.max_timestep", t.max_timestep, "Use a timestep in 1-1000.")
+    _require(t.min_timestep < t.max_timestep, "train.max_timestep", t.max_timestep,
+             f"Use a value above train.min_timestep ({t.min_timestep}).")
+    if t.timestep_sampling == "uniform":
+        for name, default in (("min_timestep", 0), ("max_timestep", 1000)):
+            _require(getattr(t, name) == default, f"train.{name}", getattr(t, name),
+                     "uniform sampling uses the whole schedule: set timestep_sampling = \"range\" (or "
+                     f"\"logit_normal\") to sample within bounds, or leave {name} at {default}.")
+    _require(t.logit_std > 0, "train.logit_std", t.logit_std, "Use a positive standard deviation such as 1.")
+    _require(t.multires_noise_iterations >= 0, "train.multires_noise_iterations", t.multires_noise_iterations,
+             "Use 0 (off) or a number of levels such as 6.")
+    _require(0 < t.multires_noise_discount <= 1, "train.multires_noise_discount", t.multires_noise_discount,
+             "Use a discount in (0, 1], such as 0.3.")
+    _require(t.ip_noise_gamma >= 0, "train.ip_noise_gamma", t.ip_noise_gamma, "Use 0 (off) or a small value such as 0.1.")
 
 
 def check_resolution_multiple(resolution: int, factor: int) -> None:

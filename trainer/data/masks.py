@@ -21,7 +21,13 @@ from PIL import Image, ImageOps
 
 from trainer.core.errors import ImageError
 from trainer.data.buckets import Bucket, fit_to_bucket
-from trainer.data.images import file_sha256, image_extensions, image_info, load_alpha, load_image
+from trainer.data.images import (
+    file_sha256,
+    image_extensions,
+    image_info,
+    load_alpha,
+    load_image,
+)
 
 MASK_MARK = ".mask"  # img.png -> img.mask.png
 

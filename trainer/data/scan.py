@@ -22,8 +22,8 @@ from trainer.config.schema import DataConfig
 from trainer.core.errors import DatasetError, ImageError
 from trainer.data.captions import (
     CAPTION_EXTENSIONS,
-    clean_caption,
     ComposedCaption,
+    clean_caption,
     compose_caption,
     read_caption_file,
     split_tags,

@@ -1,6 +1,7 @@
 """LoRA itself: where it goes, how it is attached, and its files in every style peers use.
 
 ``inject`` plans the target layers and attaches peft adapters (A random, B zero, scale α/r);
+``dropout`` adds kohya's neuron/rank/module dropouts to them;
 ``names`` maps layers to kohya/A1111 names for SD1, SD2 and SDXL; ``reading`` reads any LoRA file
 safely (kohya, PEFT, old diffusers); ``writing`` writes ours (kohya format by default, PEFT on
 request) and knows their exact size; ``metadata`` is the ``ss_*``/``modelspec.*`` header;

@@ -23,6 +23,68 @@ _BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 @dataclass(frozen=True)
+class TrainingMethods:
+    """The loss, noise, timestep, dropout, LoRA+ and EMA settings a file records (kohya's keys)."""
+
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    debiased_estimation: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float = 0.0
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    timestep_sampling: str = "uniform"
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    network_dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    loraplus_ratio: float = 0.0
+    lr_scheduler: str = "constant"
+    lr_cycles: int = 1
+    ema_decay: float = 0.0  # 0: the file holds the last step's weights
+
+    def keys(self) -> dict[str, str]:
+        """``ss_*`` keys as sd-scripts' train_network.py writes them (``None`` for an option left off);
+        ss_timestep_sampling, ss_min/max_timestep, ss_lr_scheduler_num_cycles and ss_ema_decay are LoRA Studio's own."""
+        def off(value: float) -> str:
+            return str(value) if value else "None"
+
+        return {
+            "ss_loss_type": self.loss_type,
+            "ss_huber_schedule": self.huber_schedule,
+            "ss_huber_c": str(self.huber_c),
+            "ss_huber_scale": str(self.huber_scale),
+            "ss_debiased_estimation": str(self.debiased_estimation),
+            "ss_scale_v_pred_loss_like_noise_pred": str(self.scale_v_pred_loss_like_noise_pred),
+            "ss_v_pred_like_loss": off(self.v_pred_like_loss),
+            "ss_min_snr_gamma": off(self.min_snr_gamma),
+            "ss_noise_offset": off(self.noise_offset),
+            "ss_multires_noise_iterations": off(self.multires_noise_iterations),
+            "ss_multires_noise_discount": str(self.multires_noise_discount),
+            "ss_ip_noise_gamma": off(self.ip_noise_gamma),
+            "ss_timestep_sampling": self.timestep_sampling,
+            "ss_min_timestep": str(self.min_timestep),
+            "ss_max_timestep": str(self.max_timestep),
+            "ss_network_dropout": off(self.network_dropout),
+            "ss_lr_scheduler": self.lr_scheduler,
+            "ss_lr_scheduler_num_cycles": str(self.lr_cycles),
+            "ss_ema_decay": off(self.ema_decay),
+        }
+
+    def network_args(self) -> dict[str, str]:
+        """kohya passes these as network_args, so they land in ``ss_network_args``."""
+        args = {"rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
+                "loraplus_lr_ratio": self.loraplus_ratio}
+        return {name: str(value) for name, value in args.items() if value}
+
+
+@dataclass(frozen=True)
 class ExportInfo:
     """What the header says about a training run (all kohya ``ss_*`` and ``modelspec.*`` keys)."""
 
@@ -52,6 +114,7 @@ class ExportInfo:
     trigger_phrase: str = ""
     num_reg_images: int = 0  # regularization pictures x their repeats (kohya: before balancing)
     data_prep: dict[str, str] = field(default_factory=dict)  # ss_* keys of captions, masks, reg pictures
+    methods: TrainingMethods = field(default_factory=TrainingMethods)
 
     @property
     def exported_alpha(self) -> float:
@@ -64,7 +127,8 @@ def build_metadata(info: ExportInfo) -> dict[str, str]:
         raise ValueError(f"unknown model family {info.family!r}")
     width, height = info.resolution
     network_args = {"targets": info.targets, "train_text_encoder": str(info.train_text_encoder),
-                    "te_mlp": str(info.te_mlp), "rslora": str(info.rslora), "train_alpha": str(info.alpha)}
+                    "te_mlp": str(info.te_mlp), "rslora": str(info.rslora), "train_alpha": str(info.alpha),
+                    **info.methods.network_args()}
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(info.rank),
@@ -100,6 +164,7 @@ def build_metadata(info: ExportInfo) -> dict[str, str]:
         "modelspec.date": _iso_date(info.finished_at or info.started_at),
         "modelspec.trigger_phrase": info.trigger_phrase,
         "modelspec.encoder_layer": str(info.clip_skip),
+        **info.methods.keys(),
     }
     meta.update(info.data_prep)
     return meta

@@ -49,7 +49,7 @@ HASH_KEY = "sshs_model_hash"
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; only ever in PEFT-format files
 # Typical size of build_metadata's output with a short tag list; lora_file_size adds it when the
 # real metadata is not known yet. Long tag-frequency lists add their JSON length on top.
-METADATA_ESTIMATE_BYTES = 1400
+METADATA_ESTIMATE_BYTES = 1940  # 1400 before the training-method keys (ss_loss_type, ss_huber_*, ...)
 
 
 class LoraShape(NamedTuple):

@@ -186,6 +186,7 @@ def _estimate(config: StudioConfig, profile: StepProfile, dev: torch.device, pre
     weights = all_weights - (vae_bytes if parks and latents_cached else 0) - (te_bytes if parks and text_cached else 0)
     lora_params = rank * sum(part.lora_params_per_rank for part in trained)
     state_per_param = 4 + 4 + OPTIMIZER_STATE_BYTES.get(config.optim.optimizer, 8)  # weight, grad, state
+    state_per_param += 4 if config.optim.ema_decay else 0  # the fp32 EMA copy
     lora_state = lora_params * state_per_param
     vae_encode = batch * VAE_NO_GRAD_FRACTION * vae.activation_elements * 4  # no grad, one batch at a time
     activations = 0.0

@@ -27,12 +27,8 @@ from trainer.train.events import (
     StepProgress,
 )
 from trainer.train.export import export_lora
-from trainer.train.losses import (
-    diffusion_loss,
-    prediction_target,
-    sample_noise,
-    sample_timesteps,
-)
+from trainer.train.losses import diffusion_loss, prediction_target
+from trainer.train.noise import noisy_latents, sample_noise, sample_timesteps
 from trainer.train.sampling import make_samples
 from trainer.train.session import Session, open_session
 from trainer.train.transfers import Reading, StepReadback, to_device
@@ -46,10 +42,11 @@ def training_step(session: Session) -> torch.Tensor:
     epoch, refs = session.next_batch()
     latents, time_ids = session.latents_for(refs)  # time_ids: SDXL size/crop conditioning, else None
     captions = [session.training_set.caption_for(ref, epoch, cfg.train.seed) for ref in refs]
-    noise = sample_noise(latents, cfg.train.noise_offset, session.noise_generator)
-    timesteps = sample_timesteps(len(refs), model.noise_scheduler.config.num_train_timesteps,
+    noise = sample_noise(latents, cfg.train, session.noise_generator)
+    timesteps = sample_timesteps(len(refs), model.noise_scheduler.config.num_train_timesteps, cfg.train,
                                  session.noise_generator, latents.device)
-    noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = noisy_latents(model.noise_scheduler, latents, noise, timesteps, cfg.train.ip_noise_gamma,
+                          session.noise_generator)
     with session.accelerator.autocast():
         with torch.set_grad_enabled(len(session.trainable_models()) > 1):  # a text encoder trains too
             text, pooled = session.text_embeddings_for(captions)  # pooled: SDXL only, else None
@@ -58,7 +55,7 @@ def training_step(session: Session) -> torch.Tensor:
         target = prediction_target(model.noise_scheduler, latents, noise, timesteps)
         mask = session.masks_for(refs, latents.shape[-2:])  # masked loss: [B,1,h,w] or None
         weights = session.training_set.loss_weights(refs)  # prior_loss_weight of reg pictures, or None
-        loss = diffusion_loss(prediction, target, model.noise_scheduler, timesteps, cfg.train.min_snr_gamma,
+        loss = diffusion_loss(prediction, target, model.noise_scheduler, timesteps, cfg.train,
                               mask=mask, sample_weights=None if weights is None else weights.to(latents.device))
     session.accelerator.backward(loss / cfg.optim.grad_accum)
     return loss.detach()
@@ -139,6 +136,8 @@ def optimizer_step(session: Session, params: list[torch.Tensor]) -> torch.Tensor
     if cfg.optim.max_grad_norm:
         session.accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
     session.optimizer.step()
+    if session.ema is not None:
+        session.ema.update()
     session.lr_scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     return torch.stack(losses).mean()

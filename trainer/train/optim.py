@@ -13,6 +13,41 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from trainer.config.schema import StudioConfig
+from trainer.lora.inject import lora_parameters
+
+
+def lora_param_groups(components: dict[str, torch.nn.Module], config: StudioConfig) -> list[dict]:
+    """The optimiser's parameter groups: the LoRA parameters of each component ("unet",
+    "text_encoder", ...) grouped by learning rate, in a fixed order (the UNet's base lr first).
+
+    Each parameter's lr is its component's (``optim.lr`` or the text encoder's) times
+    ``lr_multiplier``; parameters with the same lr share a group.
+    """
+    groups: dict[tuple[str, float], list[torch.nn.Parameter]] = {}
+    for component, model in components.items():
+        base_lr = config.optim.lr if component == "unet" else config.effective_te_lr
+        names = {id(param): name for name, param in model.named_parameters()}
+        for param in lora_parameters(model):
+            lr = base_lr * lr_multiplier(component, names[id(param)], config)
+            groups.setdefault((component, lr), []).append(param)
+    return [{"params": params, "lr": lr} for (_, lr), params in groups.items()]
+
+
+def lr_multiplier(component: str, name: str, config: StudioConfig) -> float:
+    """The factor on the component's learning rate of one LoRA parameter (``name`` as peft has it,
+    e.g. ``...attn2.to_k.lora_B.lora_studio.weight``)."""
+    factor = 1.0
+    if config.optim.loraplus_ratio and is_up_matrix(name):
+        # LoRA+ (Hayou et al. 2024): B learns ratio times faster than A. kohya tests "lora_up" in the
+        # name, so LyCORIS-style weights (LoHa, LoKr) keep the base lr there too.
+        factor *= config.optim.loraplus_ratio
+    # Per-block learning rates (kohya's down/mid/up_lr_weight) multiply in here.
+    return factor
+
+
+def is_up_matrix(name: str) -> bool:
+    """B of a LoRA layer (kohya's ``lora_up``)."""
+    return ".lora_B." in name
 
 
 def build_optimizer(
@@ -71,4 +106,14 @@ def build_lr_scheduler(config: StudioConfig, optimizer: torch.optim.Optimizer, t
     warmup = config.optim.warmup_steps
     if name == "constant" and warmup:
         name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+    # num_cycles only reaches cosine_with_restarts (diffusers ignores it for the others)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1),
+                         num_cycles=config.optim.lr_cycles)
+
+
+def schedule_notice(config: StudioConfig) -> str:
+    """A warning for a schedule that will not do what its name says ('' when it will)."""
+    if config.optim.scheduler == "cosine_with_restarts" and config.optim.lr_cycles == 1:
+        return ("cosine_with_restarts with lr_cycles = 1 never restarts (it is a plain cosine decay); "
+                "set lr_cycles (--lr-cycles 3 for three cycles).")
+    return ""

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from trainer.generate.pipeline import inference_pipeline
+from trainer.train.ema import averaged
 from trainer.train.events import SamplesMade
 
 
@@ -21,7 +22,9 @@ def sample_prompts(session) -> tuple[str, ...]:
 
 def make_samples(session, step: int) -> SamplesMade:
     """Render each sample prompt with the LoRA as it is now and save PNGs under ``run_dir/samples``."""
-    with session.idle_encoders.on_device():  # parked once the caches were full; the pipeline needs them
+    # The encoders were parked once the caches were full (the pipeline needs them); a run with an EMA
+    # shows the averaged weights, as its exported file will hold them.
+    with session.idle_encoders.on_device(), averaged(session.ema):
         return _render_samples(session, step)
 
 

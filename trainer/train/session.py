@@ -36,10 +36,18 @@ from trainer.data.regularization import scan_regularization
 from trainer.data.scan import DatasetScan, scan_dataset
 from trainer.data.training_set import SampleRef, TrainingSet
 from trainer.lora import inject as lora_inject
+from trainer.lora.dropout import attach_kohya_dropout
 from trainer.models.loading import BaseModel, load_base_model
 from trainer.models.text import count_tokens, encode_text, encode_text_sdxl, tokenize
+from trainer.train.ema import LoraEma
 from trainer.train.estimate import Estimator, checkpointing_for_memory
-from trainer.train.optim import build_lr_scheduler, build_optimizer
+from trainer.train.loss_weighting import check_prediction_type_options
+from trainer.train.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    lora_param_groups,
+    schedule_notice,
+)
 from trainer.train.transfers import ParkedModules, to_device
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
@@ -98,6 +106,7 @@ class Session:
     noise_generator: torch.Generator
     idle_encoders: ParkedModules  # the VAE / frozen text encoders whose outputs are all cached
     grad_checkpointing: bool  # asked for, or turned on because the run would not fit without it
+    ema: LoraEma | None = None  # the average of the LoRA weights that samples and export use (optim.ema_decay)
     batch_cursor: int = 0  # batches consumed by this process so far (drives data order on resume)
     loss_ema: float | None = None
     started_at: float = field(default_factory=time.time)
@@ -216,6 +225,10 @@ class Session:
             # Each process draws its own noise (and LoRA dropout): keep every process's stream, not just the main's.
             "process_noise_generators": self._gather_rng_state(self.noise_generator.get_state()),
             "process_torch_rngs": self._gather_rng_state(torch.get_rng_state()),
+            # LoRA dropout masks on a GPU come from its own default generator
+            "process_cuda_rngs": (self._gather_rng_state(torch.cuda.get_rng_state(self.device))
+                                  if self.device.type == "cuda" else None),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def _gather_rng_state(self, state: torch.Tensor) -> torch.Tensor:
@@ -247,8 +260,13 @@ class Session:
             torch.set_rng_state(state["torch_rng"])
         else:  # a process the checkpoint did not have: a fresh stream of its own
             self.noise_generator.manual_seed(self.config.train.seed + rank + 7919 * self.batch_cursor)
+        cuda_rngs = state.get("process_cuda_rngs")
+        if self.device.type == "cuda" and cuda_rngs is not None and rank < len(cuda_rngs):
+            torch.cuda.set_rng_state(cuda_rngs[rank].clone(), self.device)
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema") or {})
 
     def trainable_models(self) -> dict[str, torch.nn.Module]:
         models = {"unet": self.model.unet}
@@ -293,6 +311,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     model = load_base_model(config.model, dtype=torch.float32, supported=SUPPORTED_FAMILIES)
     if config.train.zero_terminal_snr:
         use_zero_terminal_snr(model)
+    check_prediction_type_options(config.train, model.prediction_type, model.name)
     resolution = config.data.resolution or model.native_resolution
     check_resolution_multiple(resolution, model.resolution_multiple)
 
@@ -320,12 +339,12 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     if model.text_encoder_2 is not None:
         encoders["text_encoder_2"] = model.text_encoder_2
     plan = lora_inject.plan_lora(config.network, model.unet, encoders)
-    lora_inject.inject_lora(model.unet, plan.modules["unet"], config.network)
-    param_groups = [{"params": lora_inject.lora_parameters(model.unet), "lr": config.optim.lr}]
     trained_encoders = [name for name in encoders if name in plan.modules]
-    for name in trained_encoders:
-        lora_inject.inject_lora(encoders[name], plan.modules[name], config.network)
-        param_groups.append({"params": lora_inject.lora_parameters(encoders[name]), "lr": config.effective_te_lr})
+    trained = {"unet": model.unet, **{name: encoders[name] for name in trained_encoders}}
+    for name, module in trained.items():
+        lora_inject.inject_lora(module, plan.modules[name], config.network)
+        attach_kohya_dropout(module, config.network)
+    param_groups = lora_param_groups(trained, config)
     checkpointing = use_checkpointing(config, model, accelerator.device, resolution, notify)
     if checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -340,11 +359,16 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         trainable.train()  # LoRA dropout is active in train mode; the frozen layers have none
     optimizer = build_optimizer(config, param_groups, accelerator.device, lambda text: notify("warning", text))
     lr_scheduler = build_lr_scheduler(config, optimizer, total_steps)
+    if notice := schedule_notice(config):
+        notify("warning", notice)
     prepared = accelerator.prepare(model.unet, *(encoders[name] for name in trained_encoders), optimizer)
     model.unet = prepared[0]
     for name, wrapped in zip(trained_encoders, prepared[1:-1]):
         setattr(model, name, wrapped)
     optimizer = prepared[-1]
+    ema = None
+    if config.optim.ema_decay:
+        ema = LoraEma([p for group in optimizer.param_groups for p in group["params"]], config.optim.ema_decay)
 
     run_dir = run_dir_for(config.output.output)
     latent_cache = LatentCache(model.vae, run_dir / "cache") if config.train.cache_latents else None
@@ -364,7 +388,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         optimizer=optimizer, lr_scheduler=lr_scheduler, latent_cache=latent_cache, text_cache=text_cache,
         run_dir=run_dir, resolution=resolution, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
         fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
-        idle_encoders=ParkedModules(idle, accelerator.device), grad_checkpointing=checkpointing,
+        idle_encoders=ParkedModules(idle, accelerator.device), grad_checkpointing=checkpointing, ema=ema,
     )
 
 

@@ -19,7 +19,12 @@ from PIL import Image
 
 from trainer.core.errors import ConfigError, DatasetError, ImageError
 from trainer.data.caption_undo import CaptionUndo, UndoBatch
-from trainer.data.captions import caption_sidecar, read_caption_file, split_tags, with_trigger
+from trainer.data.captions import (
+    caption_sidecar,
+    read_caption_file,
+    split_tags,
+    with_trigger,
+)
 from trainer.data.images import load_image
 from trainer.data.scan import find_images
 
