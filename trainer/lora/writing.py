@@ -35,6 +35,7 @@ from peft.tuners.lora import LoraLayer
 from trainer.core.atomic import atomic_path
 from trainer.core.errors import LoraFileError
 from trainer.lora.inject import ADAPTER_NAME, lora_layers, module_in_out
+from trainer.lora.metadata import trim_tag_frequency
 from trainer.lora.names import (
     KOHYA_PREFIXES,
     canonical_te_path,
@@ -49,7 +50,9 @@ HASH_KEY = "sshs_model_hash"
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; only ever in PEFT-format files
 # Typical size of build_metadata's output with a short tag list; lora_file_size adds it when the
 # real metadata is not known yet. Long tag-frequency lists add their JSON length on top.
-METADATA_ESTIMATE_BYTES = 1400
+METADATA_ESTIMATE_BYTES = 2950
+# ComfyUI's /view_metadata gives up on a header longer than this; ss_tag_frequency is trimmed to fit.
+VIEWABLE_HEADER_BYTES = 1024 * 1024
 
 
 class LoraShape(NamedTuple):
@@ -119,18 +122,6 @@ def _check_complete_attention(modules: list[LoraModule]) -> None:
                                 hint="Target q, k, v and out_proj together for the second text encoder.")
 
 
-# --- metadata ------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
 # --- kohya export --------------------------------------------------------------------------------
 
 
@@ -159,10 +150,15 @@ def kohya_state_dict(modules: Iterable[LoraModule], dtype: str = "fp16") -> dict
 
 def save_kohya_lora(modules: Iterable[LoraModule], metadata: dict[str, str], path: str | Path,
                     dtype: str = "fp16") -> int:
-    """Write a kohya/A1111 LoRA file atomically with ``sshs_model_hash``; returns its size in bytes."""
+    """Write a kohya/A1111 LoRA file atomically with ``sshs_model_hash``; returns its size in bytes.
+
+    A header over ``VIEWABLE_HEADER_BYTES`` (a dataset with thousands of distinct tags) loses its
+    rarest ``ss_tag_frequency`` entries until it fits.
+    """
     path = Path(path)
     header_meta = _checked_metadata(metadata)
     tensors = kohya_state_dict(modules, dtype)
+    header_meta = fit_header(header_meta, _tensor_entries(tensors))
     # The hash covers the tensor bytes, which follow the header; write a unique same-length
     # placeholder, hash what follows the header, then patch the placeholder in place.
     placeholder = secrets.token_hex(32)
@@ -171,6 +167,19 @@ def save_kohya_lora(modules: Iterable[LoraModule], metadata: dict[str, str], pat
         safetensors.torch.save_file(tensors, str(tmp), metadata=header_meta)
         _patch_model_hash(tmp, placeholder)
     return path.stat().st_size
+
+
+def fit_header(metadata: dict[str, str], entries: list[tuple]) -> dict[str, str]:
+    """``metadata`` (no hash key), trimmed so that the file's header stays viewable in ComfyUI."""
+    for _ in range(8):  # each pass removes at least the measured excess; one pass is the rule
+        excess = _header_length(entries, metadata) - VIEWABLE_HEADER_BYTES
+        if excess <= 0:
+            break
+        trimmed = trim_tag_frequency(metadata, excess)
+        if trimmed == metadata:
+            break  # nothing left to trim: the tensor index alone is that large
+        metadata = trimmed
+    return metadata
 
 
 def tensor_data_sha256(path: str | Path) -> str:
@@ -305,16 +314,28 @@ def lora_file_size(shapes: Iterable[LoraShape], rank: int, dtype: str = "fp16", 
         entries.append((itemsize, f"{shape.name}.lora_up.weight", _SAFETENSORS_DTYPE[torch_dtype],
                         [shape.out_features, rank, *tail]))
         entries.append((alpha_dtype.itemsize, f"{shape.name}.alpha", _SAFETENSORS_DTYPE[alpha_dtype], []))
-    entries.sort(key=lambda e: (-e[0], e[1]))
+    data_bytes = sum(itemsize * math.prod(shape) for itemsize, _, _, shape in entries)
+    if metadata is None:
+        return 8 + (_header_length(entries, None) + METADATA_ESTIMATE_BYTES + 7) // 8 * 8 + data_bytes
+    header_meta = fit_header(_checked_metadata(metadata), entries)
+    return 8 + (_header_length(entries, header_meta) + 7) // 8 * 8 + data_bytes
+
+
+def _tensor_entries(tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    return [(t.dtype.itemsize, name, _SAFETENSORS_DTYPE[t.dtype], list(t.shape)) for name, t in tensors.items()]
+
+
+def _header_length(entries: list[tuple], metadata: dict[str, str] | None) -> int:
+    """Bytes of the JSON header safetensors writes (before its padding to a multiple of 8).
+
+    Built as safetensors builds it: compact JSON, tensors ordered by dtype size then name.
+    """
     header: dict = {}
     if metadata is not None:
-        header["__metadata__"] = {**_checked_metadata(metadata), HASH_KEY: "0" * 64}
+        header["__metadata__"] = {**metadata, HASH_KEY: "0" * 64}
     offset = 0
-    for itemsize, name, dtype_name, shape in entries:
+    for itemsize, name, dtype_name, shape in sorted(entries, key=lambda e: (-e[0], e[1])):
         end = offset + itemsize * math.prod(shape)
         header[name] = {"dtype": dtype_name, "shape": shape, "data_offsets": [offset, end]}
         offset = end
-    header_bytes = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    if metadata is None:
-        header_bytes += METADATA_ESTIMATE_BYTES
-    return 8 + (header_bytes + 7) // 8 * 8 + offset
+    return len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
