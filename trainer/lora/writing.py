@@ -1,4 +1,4 @@
-"""Writing LoRA files: kohya/A1111 format (the default), diffusers/PEFT format, exact size.
+"""Writing LoRA files: kohya/A1111 format (the default), diffusers' PEFT-key format, exact size.
 
 The kohya file is what every tool reads (A1111/Forge, ComfyUI, diffusers' ``load_lora_weights``):
 ``<name>.lora_down.weight`` (A, [r, in] or [r, in, 1, 1]), ``<name>.lora_up.weight`` (B,
@@ -7,9 +7,11 @@ The kohya file is what every tool reads (A1111/Forge, ComfyUI, diffusers' ``load
 *actual* scaling times r, which is alpha for plain LoRA and alpha·sqrt(r) for rsLoRA.
 
 The header carries kohya's ``ss_*`` keys, the SAI ``modelspec.*`` keys and ``sshs_model_hash``,
-the sha256 of the bytes after the header (A1111's LoRA hash). The PEFT-format copy instead
-carries ``lora_adapter_metadata`` (r, lora_alpha, target modules), which diffusers turns into
-the ``LoraConfig`` it injects, so alpha survives there too. The two never share a file:
+the sha256 of the bytes after the header (A1111's LoRA hash), and stays under the 1 MiB ComfyUI
+shows (``fit_header``). The diffusers-format file (``save_peft_lora``: what diffusers'
+``save_lora_weights`` writes, used inside the ``name-peft/`` folder of ``trainer.lora.peft_folder``)
+instead carries ``lora_adapter_metadata`` (r, lora_alpha, target modules), which diffusers turns
+into the ``LoraConfig`` it injects, so alpha survives there too. The two never share a file:
 diffusers refuses ``lora_adapter_metadata`` next to kohya alpha tensors.
 
 Reading any LoRA file back (and ``LoraModule``, the in-memory layer both halves share) lives in
