@@ -14,10 +14,10 @@ from library_logs import library_warnings
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from test_formats import _assert_loads_like_hand_merge, _export_modules, _info, _outputs, _trained_tiny
-from tiny_runs import load_pipeline
 
 from trainer.config.presets import resolve_config
 from trainer.config.schema import NetworkConfig
+from trainer.core.errors import LoraFileError, StudioError
 from trainer.lora.metadata import build_metadata
 from trainer.lora.names import parse_kohya_module_name
 from trainer.lora.peft_folder import (
@@ -119,6 +119,13 @@ def test_our_reader_takes_the_folder_and_its_adapter_files(tmp_path):
         assert file.style == "peft" and len(file.modules) == count, path
         for name, module in file.modules.items():
             torch.testing.assert_close(module.delta_weight(), want[name], atol=1e-6, rtol=0)
+    # without its config (an upload of the weights file alone) the strength is unknown: refused, not guessed
+    alone = tmp_path / "adapter_model.safetensors"
+    alone.write_bytes((folder / "unet" / PEFT_WEIGHTS).read_bytes())
+    with pytest.raises(LoraFileError, match="without its adapter_config.json"):
+        read_lora_file(alone)
+    with pytest.raises(LoraFileError, match="holds no PEFT adapter"):
+        read_lora_file(tmp_path)
 
 
 def test_a_ui_listing_finds_exactly_one_lora_per_run(tiny_sd1_dir, image_folder, tmp_path):
@@ -159,15 +166,6 @@ def test_without_sidecars_and_peft_only_the_lora_is_written(tiny_sd1_dir, image_
     assert sorted(p.name for p in out.iterdir()) == ["plain.safetensors", "plain_run"]
 
 
-def test_diffusers_finds_only_its_own_file_in_the_folder(tmp_path, tiny_sd1_dir):
-    _, _, _, folder = _export(tmp_path, NetworkConfig(rank=2, alpha=1, targets="cross-attn", train_text_encoder=False))
-    pipe = load_pipeline(tiny_sd1_dir)
-    pipe.load_lora_weights(str(folder), adapter_name="peft_folder")  # no weight_name: it guesses from the top level
-    assert "peft_folder" in pipe.get_active_adapters()
-    with safetensors.safe_open(str(folder / DIFFUSERS_WEIGHTS), "pt") as fh:
-        assert not any(key.startswith("ss_") for key in fh.metadata())
-
-
 def test_the_generate_path_takes_the_folder_with_mixed_ranks(tiny_sd1_dir, tmp_path):
     import numpy as np
     from test_generate import SIZE, load_model, pixels, random_modules, write_kohya
@@ -186,3 +184,18 @@ def test_the_generate_path_takes_the_folder_with_mixed_ranks(tiny_sd1_dir, tmp_p
               for path in (kohya, folder)]
     assert np.array_equal(pixels(images[0].image), pixels(images[1].image))
     assert images[0].infotext.lora_hashes and images[1].infotext.lora_hashes == {}  # A1111 has no hash for a folder
+
+
+def test_a_failed_rewrite_keeps_the_previous_folder(tmp_path, monkeypatch):
+    parts, modules, _, folder = _export(tmp_path)
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    from trainer.lora import peft_folder
+
+    def full_disk(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(peft_folder.safetensors.torch, "save_file", full_disk)
+    with pytest.raises(StudioError, match="disk is full"):
+        save_peft_folder(modules, folder, dtype="fp32", models={"unet": parts.unet, "text_encoder": parts.text_encoder})
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-peft", "lora.safetensors"]  # no staging left

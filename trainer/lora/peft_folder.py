@@ -34,7 +34,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig
 
-from trainer.core.atomic import write_error
+from trainer.core.atomic import is_disk_full, write_error
 from trainer.lora.names import model_module_path, parse_kohya_module_name
 from trainer.lora.reading import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoraModule
 from trainer.lora.writing import kohya_state_dict, save_peft_lora
@@ -75,9 +75,11 @@ def save_peft_folder(modules: Iterable[LoraModule], folder: str | Path, *, model
         save_peft_lora(modules, staging / DIFFUSERS_WEIGHTS, dtype=dtype)  # no ss_* metadata: not a LoRA to UIs
         (staging / "README.md").write_text(_readme(folder.name, sorted(by_component)), encoding="utf-8")
         _swap_in(staging, folder)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise write_error(folder, exc) from None
+        if isinstance(exc, OSError) or is_disk_full(exc):  # safetensors reports ENOSPC as its own error
+            raise write_error(folder, exc) from None
+        raise
     return folder
 
 

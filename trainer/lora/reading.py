@@ -138,6 +138,10 @@ def read_lora_file(path: str | Path) -> LoraFile:
     if not path.is_file():
         raise LoraFileError(f"LoRA file not found: {path}.", hint="Check the path.")
     tensors, metadata = _load_checked(path)
+    if "lora_adapter_metadata" not in metadata and any(key.startswith("base_model.model.") for key in tensors):
+        raise LoraFileError(f"{path.name} holds a PEFT adapter's weights without its adapter_config.json, "
+                            "which says how strong it is.",
+                            hint="Load the whole PEFT folder (e.g. name-peft/), or the .safetensors LoRA made with it.")
     return _lora_file(path, tensors, metadata)
 
 

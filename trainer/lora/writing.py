@@ -50,9 +50,9 @@ EXPORT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bf
 _SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 HASH_KEY = "sshs_model_hash"
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; only ever in PEFT-format files
-# Typical size of build_metadata's output with a short tag list; lora_file_size adds it when the
+# Typical size of a small run's header metadata (short tag list, the hash); lora_file_size adds it when the
 # real metadata is not known yet. Long tag-frequency lists add their JSON length on top.
-METADATA_ESTIMATE_BYTES = 2950
+METADATA_ESTIMATE_BYTES = 3200
 # ComfyUI's /view_metadata gives up on a header longer than this; ss_tag_frequency is trimmed to fit.
 VIEWABLE_HEADER_BYTES = 1024 * 1024
 
