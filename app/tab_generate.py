@@ -58,7 +58,7 @@ def lora_specs(studio: Studio, slots: list[dict[str, Any]] | None) -> list[Any]:
 def resolve_lora_path(studio: Studio, file: str) -> Path:
     """A slot's file: a path on this computer, or the name of a LoRA this app knows."""
     path = Path(file).expanduser()
-    if path.is_file():
+    if str(file).strip() and (path.is_file() or path.is_dir()):  # a folder: a PEFT export (name-peft/)
         return path
     for known in studio.projects.lora_files():
         if file in (known.name, known.stem):

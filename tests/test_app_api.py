@@ -42,7 +42,7 @@ def dataset(app_client: Client, tmp_path_factory: pytest.TempPathFactory) -> str
 def trained(app_server, app_client: Client, dataset: str) -> Path:
     """A finished demo-model run's LoRA file, trained through the endpoints."""
     run_id, plan, _ = app_client.predict(DATASET, DEMO, "character-lite", "api-run", TINY, api_name="/start_training")
-    assert "api-run.safetensors, 25.0 kB (24 layers, rank 4, fp16)" in plan
+    assert "api-run.safetensors, 26.8 kB (24 layers, rank 4, fp16)" in plan
     progress, status, *_ = app_client.predict(run_id, api_name="/watch_run")  # returns when the run ends
     assert 'data-status="finished"' in progress, status
     output = app_server.projects.runs_dir / "api-run.safetensors"
@@ -149,7 +149,7 @@ def test_preset_settings_and_plan(app_client: Client, dataset: str) -> None:
     values = app_client.predict("style", api_name="/preset_settings")
     assert 64 in values and "full" in values  # rank 64 on every transformer layer
     plan = app_client.predict(DATASET, DEMO, "character-lite", "", TINY, api_name="/check_training")
-    assert "6 images per epoch" in plan and "25.0 kB" in plan and "Estimate on CPU" in plan
+    assert "6 images per epoch" in plan and "26.8 kB" in plan and "Estimate on CPU" in plan
     assert "Demo model" in plan
 
 

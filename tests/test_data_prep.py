@@ -354,9 +354,9 @@ def test_a_run_records_the_data_prep_settings(tiny_sd1_dir: Path, reg_dataset, t
     with safe_open(str(out / "lora.safetensors"), "pt") as fh:
         meta = fh.metadata()
     assert meta["ss_num_reg_images"] == "5" and meta["ss_num_train_images"] == "6"
-    assert (meta["ss_prior_loss_weight"], meta["ss_masked_loss"], meta["ss_caption_tag_dropout_rate"]) == (
+    assert (meta["ss_prior_loss_weight"], meta["lorastudio_masked_loss"], meta["ss_caption_tag_dropout_rate"]) == (
         "0.25", "True", "0.2")
-    assert (meta["ss_caption_prefix"], meta["ss_caption_suffix"], meta["ss_keep_tokens_separator"]) == (
+    assert (meta["lorastudio_caption_prefix"], meta["lorastudio_caption_suffix"], meta["lorastudio_keep_tokens_separator"]) == (
         "masterpiece |||", "by me", "|||")
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {"reg": {"n_repeats": 1, "img_count": 3},
                                                        "1_man": {"n_repeats": 1, "img_count": 2}}

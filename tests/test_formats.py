@@ -232,7 +232,7 @@ def test_metadata_is_complete_and_hash_covers_the_tensor_bytes(tmp_path):
 
 @pytest.mark.parametrize(("family", "v_pred", "version", "arch"), [
     ("sd1", False, "sd_v1", "stable-diffusion-v1/lora"),
-    ("sd2", True, "sd_v2", "stable-diffusion-v2-768-v/lora"),
+    ("sd2", True, "sd_v2_v", "stable-diffusion-v2-768-v/lora"),  # kohya marks v-prediction "_v"
     ("sd2", False, "sd_v2", "stable-diffusion-v2-512/lora"),
     ("sdxl", False, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
 ])

@@ -272,13 +272,13 @@ def test_loss_choices_are_checked_against_the_model_kind():
 def test_metadata_records_the_methods_in_kohyas_keys():
     methods = TrainingMethods(loss_type="huber", huber_schedule="exponential", huber_c=0.2, network_dropout=0.1,
                               rank_dropout=0.25, loraplus_ratio=16, multires_noise_iterations=6, ema_decay=0.999)
-    meta = build_metadata(ExportInfo(family="sd1", output_name="x", rank=4, alpha=2, methods=methods))
+    meta = build_metadata(ExportInfo(family="sd1", output_name="x", rank=4, alpha=2, network_dropout=0.1, methods=methods))
     assert {k: meta[k] for k in ("ss_loss_type", "ss_huber_schedule", "ss_huber_c", "ss_huber_scale",
                                  "ss_network_dropout", "ss_multires_noise_iterations", "ss_multires_noise_discount",
-                                 "ss_ip_noise_gamma", "ss_debiased_estimation", "ss_ema_decay")} == {
+                                 "ss_ip_noise_gamma", "ss_debiased_estimation", "lorastudio_ema_decay")} == {
         "ss_loss_type": "huber", "ss_huber_schedule": "exponential", "ss_huber_c": "0.2", "ss_huber_scale": "1.0",
         "ss_network_dropout": "0.1", "ss_multires_noise_iterations": "6", "ss_multires_noise_discount": "0.3",
-        "ss_ip_noise_gamma": "None", "ss_debiased_estimation": "False", "ss_ema_decay": "0.999"}
+        "ss_ip_noise_gamma": "None", "ss_debiased_estimation": "False", "lorastudio_ema_decay": "0.999"}
     import json
 
     args = json.loads(meta["ss_network_args"])
@@ -352,8 +352,8 @@ def test_ema_and_dropout_runs_resume_exactly_and_export_the_average(tiny_sd1_dir
     assert any(not torch.equal(average[k], raw[k]) for k in average if k.endswith("lora_up.weight"))
     with safe_open(str(straight.output), "pt") as f, safe_open(str(straight.extra_outputs[0]), "pt") as g:
         meta, raw_meta = f.metadata(), g.metadata()
-    assert (meta["ss_ema_decay"], raw_meta["ss_ema_decay"]) == ("0.6", "None")
+    assert (meta["lorastudio_ema_decay"], raw_meta["lorastudio_ema_decay"]) == ("0.6", "None")
     assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_debiased_estimation"]) == ("huber", "snr", "True")
-    assert (meta["ss_timestep_sampling"], meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"]) == (
+    assert (meta["lorastudio_timestep_sampling"], meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"]) == (
         "logit_normal", "3", "0.1")
     assert meta["ss_network_dropout"] == "0.1" and '"loraplus_lr_ratio": "4.0"' in meta["ss_network_args"]

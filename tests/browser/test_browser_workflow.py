@@ -124,7 +124,7 @@ def test_train_the_demo_model_and_watch_it(pages, app_server, artifacts) -> None
     page.locator("#train-check").click()
     plan = page.locator("#train-plan")
     expect(plan).to_contain_text("8 images per epoch")
-    expect(plan).to_contain_text(f"{FIRST_RUN}.safetensors, 25.0 kB (24 layers, rank 4, fp16)")
+    expect(plan).to_contain_text(f"{FIRST_RUN}.safetensors, 26.8 kB (24 layers, rank 4, fp16)")
     expect(plan).to_contain_text("Estimate on CPU")
 
     page.locator("#train-start").click()
@@ -139,11 +139,11 @@ def test_train_the_demo_model_and_watch_it(pages, app_server, artifacts) -> None
     expect(label).to_contain_text("finished · step 12 / 12")
     expect(page.locator("#train-loss-plot")).to_contain_text("smoothed")  # the curve's legend: data arrived
     expect(page.locator("#train-samples img")).to_have_count(2)  # steps 6 and 12
-    expect(page.locator("#train-status")).to_contain_text(f"Finished: {FIRST_RUN}.safetensors (25.0 kB)")
+    expect(page.locator("#train-status")).to_contain_text(f"Finished: {FIRST_RUN}.safetensors (26.8 kB)")
     expect(page.locator("#train-output-file")).to_contain_text(FIRST_RUN)
     expect(page.locator("#train-open-generate")).to_be_enabled()
     size = (app_server.projects.runs_dir / f"{FIRST_RUN}.safetensors").stat().st_size
-    assert abs(size - 25_000) < 500  # as planned: the weights exactly, the metadata within a few hundred bytes
+    assert abs(size - 26_800) < 500  # as planned: the weights exactly, the metadata within a few hundred bytes
     shot(page, artifacts, "03-train-finished.png")
 
 

@@ -46,6 +46,7 @@ def register(sub: Any) -> None:
     resize.add_argument("--energy", type=float, default=None, help="Keep this fraction of each layer's energy (per-layer rank), e.g. 0.95.")
     resize.add_argument("--out", required=True, help="Output .safetensors file.")
     resize.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="Output dtype (default: the input's).")
+    _sidecars_flag(resize)
     resize.set_defaults(handler=run_resize)
 
     merge = sub.add_parser("merge", help="Combine weighted LoRAs into one file (exact, or SVD to --rank).")
@@ -54,6 +55,7 @@ def register(sub: Any) -> None:
     merge.add_argument("--rank", type=int, default=None, help="SVD to this rank (default: exact, ranks add up).")
     merge.add_argument("--energy", type=float, default=None, help="SVD keeping this fraction of each layer's energy.")
     merge.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="Output dtype (default: the inputs').")
+    _sidecars_flag(merge)
     merge.set_defaults(handler=run_merge)
 
     bake = sub.add_parser("bake", help="Add weighted LoRAs into a base model and save a single-file checkpoint.")
@@ -114,7 +116,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_resize(args: argparse.Namespace) -> int:
     from trainer.tools.resize import resize_lora
 
-    print(resize_lora(args.file, args.out, rank=args.rank, energy=args.energy, dtype=args.dtype).text())
+    print(resize_lora(args.file, args.out, rank=args.rank, energy=args.energy, dtype=args.dtype,
+                      sidecars=args.sidecars).text())
     return 0
 
 
@@ -124,7 +127,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     specs = [parse_lora_arg(text) for text in args.files]
     report = merge_loras([(spec.path, spec.weight) for spec in specs], args.out, rank=args.rank, energy=args.energy,
-                         dtype=args.dtype)
+                         dtype=args.dtype, sidecars=args.sidecars)
     print(report.text())
     return 0
 
@@ -142,6 +145,11 @@ def run_bake(args: argparse.Namespace) -> int:
 
 def _lora_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help=help_text)
+
+
+def _sidecars_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-sidecars", dest="sidecars", action="store_false",
+                        help="Do not write the A1111/Forge card files (name.json, name.preview.png) next to --out.")
 
 
 def run_extract(args: argparse.Namespace) -> int:

@@ -152,9 +152,10 @@ class OutputConfig:
     sample_seed: int = field(default=1234, metadata={"help": "Seed of the sample images (fixed, so samples are comparable)."})
     sample_steps: int = field(default=20, metadata={"help": "Denoising steps per sample image."})
     export_dtype: ExportDtype = field(default="fp16", metadata={"help": "dtype of the exported LoRA tensors."})
-    export_peft: bool = field(default=False, metadata={"help": "Also write a diffusers/PEFT-format copy next to the output."})
+    export_peft: bool = field(default=False, metadata={"help": "Also write a PEFT folder 'name-peft/' next to the output (peft's save_pretrained layout per component, plus diffusers' pytorch_lora_weights.safetensors) for Python code; A1111/Forge/ComfyUI use the .safetensors file."})
     resume: str = field(default="", metadata={"help": "'auto' = latest checkpoint of this output, or a checkpoint folder."})
     ema_export_raw: bool = field(default=False, metadata={"help": "With ema_decay on: also write the raw (not averaged) weights as NAME.raw.safetensors."})
+    sidecars: bool = field(default=True, metadata={"help": "Write A1111/Forge sidecars next to the output: name.json (trigger word as activation text, base model, notes; your edits are kept on re-export) and name.preview.png (the last sample of the first prompt)."})
 
 
 SECTIONS: dict[str, type] = {

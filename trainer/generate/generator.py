@@ -370,7 +370,8 @@ class Generator:
             lbw = "" if spec.blocks.is_identity else ",".join(
                 f"{v:g}" for v in lbw_vector(self.model.unet, spec.blocks))
             tags.append(LoraTag(spec.name, spec.te, spec.unet if spec.unet != spec.te else None, lbw).text())
-            hashes[spec.name] = report.short_hash
+            if report.short_hash:
+                hashes[spec.name] = report.short_hash
         prompt = " ".join([strip_lora_tags(request.prompt), *tags]).strip()
         extra = {"Clip skip": str(request.clip_skip)} if request.clip_skip > 1 else {}
         return Infotext(prompt=prompt, negative_prompt=request.negative_prompt, steps=request.steps,
@@ -391,8 +392,9 @@ class Generator:
 
 
 def lora_short_hash(file: LoraFile) -> str:
-    """A1111's LoRA hash: the header's sshs_model_hash, else sha256 of the bytes after the header."""
-    digest = file.metadata.get("sshs_model_hash") or tensor_data_sha256(file.path)
+    """A1111's LoRA hash: the header's sshs_model_hash, else sha256 of the bytes after the header
+    ("" for a PEFT folder: A1111 has no hash for it, as it cannot load it)."""
+    digest = file.metadata.get("sshs_model_hash") or (tensor_data_sha256(file.path) if file.path.is_file() else "")
     return digest[:12]
 
 

@@ -3,9 +3,11 @@
 ``inject`` plans the target layers and attaches peft adapters (A random, B zero, scale α/r);
 ``dropout`` adds kohya's neuron/rank/module dropouts to them;
 ``names`` maps layers to kohya/A1111 names for SD1, SD2 and SDXL; ``reading`` reads any LoRA file
-safely (kohya, PEFT, old diffusers); ``writing`` writes ours (kohya format by default, PEFT on
-request) and knows their exact size; ``metadata`` is the ``ss_*``/``modelspec.*`` header;
-``sizing`` gives a preset's file size for a model from its shapes alone. Imports ``trainer.core``,
+safely (kohya, PEFT files and folders, old diffusers); ``writing`` writes ours (kohya format) and
+knows their exact size; ``metadata`` is the ``ss_*``/``modelspec.*`` header in kohya's shapes;
+``sidecars`` are A1111/Forge's ``name.json`` and preview next to a file; ``peft_folder`` is the
+``name-peft/`` copy in peft's own layout; ``sizing`` gives a preset's file size for a model from
+its shapes alone. Imports ``trainer.core``,
 ``trainer.config`` and ``trainer.models``.
 """
 

@@ -32,12 +32,16 @@ from trainer.core.safetensors_header import (
     refuse_pickle,
 )
 from trainer.lora.names import (
+    COMPONENTS,
     canonical_te_path,
     kohya_module_name,
     parse_kohya_module_name,
 )
 from trainer.models.family import FAMILY_LABELS
 
+PEFT_CONFIG = "adapter_config.json"  # peft's save_pretrained layout: one folder per adapter
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights file name
 _FLOAT_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
 _TORCH_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -121,34 +125,24 @@ class _RawModule:
 
 
 def read_lora_file(path: str | Path) -> LoraFile:
-    """Read and validate a LoRA ``.safetensors`` file of any supported key style."""
+    """Read and validate a LoRA ``.safetensors`` file of any supported key style.
+
+    A PEFT folder (``name-peft/``, one ``adapter_config.json`` + ``adapter_model.safetensors`` per
+    component) or one of its ``adapter_model.safetensors`` files is read with its config's alpha.
+    """
     path = Path(path)
+    if path.is_dir() or (path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file()):
+        return _read_peft_adapters(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         refuse_pickle(path, LoraFileError)
     if not path.is_file():
         raise LoraFileError(f"LoRA file not found: {path}.", hint="Check the path.")
-    header, metadata = read_safetensors_header(path, LoraFileError)
-    _check_weight_dtypes(path, header)
-    try:
-        tensors = safetensors.torch.load_file(str(path))
-    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
-        raise LoraFileError(f"{path.name} could not be read as safetensors: {exc}.",
-                            hint="The file is damaged; download or export it again.") from None
-    style, raws = _group_keys(path, tensors, metadata)
-    for raw in raws.values():
-        _check_raw(path, raw)
-    sgm = any(r.kohya_stem and re.search(r"_(input_blocks|output_blocks|middle_block)_", r.kohya_stem)
-              for r in raws.values())
-    family = _family_from(((r.component, r.path, tuple(r.down.shape)) for r in raws.values()), metadata, sgm)
-    modules: dict[str, LoraModule] = {}
-    for raw in raws.values():
-        name = _canonical_name(raw, family)
-        if name in modules:
-            raise LoraFileError(f"{path.name} holds the layer {name} twice (as {raw.label} too).",
-                                hint="The file is malformed; export it again.")
-        modules[name] = LoraModule(name, raw.down, raw.up, raw.alpha)
-    dtypes = collections.Counter(_TORCH_DTYPE_NAMES[m.down.dtype] for m in modules.values())
-    return LoraFile(path, style, family, modules, metadata, dtypes.most_common(1)[0][0])
+    tensors, metadata = _load_checked(path)
+    if "lora_adapter_metadata" not in metadata and any(key.startswith("base_model.model.") for key in tensors):
+        raise LoraFileError(f"{path.name} holds a PEFT adapter's weights without its adapter_config.json, "
+                            "which says how strong it is.",
+                            hint="Load the whole PEFT folder (e.g. name-peft/), or the .safetensors LoRA made with it.")
+    return _lora_file(path, tensors, metadata)
 
 
 def detect_lora_family(file: LoraFile) -> str | None:
@@ -173,11 +167,73 @@ def check_lora_fits(file: LoraFile, family: str) -> None:
                         hint=f"Pick an {made_for} base model or another LoRA.")
 
 
+def _load_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    header, metadata = read_safetensors_header(path, LoraFileError)
+    _check_weight_dtypes(path, header)
+    try:
+        return safetensors.torch.load_file(str(path)), metadata
+    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
+        raise LoraFileError(f"{path.name} could not be read as safetensors: {exc}.",
+                            hint="The file is damaged; download or export it again.") from None
+
+
+def _lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraFile:
+    style, raws = _group_keys(path, tensors, metadata)
+    for raw in raws.values():
+        _check_raw(path, raw)
+    sgm = any(r.kohya_stem and re.search(r"_(input_blocks|output_blocks|middle_block)_", r.kohya_stem)
+              for r in raws.values())
+    family = _family_from(((r.component, r.path, tuple(r.down.shape)) for r in raws.values()), metadata, sgm)
+    modules: dict[str, LoraModule] = {}
+    for raw in raws.values():
+        name = _canonical_name(raw, family)
+        if name in modules:
+            raise LoraFileError(f"{path.name} holds the layer {name} twice (as {raw.label} too).",
+                                hint="The file is malformed; export it again.")
+        modules[name] = LoraModule(name, raw.down, raw.up, raw.alpha)
+    dtypes = collections.Counter(_TORCH_DTYPE_NAMES[m.down.dtype] for m in modules.values())
+    return LoraFile(path, style, family, modules, metadata, dtypes.most_common(1)[0][0])
+
+
+def _read_peft_adapters(path: Path) -> LoraFile:
+    """A PEFT folder (per-component adapters), one adapter folder, or one adapter's weights file."""
+    if path.is_file() or (path / PEFT_CONFIG).is_file():
+        adapters = [path.parent if path.is_file() else path]
+    else:
+        adapters = [path / c for c in COMPONENTS if (path / c / PEFT_CONFIG).is_file()]
+        if not adapters and (path / DIFFUSERS_WEIGHTS).is_file():
+            return read_lora_file(path / DIFFUSERS_WEIGHTS)
+        if not adapters:
+            raise LoraFileError(f"{path} is a folder, and holds no PEFT adapter (adapter_config.json).",
+                                hint="Pick a LoRA .safetensors file, or a LoRA Studio 'name-peft' folder.")
+    tensors: dict[str, torch.Tensor] = {}
+    config: dict = {}
+    for folder in adapters:
+        component = folder.name if folder.name in COMPONENTS else None  # else told apart by module names
+        weights = folder / PEFT_WEIGHTS
+        if not weights.is_file():
+            raise LoraFileError(f"{folder} has {PEFT_CONFIG} but no {PEFT_WEIGHTS}.", hint="Export it again.")
+        adapter = _peft_adapter_config(folder / PEFT_CONFIG)
+        config.update({f"{component}.{k}": v for k, v in adapter.items()} if component else adapter)
+        for key, tensor in _load_checked(weights)[0].items():
+            key = key.removeprefix("base_model.model.")
+            tensors[f"{component}.{key}" if component else key] = tensor
+    return _lora_file(path, tensors, {"lora_adapter_metadata": json.dumps(config)})
+
+
+def _peft_adapter_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraFileError(f"{path} could not be read as JSON ({exc}).", hint="Export the PEFT folder again.") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        kind = "DoRA" if isinstance(config, dict) and config.get("use_dora") else "non-LoRA"
+        raise LoraFileError(f"{path} describes a {kind} adapter, not a plain LoRA.",
+                            hint="LoRA Studio loads plain LoRA adapters only.")
+    return {k: config[k] for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora") if k in config}
 
 
 # --- header checks -------------------------------------------------------------------------------
-
-
 
 
 def _check_weight_dtypes(path: Path, header: dict) -> None:
@@ -186,12 +242,6 @@ def _check_weight_dtypes(path: Path, header: dict) -> None:
             raise LoraFileError(
                 f"{path.name}: '{name}' is stored as {info['dtype']}, but LoRA weights must be floating point "
                 "(F16, BF16, F32).", hint="This is not a LoRA file LoRA Studio can use (quantised or corrupt).")
-
-
-
-
-
-
 
 
 # --- key styles ----------------------------------------------------------------------------------
@@ -383,8 +433,8 @@ def _family_from_metadata(metadata: dict[str, str]) -> str | None:
     architecture = metadata.get("modelspec.architecture", "")
     if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
         return "sdxl"
-    if version == "sd_v2" or architecture.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
+    if version.startswith("sd_v2") or architecture.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
         return "sd2"
-    if version == "sd_v1" or architecture.startswith("stable-diffusion-v1"):
+    if version.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1"):
         return "sd1"
     return None

@@ -1,4 +1,4 @@
-"""Writing LoRA files: kohya/A1111 format (the default), diffusers/PEFT format, exact size.
+"""Writing LoRA files: kohya/A1111 format (the default), diffusers' PEFT-key format, exact size.
 
 The kohya file is what every tool reads (A1111/Forge, ComfyUI, diffusers' ``load_lora_weights``):
 ``<name>.lora_down.weight`` (A, [r, in] or [r, in, 1, 1]), ``<name>.lora_up.weight`` (B,
@@ -7,9 +7,11 @@ The kohya file is what every tool reads (A1111/Forge, ComfyUI, diffusers' ``load
 *actual* scaling times r, which is alpha for plain LoRA and alpha·sqrt(r) for rsLoRA.
 
 The header carries kohya's ``ss_*`` keys, the SAI ``modelspec.*`` keys and ``sshs_model_hash``,
-the sha256 of the bytes after the header (A1111's LoRA hash). The PEFT-format copy instead
-carries ``lora_adapter_metadata`` (r, lora_alpha, target modules), which diffusers turns into
-the ``LoraConfig`` it injects, so alpha survives there too. The two never share a file:
+the sha256 of the bytes after the header (A1111's LoRA hash), and stays under the 1 MiB ComfyUI
+shows (``fit_header``). The diffusers-format file (``save_peft_lora``: what diffusers'
+``save_lora_weights`` writes, used inside the ``name-peft/`` folder of ``trainer.lora.peft_folder``)
+instead carries ``lora_adapter_metadata`` (r, lora_alpha, target modules), which diffusers turns
+into the ``LoraConfig`` it injects, so alpha survives there too. The two never share a file:
 diffusers refuses ``lora_adapter_metadata`` next to kohya alpha tensors.
 
 Reading any LoRA file back (and ``LoraModule``, the in-memory layer both halves share) lives in
@@ -35,6 +37,7 @@ from peft.tuners.lora import LoraLayer
 from trainer.core.atomic import atomic_path
 from trainer.core.errors import LoraFileError
 from trainer.lora.inject import ADAPTER_NAME, lora_layers, module_in_out
+from trainer.lora.metadata import trim_tag_frequency
 from trainer.lora.names import (
     KOHYA_PREFIXES,
     canonical_te_path,
@@ -47,9 +50,11 @@ EXPORT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bf
 _SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 HASH_KEY = "sshs_model_hash"
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; only ever in PEFT-format files
-# Typical size of build_metadata's output with a short tag list; lora_file_size adds it when the
+# Typical size of a small run's header metadata (short tag list, the hash); lora_file_size adds it when the
 # real metadata is not known yet. Long tag-frequency lists add their JSON length on top.
-METADATA_ESTIMATE_BYTES = 1940  # 1400 before the training-method keys (ss_loss_type, ss_huber_*, ...)
+METADATA_ESTIMATE_BYTES = 3200
+# ComfyUI's /view_metadata gives up on a header longer than this; ss_tag_frequency is trimmed to fit.
+VIEWABLE_HEADER_BYTES = 1024 * 1024
 
 
 class LoraShape(NamedTuple):
@@ -119,18 +124,6 @@ def _check_complete_attention(modules: list[LoraModule]) -> None:
                                 hint="Target q, k, v and out_proj together for the second text encoder.")
 
 
-# --- metadata ------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
 # --- kohya export --------------------------------------------------------------------------------
 
 
@@ -159,10 +152,15 @@ def kohya_state_dict(modules: Iterable[LoraModule], dtype: str = "fp16") -> dict
 
 def save_kohya_lora(modules: Iterable[LoraModule], metadata: dict[str, str], path: str | Path,
                     dtype: str = "fp16") -> int:
-    """Write a kohya/A1111 LoRA file atomically with ``sshs_model_hash``; returns its size in bytes."""
+    """Write a kohya/A1111 LoRA file atomically with ``sshs_model_hash``; returns its size in bytes.
+
+    A header over ``VIEWABLE_HEADER_BYTES`` (a dataset with thousands of distinct tags) loses its
+    rarest ``ss_tag_frequency`` entries until it fits.
+    """
     path = Path(path)
     header_meta = _checked_metadata(metadata)
     tensors = kohya_state_dict(modules, dtype)
+    header_meta = fit_header(header_meta, _tensor_entries(tensors))
     # The hash covers the tensor bytes, which follow the header; write a unique same-length
     # placeholder, hash what follows the header, then patch the placeholder in place.
     placeholder = secrets.token_hex(32)
@@ -171,6 +169,19 @@ def save_kohya_lora(modules: Iterable[LoraModule], metadata: dict[str, str], pat
         safetensors.torch.save_file(tensors, str(tmp), metadata=header_meta)
         _patch_model_hash(tmp, placeholder)
     return path.stat().st_size
+
+
+def fit_header(metadata: dict[str, str], entries: list[tuple]) -> dict[str, str]:
+    """``metadata`` (no hash key), trimmed so that the file's header stays viewable in ComfyUI."""
+    for _ in range(8):  # each pass removes at least the measured excess; one pass is the rule
+        excess = _header_length(entries, metadata) - VIEWABLE_HEADER_BYTES
+        if excess <= 0:
+            break
+        trimmed = trim_tag_frequency(metadata, excess)
+        if trimmed == metadata:
+            break  # nothing left to trim: the tensor index alone is that large
+        metadata = trimmed
+    return metadata
 
 
 def tensor_data_sha256(path: str | Path) -> str:
@@ -305,16 +316,28 @@ def lora_file_size(shapes: Iterable[LoraShape], rank: int, dtype: str = "fp16", 
         entries.append((itemsize, f"{shape.name}.lora_up.weight", _SAFETENSORS_DTYPE[torch_dtype],
                         [shape.out_features, rank, *tail]))
         entries.append((alpha_dtype.itemsize, f"{shape.name}.alpha", _SAFETENSORS_DTYPE[alpha_dtype], []))
-    entries.sort(key=lambda e: (-e[0], e[1]))
+    data_bytes = sum(itemsize * math.prod(shape) for itemsize, _, _, shape in entries)
+    if metadata is None:
+        return 8 + (_header_length(entries, None) + METADATA_ESTIMATE_BYTES + 7) // 8 * 8 + data_bytes
+    header_meta = fit_header(_checked_metadata(metadata), entries)
+    return 8 + (_header_length(entries, header_meta) + 7) // 8 * 8 + data_bytes
+
+
+def _tensor_entries(tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    return [(t.dtype.itemsize, name, _SAFETENSORS_DTYPE[t.dtype], list(t.shape)) for name, t in tensors.items()]
+
+
+def _header_length(entries: list[tuple], metadata: dict[str, str] | None) -> int:
+    """Bytes of the JSON header safetensors writes (before its padding to a multiple of 8).
+
+    Built as safetensors builds it: compact JSON, tensors ordered by dtype size then name.
+    """
     header: dict = {}
     if metadata is not None:
-        header["__metadata__"] = {**_checked_metadata(metadata), HASH_KEY: "0" * 64}
+        header["__metadata__"] = {**metadata, HASH_KEY: "0" * 64}
     offset = 0
-    for itemsize, name, dtype_name, shape in entries:
+    for itemsize, name, dtype_name, shape in sorted(entries, key=lambda e: (-e[0], e[1])):
         end = offset + itemsize * math.prod(shape)
         header[name] = {"dtype": dtype_name, "shape": shape, "data_offsets": [offset, end]}
         offset = end
-    header_bytes = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    if metadata is None:
-        header_bytes += METADATA_ESTIMATE_BYTES
-    return 8 + (header_bytes + 7) // 8 * 8 + offset
+    return len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))

@@ -24,6 +24,7 @@ import torch
 
 from trainer.core.errors import ConfigError, LoraFileError
 from trainer.lora.reading import LoraModule, read_lora_file
+from trainer.lora.sidecars import derive_sidecars
 from trainer.lora.writing import (
     EXPORT_DTYPES,
     HASH_KEY,
@@ -52,6 +53,7 @@ class ResizeReport:
     layers: tuple[LayerResize, ...]
     size_bytes: int
     source_bytes: int
+    sidecars: tuple[Path, ...] = ()  # A1111 name.json / name.preview.png written next to it
 
     @property
     def energy_kept(self) -> float:
@@ -76,6 +78,7 @@ class MergeReport:
     ranks: tuple[int, int]  # (smallest, largest) rank in the output
     energy_kept: float  # 1.0 for an exact (concatenating) merge
     size_bytes: int
+    sidecars: tuple[Path, ...] = ()  # A1111 name.json / name.preview.png written next to it
 
     def text(self) -> str:
         made = " + ".join(f"{weight:g}×{name}" for name, weight in self.sources)
@@ -86,8 +89,11 @@ class MergeReport:
 
 
 def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None, energy: float | None = None,
-                dtype: str | None = None) -> ResizeReport:
-    """Truncate every layer to ``rank``, or to the smallest rank keeping ``energy`` of it (both: rank caps)."""
+                dtype: str | None = None, sidecars: bool = True) -> ResizeReport:
+    """Truncate every layer to ``rank``, or to the smallest rank keeping ``energy`` of it (both: rank caps).
+
+    With ``sidecars`` the output gets the source's A1111 card (trigger, base model, preview) plus a note.
+    """
     check_target(rank, energy, required=True)
     file = read_lora_file(source)
     out = Path(out)
@@ -103,12 +109,17 @@ def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None,
                f"({'energy ' + format(energy, 'g') if energy else 'fixed rank'})")
     metadata = output_metadata(file.metadata, file.family, out, ranks, comment)
     size = save_kohya_lora(modules, metadata, out, dtype=dtype or _storable_dtype(file.dtype))
-    return ResizeReport(out, tuple(layers), size, file.path.stat().st_size)
+    note = comment[:1].upper() + comment[1:] + "."
+    written = derive_sidecars(out, [(file.path, file.metadata, file.family)], note=note) if sidecars else []
+    return ResizeReport(out, tuple(layers), size, file.path.stat().st_size, tuple(written))
 
 
 def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *, rank: int | None = None,
-                energy: float | None = None, dtype: str | None = None) -> MergeReport:
-    """Σ weightᵢ·LoRAᵢ as one file: exact (ranks concatenated) unless ``rank``/``energy`` ask for an SVD."""
+                energy: float | None = None, dtype: str | None = None, sidecars: bool = True) -> MergeReport:
+    """Σ weightᵢ·LoRAᵢ as one file: exact (ranks concatenated) unless ``rank``/``energy`` ask for an SVD.
+
+    With ``sidecars`` the output gets an A1111 card: every input's trigger, the first input's preview.
+    """
     if not sources:
         raise ConfigError("Give at least one LoRA file to merge.")
     check_target(rank, energy, required=False)
@@ -149,7 +160,10 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
     output_dtype = dtype or _widest([file.dtype for file, _ in files])
     size = save_kohya_lora(modules, metadata, out, dtype=output_dtype)
     energy_kept = 1.0 if rank is None and energy is None else (kept / total if total else 1.0)
-    return MergeReport(out, tuple(names), len(modules), (ranks[0], ranks[-1]), energy_kept, size)
+    made = " + ".join(f"{weight:g}×{name}" for name, weight in names)
+    written = derive_sidecars(out, [(file.path, file.metadata, file.family) for file, _ in files],
+                              note=f"Merged by LoRA Studio: {made}.", description=f"Merge of {made}.") if sidecars else []
+    return MergeReport(out, tuple(names), len(modules), (ranks[0], ranks[-1]), energy_kept, size, tuple(written))
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -11,20 +11,21 @@ import json
 
 from trainer.config.schema import DataConfig
 from trainer.data.training_set import TrainingSet
+from trainer.lora.metadata import OWN_PREFIX
 
 
 def data_prep_metadata(cfg: DataConfig, training_set: TrainingSet) -> dict[str, str]:
     """``ss_*`` header values (all strings) for the data-preparation settings of a run."""
     meta = {
         "ss_caption_tag_dropout_rate": str(cfg.tag_dropout),
-        "ss_caption_prefix": cfg.caption_prefix,
-        "ss_caption_suffix": cfg.caption_suffix,
-        "ss_keep_tokens_separator": cfg.keep_tokens_separator,
-        "ss_masked_loss": str(cfg.masked_loss),
+        f"{OWN_PREFIX}caption_prefix": cfg.caption_prefix,
+        f"{OWN_PREFIX}caption_suffix": cfg.caption_suffix,
+        f"{OWN_PREFIX}keep_tokens_separator": cfg.keep_tokens_separator,
+        f"{OWN_PREFIX}masked_loss": str(cfg.masked_loss),
         "ss_prior_loss_weight": str(cfg.prior_loss_weight),
     }
     reg = training_set.reg
     if reg is not None:
         meta["ss_reg_dataset_dirs"] = json.dumps(reg.scan.folder_summary())
-        meta["ss_class_prompt"] = cfg.class_prompt
+        meta[f"{OWN_PREFIX}class_prompt"] = cfg.class_prompt
     return meta
