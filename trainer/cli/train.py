@@ -83,7 +83,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _print_check(config) -> int:
     """The dataset report for this model and these settings, without training."""
-    from trainer.config.schema import check_resolution_multiple
+    from trainer.config.validation import check_resolution_multiple
     from trainer.data.lint import lint_dataset
     from trainer.data.scan import scan_dataset
     from trainer.models.loading import load_base_model

@@ -23,11 +23,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from trainer.config.schema import (
-    StudioConfig,
-    check_resolution_multiple,
-    config_to_dict,
-)
+from trainer.config.schema import StudioConfig, config_to_dict
+from trainer.config.validation import check_resolution_multiple
 from trainer.core.errors import CheckpointError, ConfigError
 from trainer.data.caches import LatentCache, TextEmbeddingCache, encode_latents
 from trainer.data.lint import LintReport, lint_dataset
