@@ -35,12 +35,12 @@ METADATA_SLACK = 600  # bytes: lora_size estimates the JSON header, the run's re
 class Family:
     name: str  # the engine's family id
     label: str  # what the plan calls it
-    base_model_version: str  # ss_base_model_version of an exported LoRA
+    base_model_version: str  # ss_base_model_version of an exported LoRA (the tiny SD2 is v-prediction: "_v")
     write_model: object
 
 
 FAMILIES = [Family("sdxl", "SDXL", "sdxl_base_v1-0", write_tiny_sdxl),
-            Family("sd2", "SD 2.x", "sd_v2", write_tiny_sd2)]
+            Family("sd2", "SD 2.x", "sd_v2_v", write_tiny_sd2)]
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,7 @@ def test_training_learns_and_writes_an_sd2_kohya_file(trained, sd2_dir, sd2_data
     assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj" in stems
 
     meta = read_lora_file(trained.output).metadata
-    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"  # kohya marks v-prediction
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert meta["modelspec.prediction_type"] == "v"
 
