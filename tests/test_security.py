@@ -4,6 +4,7 @@ allocating, the server local by default and serving only the project folder, upl
 from __future__ import annotations
 
 import ast
+import dataclasses
 import pickle
 import socket
 import struct
@@ -19,6 +20,7 @@ import pytest
 import torch
 from child_process import REPO, child_env
 
+from trainer.config.schema import TrainConfig
 from trainer.core.errors import StudioError
 
 APP_PORT = 7950  # app_server's first port for this module
@@ -236,3 +238,119 @@ def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- resuming on other weights (issue 19, item 6) ------------------------------------------------
+
+
+def _stopped_run(base: Path, data: Path, out: Path) -> dict:
+    """A character-lite run on ``base`` stopped at step 2 of 4, with a checkpoint; returns its settings."""
+    from trainer.config.presets import resolve_config
+    from trainer.train.events import RunCommands, StepProgress
+    from trainer.train.loop import train
+
+    settings = dict(base=str(base), data=str(data), output=str(out), rank=4, steps=4, save_every=2, seed=1)
+    commands = RunCommands()
+    for event in train(resolve_config("character-lite", overrides=settings), commands):
+        if isinstance(event, StepProgress) and event.step == 2:
+            commands.stop()
+    return settings
+
+
+def _resume_cli(settings: dict) -> subprocess.CompletedProcess:
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+    return subprocess.run([sys.executable, "-m", "trainer.cli", "train", "--preset", "character-lite", *flags,
+                           "--resume", "auto"], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_resuming_after_the_base_weights_were_replaced_is_refused(tiny_sd1_dir: Path, image_folder: Path,
+                                                                  tmp_path: Path) -> None:
+    import shutil
+
+    import safetensors.torch
+
+    base = tmp_path / "model"
+    shutil.copytree(tiny_sd1_dir, base)
+    settings = _stopped_run(base, image_folder, tmp_path / "out" / "lora.safetensors")
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = safetensors.torch.load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.endswith("attn2.to_k.weight"))
+    tensors[name] = tensors[name] + 0.01  # other weights, same file name, same size
+    safetensors.torch.save_file(tensors, str(weights))
+
+    exported = (tmp_path / "out" / "lora.safetensors").read_bytes()  # the stop exported step 2
+    result = _resume_cli(settings)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "other base model weights" in result.stderr and "Resume with the original model" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "out" / "lora.safetensors").read_bytes() == exported  # nothing trained on
+
+
+def test_the_base_hash_is_computed_once_per_file_version(tiny_sd1_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from trainer.models import identity
+
+    base = tmp_path / "model"
+    shutil.copytree(tiny_sd1_dir, base)
+    cache = tmp_path / "hashes.json"
+    hashed: list[str] = []
+    real = identity.tensor_bytes_sha256
+    monkeypatch.setattr(identity, "tensor_bytes_sha256", lambda p: hashed.append(p.parent.name) or real(p))
+    first = identity.base_weights_hash(str(base), cache)
+    assert sorted(hashed) == ["text_encoder", "unet", "vae"]
+    hashed.clear()
+    assert identity.base_weights_hash(str(base), cache) == first and hashed == []  # all from the cache
+    vae = base / "vae" / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(vae.read_bytes())
+    raw[-1] ^= 1  # one bit of one weight
+    vae.write_bytes(bytes(raw))
+    assert identity.base_weights_hash(str(base), cache) != first and hashed == ["vae"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _NewKnobs(TrainConfig):
+    """TrainConfig as a later version might have it: one more field, defaulting to today's behaviour."""
+
+    new_knob: float = 0.0
+
+
+@pytest.mark.parametrize(("knob", "same"), [(0.0, True), (0.5, False)])
+def test_a_new_defaulted_config_field_keeps_every_fingerprint(knob: float, same: bool, image_folder: Path) -> None:
+    from trainer.config.presets import resolve_config
+    from trainer.data.scan import scan_dataset
+    from trainer.data.training_set import TrainingSet
+    from trainer.train.fingerprint import legacy_fingerprint, run_fingerprint
+
+    config = resolve_config("character-lite", overrides={"data": str(image_folder), "rank": 4, "seed": 3})
+    scan = scan_dataset(config.data)
+    training_set = TrainingSet(scan, config.data, 64)
+    later = dataclasses.replace(config, train=_NewKnobs(**dataclasses.asdict(config.train), new_knob=knob))
+    assert (run_fingerprint(later, training_set, "abc") == run_fingerprint(config, training_set, "abc")) is same
+    assert (legacy_fingerprint(later, training_set) == legacy_fingerprint(config, training_set)) is same
+    assert run_fingerprint(config, training_set, "abc") != run_fingerprint(config, training_set, "abd")
+
+
+def test_checkpoints_of_the_earlier_fingerprint_still_resume(image_folder: Path) -> None:
+    """The scheme before the base hash hashed every field: its checkpoints match ``legacy_fingerprint``."""
+    import hashlib
+    import json
+
+    from trainer.config.presets import resolve_config
+    from trainer.config.schema import config_to_dict
+    from trainer.data.scan import scan_dataset
+    from trainer.data.training_set import TrainingSet
+    from trainer.train.fingerprint import LEGACY_FIELDS, legacy_fingerprint
+
+    config = resolve_config("character-lite", overrides={"data": str(image_folder), "rank": 4, "lr": 3e-4})
+    training_set = TrainingSet(scan_dataset(config.data), config.data, 64)
+    settings = config_to_dict(config)  # the earlier run_fingerprint, as it was written
+    settings.pop("output")
+    for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing", "compile", "steps", "epochs"):
+        settings["train"].pop(volatile)
+    settings = {s: {k: v for k, v in values.items() if k in LEGACY_FIELDS[s].split()} for s, values in settings.items()}
+    data = [(i.sha256, i.caption, i.repeats) for i in training_set.items]
+    earlier = hashlib.sha256(json.dumps({"settings": settings, "data": data}, sort_keys=True,
+                                        default=str).encode()).hexdigest()
+    assert legacy_fingerprint(config, training_set) == earlier
