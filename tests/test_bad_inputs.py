@@ -615,7 +615,7 @@ LORA_CASES = [
     LoraCase("zero-byte file", _raw("empty.safetensors", lambda: b""), "only 0 bytes long"),
     LoraCase("truncated download", _raw("cut.safetensors", lambda: _good_bytes()[:-100]), "looks truncated"),
     LoraCase("header length beyond the file", _raw("long.safetensors", lambda: struct.pack("<Q", 5000) + b'{"a":1}'),
-             "its header needs 5,000 bytes"),
+             "claim a header longer than the whole file (15 bytes)"),
     LoraCase("header over 100 MB", _raw("huge.safetensors", lambda: struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}"),
              "limit 100 MB"),
     LoraCase("header not JSON", _raw("junk.safetensors", lambda: struct.pack("<Q", 8) + b"{not js}"), "not valid JSON"),

@@ -240,6 +240,188 @@ def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
             proc.wait()
 
 
+# --- what requests may name (issue 19, items 1-3) ----------------------------------------------
+
+SECRET = b"root:x:0:0:TOPSECRET-TOKEN:/root:/bin/bash\n"
+STEM = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+DEMO = "Demo model (tiny, random: makes noise, for trying the app)"
+DEMO_SETTINGS = {"steps": 1, "rank": 4, "alpha": 4, "resolution": 64, "sample_every": 0, "save_every": 0}
+
+
+def _traces_of(content: bytes) -> list[str]:
+    """Every way an error message could quote a file's first bytes."""
+    head = content[:8]
+    number = struct.unpack("<Q", head)[0]
+    return [head.decode(), repr(head), f"{number}", f"{number:,}", head.hex(), "TOPSECRET"]
+
+
+def _write_lora(path: Path) -> Path:
+    import safetensors.torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({f"{STEM}.lora_down.weight": torch.randn(2, 32), f"{STEM}.lora_up.weight": torch.randn(32, 2),
+                                 f"{STEM}.alpha": torch.tensor(2.0)}, str(path))
+    return path
+
+
+def _app_error(call, *args, **kwargs) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "Traceback" not in message and "internal error" not in message, message
+    return message
+
+
+def _slot(path) -> list[dict]:
+    return [{"file": str(path), "weight": 0.8, "enabled": True}]
+
+
+# (endpoint, arguments for a path) for every endpoint that takes a file or folder path
+# (endpoint, arguments for a path p and a good LoRA in the projects folder) for every endpoint that takes a path
+PATH_ENDPOINTS = [
+    ("/inspect_lora", lambda p, good: (str(p),)),
+    ("/resize_lora", lambda p, good: (str(p), 2, None, "")),
+    ("/merge_loras", lambda p, good: ([str(good), str(p)], "", None, "")),
+    ("/bake_checkpoint", lambda p, good: (str(p), [str(good)], "", "")),  # the base model
+    ("/bake_checkpoint", lambda p, good: (DEMO, [str(p)], "", "")),
+    ("/generate", lambda p, good: (DEMO, _slot(p), "zxq", "", 1, 1, 5.0, 0, 0, "Euler a", 1, False)),
+    ("/generate", lambda p, good: (str(p), [], "zxq", "", 1, 1, 5.0, 0, 0, "Euler a", 1, False)),
+]
+
+
+def _good_lora(server) -> Path:
+    path = server.projects.loras_dir / "good.safetensors"
+    return path if path.is_file() else _write_lora(path)
+
+
+@pytest.mark.parametrize(("endpoint", "arguments"), PATH_ENDPOINTS, ids=[f"{e}-{i}" for i, (e, _) in enumerate(PATH_ENDPOINTS)])
+@pytest.mark.parametrize("suffix", [".safetensors", ""])
+def test_errors_about_a_file_never_quote_its_content(app_server, app_client, tmp_path: Path, endpoint: str, arguments,
+                                                     suffix: str) -> None:
+    secret = tmp_path / f"passwd{suffix}"
+    secret.write_bytes(SECRET)
+    message = _app_error(app_client.predict, *arguments(secret, _good_lora(app_server)), api_name=endpoint)
+    assert not [t for t in _traces_of(SECRET) if t in message], message
+
+
+def test_the_cli_does_not_quote_a_file_either(tmp_path: Path) -> None:
+    secret = tmp_path / "passwd.safetensors"
+    secret.write_bytes(SECRET)
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "inspect", str(secret)], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "passwd.safetensors cannot be read" in result.stderr
+    assert not [t for t in _traces_of(SECRET) if t in result.stderr], result.stderr
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Files outside any projects folder: a LoRA, a folder of pictures, a folder the local user allows."""
+    from conftest import write_image_folder
+
+    root = tmp_path_factory.mktemp("outside")
+    return {"lora": _write_lora(root / "private" / "theirs.safetensors"), "pictures": write_image_folder(root / "pics"),
+            "allowed_lora": _write_lora(root / "shared" / "ok.safetensors"), "allowed": root / "shared",
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def listening(tmp_path_factory: pytest.TempPathFactory, tiny_sd1_dir: Path, outside: dict[str, Path]):
+    """The app as ``--listen --allow-folder <shared>`` sets it up (bound to 127.0.0.1 for the test)."""
+    from browser.app_server import running_app
+    from gradio_client import Client
+
+    root = tmp_path_factory.mktemp("listening-projects")
+    with running_app(root, tiny_sd1_dir, first_port=8050, listen=True, allowed_folders=[outside["allowed"]]) as server:
+        (server.projects.loras_dir / "link.safetensors").symlink_to(outside["lora"])  # a way out via a symlink
+        yield server, Client(server.url, verbose=False, download_files=False)
+
+
+def _escapes(server, outside: dict[str, Path]) -> dict[str, Path | str]:
+    root = server.projects.root
+    return {"absolute path": outside["lora"], "/etc/passwd": Path("/etc/passwd"),
+            "dot-dot from the projects folder": root / "loras" / ".." / ".." / outside["lora"].relative_to(root.parent),
+            "symlink inside pointing out": root / "loras" / "link.safetensors",
+            "home folder": "~/.bashrc"}
+
+
+ESCAPES = ["absolute path", "/etc/passwd", "dot-dot from the projects folder", "symlink inside pointing out",
+           "home folder"]
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize(("endpoint", "arguments"), PATH_ENDPOINTS, ids=[f"{e}-{i}" for i, (e, _) in enumerate(PATH_ENDPOINTS)])
+def test_with_listen_request_paths_stay_in_the_allowed_folders(listening, outside, escape: str, endpoint: str,
+                                                               arguments) -> None:
+    server, client = listening
+    target = _escapes(server, outside)[escape]
+    message = _app_error(client.predict, *arguments(target, _good_lora(server)), api_name=endpoint)
+    assert "outside the folders this server may read" in message and "--allow-folder" in message
+
+
+@pytest.mark.parametrize("field", ["base", "base_config", "reg_data"])
+def test_with_listen_training_paths_stay_in_the_allowed_folders(listening, outside, field: str) -> None:
+    server, client = listening
+    client.predict("mine", "", 64, api_name="/add_examples")
+    base = str(outside["root"]) if field == "base" else DEMO
+    settings = {**DEMO_SETTINGS, **({field: str(outside["pictures"])} if field != "base" else {})}
+    for endpoint in ("/check_training", "/start_training"):
+        message = _app_error(client.predict, "mine", base, "character-lite", "", settings, api_name=endpoint)
+        assert "outside the folders this server may read" in message
+    message = _app_error(client.predict, "mine", str(outside["pictures"]), "", 64, api_name="/import_folder")
+    assert "outside the folders this server may read" in message
+
+
+def test_with_listen_the_projects_and_allowed_folders_still_work(listening, outside) -> None:
+    server, client = listening
+    inside = _write_lora(server.projects.loras_dir / "mine.safetensors")
+    for path in (inside, outside["allowed_lora"]):
+        summary, _ = client.predict(str(path), api_name="/inspect_lora")
+        assert path.name in summary
+    *_, status, _ = client.predict("examples", "", 64, api_name="/add_examples")  # the bundled pictures
+    assert "Added 8 pictures" in status
+
+
+def test_without_listen_the_local_user_may_name_any_path(app_client, outside) -> None:
+    summary, _ = app_client.predict(str(outside["lora"]), api_name="/inspect_lora")
+    assert "theirs.safetensors" in summary
+    _, _, _, status, *_ = app_client.predict("local", str(outside["pictures"]), "", 64, api_name="/import_folder")
+    assert "Added 8 pictures" in status
+
+
+RUN_NAMES = ["../../elsewhere/victim", "../victim", "/tmp/victim", "..", "victim/../../x", ".hidden"]
+
+
+@pytest.mark.parametrize("name", RUN_NAMES)
+def test_run_names_from_a_request_stay_in_the_runs_folder(app_server, app_client, name: str) -> None:
+    from trainer.config.presets import resolve_config
+    from trainer.config.schema import save_toml
+
+    runs = app_server.projects.runs_dir
+    victim = (runs / f"{name}_run").resolve()  # where today's code would look
+    if not victim.is_relative_to(runs.resolve()):
+        victim.mkdir(parents=True, exist_ok=True)
+        save_toml(resolve_config("character-lite"), victim / "config.toml")
+    message = _app_error(app_client.predict, name, api_name="/resume_training")
+    assert "is not a valid run name" in message
+
+
+@pytest.mark.parametrize("name", ["../../../outside.png", "..\\..\\outside.png", "/etc/passwd"])
+def test_file_names_from_a_request_stay_in_the_dataset_folder(app_server, app_client, tmp_path: Path, name: str) -> None:
+    from app.access import child_path, safe_name
+
+    app_client.predict("names", "", 64, api_name="/add_examples")
+    folder = app_server.projects.dataset_dir("names")
+    decoy = folder.parent.parent / Path(name.replace("\\", "/")).name
+    before = decoy.exists()
+    assert "is not a valid file name" in _app_error(app_client.predict, "names", name, "", 64, api_name="/remove_picture")
+    assert decoy.exists() == before and len(list(folder.glob("*.png"))) == 8
+    assert child_path(folder, safe_name(name)).parent == folder
+    with pytest.raises(StudioError, match="not a valid"):
+        child_path(folder, name)
+
+
 # --- resuming on other weights (issue 19, item 6) ------------------------------------------------
 
 

@@ -39,10 +39,14 @@ def read_safetensors_header(path: Path, error: type[StudioError] = StudioError) 
         if len(head) < 8:
             raise corrupt_file_error(path, error, f"it is only {size} bytes long", truncated=True)
         (header_len,) = struct.unpack("<Q", head[:8])
+        # The claimed length is the file's own first 8 bytes: never quoted (for a file that is not a
+        # safetensors file at all, e.g. /etc/passwd, that number spells out its first characters).
         if header_len > MAX_HEADER_BYTES:
-            raise corrupt_file_error(path, error, f"its first 8 bytes claim a header of {header_len:,} bytes (limit 100 MB)")
+            raise corrupt_file_error(path, error, "its first 8 bytes claim a header over the 100 MB limit "
+                                     "(it does not start like a .safetensors file)")
         if 8 + header_len > size:
-            raise corrupt_file_error(path, error, f"its header needs {header_len:,} bytes but the file has {size - 8:,}", truncated=True)
+            raise corrupt_file_error(path, error, f"its first 8 bytes claim a header longer than the whole file "
+                                     f"({size:,} bytes)", truncated=True)
         fh.seek(8)
         raw_header = fh.read(header_len)
     try:
