@@ -69,12 +69,12 @@ def writable_projects_folder(root: Path) -> Path:
 
 def launch_from_args(args: argparse.Namespace) -> int:
     """Start the app from parsed ``lora-studio`` flags; returns when the server stops (Ctrl-C)."""
-    from app.ui import launch, offline_environment
-
-    offline_environment()
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     auth = parse_auth(args.auth)
     root = writable_projects_folder(Path(args.projects).expanduser() if args.projects else DEFAULT_PROJECTS.expanduser())
+    from app.ui import launch, offline_environment  # gradio: a few seconds, so only once the flags are fine
+
+    offline_environment()
     port = free_port(host, args.port)
     if port != args.port:
         print(f"Port {args.port} is busy; using {port}.")

@@ -231,6 +231,18 @@ def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
             seen += proc.stderr.readline()
         assert "WARNING: --listen without --auth" in seen, seen
         assert "Add --auth user:password" in seen
+        from gradio_client import Client  # the real --listen wiring confines request paths
+
+        url = f"http://127.0.0.1:{port}"
+        while time.monotonic() < deadline and proc.poll() is None:  # the warning comes before the server is up
+            try:
+                if _status(url + "/") == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        client = Client(url, verbose=False, download_files=False)
+        assert "outside the folders this server may read" in _app_error(client.predict, "/etc/passwd",
+                                                                        api_name="/inspect_lora")
     finally:
         proc.terminate()
         try:
@@ -536,3 +548,44 @@ def test_checkpoints_of_the_earlier_fingerprint_still_resume(image_folder: Path)
     earlier = hashlib.sha256(json.dumps({"settings": settings, "data": data}, sort_keys=True,
                                         default=str).encode()).hexdigest()
     assert legacy_fingerprint(config, training_set) == earlier
+
+
+# --- launch flags (issue 19, item 4) ------------------------------------------------------------
+
+
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write in (root ignores permission bits: a read-only file system then)."""
+    import os
+
+    if os.geteuid() == 0:
+        return Path("/sys/kernel")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+LAUNCH_CASES = [
+    ("port above 65535", lambda t: ["--port", "70000"], "70000 is not a port number; use one from 1 to 65535"),
+    ("negative port", lambda t: ["--port", "-1"], "-1 is not a port number; use one from 1 to 65535"),
+    ("port zero", lambda t: ["--port", "0"], "0 is not a port number"),
+    ("port not a number", lambda t: ["--port", "http"], "'http' is not a port number"),
+    ("projects is a file", lambda t: ["--projects", str(t / "notes.txt")], "is a file, not a folder"),
+    ("projects read-only", lambda t: ["--projects", str(_unwritable_folder(t))], "Cannot write in the projects folder"),
+    ("projects under a read-only folder", lambda t: ["--projects", str(_unwritable_folder(t) / "new")],
+     "Cannot write in the projects folder"),
+]
+LAUNCHERS = {"lora-studio": ["-c", "from app.cli import main; raise SystemExit(main())"],  # the console script
+             "python -m app": ["-m", "app"]}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+@pytest.mark.parametrize(("flags", "words"), [c[1:] for c in LAUNCH_CASES], ids=[c[0] for c in LAUNCH_CASES])
+def test_bad_launch_flags_are_clear_errors(tmp_path: Path, launcher: str, flags, words: str) -> None:
+    (tmp_path / "notes.txt").write_text("not a folder")
+    arguments = ["--no-browser", "--port", "7999", "--projects", str(tmp_path / "projects"), *flags(tmp_path)]
+    result = subprocess.run([sys.executable, *LAUNCHERS[launcher], *arguments], cwd=REPO,
+                            env=child_env(GRADIO_ANALYTICS_ENABLED="False", CI="1"), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
