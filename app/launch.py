@@ -72,7 +72,10 @@ def launch_from_args(args: argparse.Namespace) -> int:
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     auth = parse_auth(args.auth)
     root = writable_projects_folder(Path(args.projects).expanduser() if args.projects else DEFAULT_PROJECTS.expanduser())
-    from app.ui import launch, offline_environment  # gradio: a few seconds, so only once the flags are fine
+    from app.ui import (  # gradio: a few seconds, so only once the flags are fine
+        launch,
+        offline_environment,
+    )
 
     offline_environment()
     port = free_port(host, args.port)

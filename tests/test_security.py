@@ -231,7 +231,9 @@ def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
             seen += proc.stderr.readline()
         assert "WARNING: --listen without --auth" in seen, seen
         assert "Add --auth user:password" in seen
-        from gradio_client import Client  # the real --listen wiring confines request paths
+        from gradio_client import Client
+
+        # the real --listen wiring confines request paths
 
         url = f"http://127.0.0.1:{port}"
         while time.monotonic() < deadline and proc.poll() is None:  # the warning comes before the server is up

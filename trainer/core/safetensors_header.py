@@ -14,6 +14,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 from trainer.core.errors import StudioError
 
@@ -62,6 +63,23 @@ def read_safetensors_header(path: Path, error: type[StudioError] = StudioError) 
     return header, metadata
 
 
+def load_safetensors(path: Path, error: type[StudioError] = StudioError) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, its header checked first (``read_safetensors_header``).
+
+    Every path that opens a LoRA, a checkpoint or a cache reads through here, so a broken file
+    (overlapping or out-of-range byte ranges, a huge header, a pickle) gets one clear message.
+    """
+    import safetensors
+    import safetensors.torch
+
+    _, metadata = read_safetensors_header(path, error)
+    try:
+        return safetensors.torch.load_file(str(path)), metadata
+    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
+        raise error(f"{path.name} could not be read as safetensors ({type(exc).__name__}).",
+                    hint="The file is damaged; download or export it again.") from None
+
+
 def _check_offsets(path: Path, header: dict, data_len: int, error: type[StudioError]) -> None:
     spans = []
     for name, info in header.items():
@@ -81,8 +99,11 @@ def _check_offsets(path: Path, header: dict, data_len: int, error: type[StudioEr
         spans.append((begin, end))
     position = 0
     for begin, end in sorted(spans):
-        if begin != position:
-            raise corrupt_file_error(path, error, "its tensors overlap or leave gaps")
+        if begin < position:
+            raise corrupt_file_error(path, error, "the byte ranges of its tensors overlap (the format forbids it: "
+                                     "one tensor's bytes would be read as another's)")
+        if begin > position:
+            raise corrupt_file_error(path, error, "its tensors leave gaps between their byte ranges")
         position = end
     if position != data_len:
         raise corrupt_file_error(path, error, f"{data_len - position:,} unexpected bytes follow the last tensor")
