@@ -133,7 +133,7 @@ def test_base_models_and_checkpoints_with_absurd_headers_are_refused_cheaply(tmp
     (checkpoint / "tensors.safetensors").write_bytes(bogus)
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(StudioError, match="not a readable .safetensors file"):
+    with pytest.raises(StudioError, match="model.safetensors cannot be read"):
         load_base_model(ModelConfig(base=str(model)))
     with pytest.raises(StudioError, match="damaged"):
         load_checkpoint(checkpoint)

@@ -57,7 +57,7 @@ def check_fits(file: LoraFile, base: str | None = None, base_config: str = "") -
     try:
         match = match_lora(file, layer_index(model))
     except LoraFileError as exc:
-        raise LoraFileError(f"{exc.message} (checked against {against})", hint=exc.hint) from None
+        raise LoraFileError(f"{exc.message.rstrip('.')} (checked against {against}).", hint=exc.hint) from None
     return BaseFit(against, len(match.targets), match.unmatched)
 
 
