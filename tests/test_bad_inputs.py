@@ -847,7 +847,7 @@ def test_a_lora_that_fits_passes_every_tool(command: str, tmp_path: Path, tiny_s
     code, out, err = _cli(_tool_argv(command, lora, tiny_sd1_dir, tmp_path), capsys)
     assert code == 0, err
     if command == "inspect":
-        assert "Checked against tiny-sd1 (SD 1.x): 1 layers fit." in out
+        assert "Checked against tiny-sd1 (SD 1.x): 1 layer fits." in out
 
 
 def _sd15_file(folder: Path, odd_width: int | None) -> Path:
@@ -1005,3 +1005,25 @@ def test_an_unreadable_sub_folder_is_reported_not_silently_skipped(tmp_path: Pat
     assert issue.path.name == "private" and "Permission denied" in issue.message and issue.fix
     code, out, _ = _cli(["train", "--check", "--base", str(tiny_sd1_dir), "--data", str(folder)], capsys)
     assert code == 0 and "Cannot open the folder" in out and "private" in out
+
+
+@pytest.mark.parametrize(("endpoint", "arguments", "write", "words"), [
+    ("/inspect_lora", lambda f: (f,), lambda d: _sd15_file(d, 999), "does not fit this model"),
+    ("/resize_lora", lambda f: (f, 2, None, ""), lambda d: _sd15_file(d, 999), "does not fit this model"),
+    ("/merge_loras", lambda f: ([f], "", None, ""), lambda d: _sd15_file(d, 999), "does not fit this model"),
+    ("/bake_checkpoint", lambda f: ("Demo model (tiny, random: makes noise, for trying the app)", [f], "", ""),
+     _sdxl_lora, "made for SDXL but the loaded model is SD 1.x"),
+    ("/generate", lambda f: ("Demo model (tiny, random: makes noise, for trying the app)",
+                             [{"file": f, "weight": 1.0, "enabled": True}], "zxq", "", 1, 1, 5.0, 0, 0, "Euler a", 1,
+                             False), _too_wide, "does not fit this model"),
+], ids=["inspect", "resize", "merge", "bake", "generate"])
+def test_the_tools_tab_refuses_loras_that_do_not_fit(endpoint: str, arguments, write, words: str, tmp_path: Path,
+                                                    app_server, app_client) -> None:
+    from gradio_client import handle_file
+
+    path = write(tmp_path)
+    app_client.predict([handle_file(path)], api_name="/upload_loras")
+    stored = str(app_server.projects.loras_dir / path.name)
+    before = set(app_server.projects.outputs_dir.glob("*.safetensors"))
+    assert words in _app_error(app_client.predict, *arguments(stored), api_name=endpoint)
+    assert set(app_server.projects.outputs_dir.glob("*.safetensors")) == before

@@ -30,7 +30,7 @@ class BaseFit:
     unmatched: tuple[str, ...]  # layers the model has no counterpart for (ignored when loaded)
 
     def text(self) -> str:
-        line = f"Checked against {self.against}: {self.fitting} layers fit"
+        line = f"Checked against {self.against}: " + (f"{self.fitting} layers fit" if self.fitting != 1 else "1 layer fits")
         if self.unmatched:
             line += (f"; {len(self.unmatched)} have no such layer there and would be ignored "
                      f"(e.g. {self.unmatched[0]})")
