@@ -109,7 +109,8 @@ def _load(source: str, local: bool, dtype: Any) -> tuple[Any, Any]:
 
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-        model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=local, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=local, dtype=dtype,
+                                                            use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         where = "that folder" if local else "the hub (or the local cache)"
