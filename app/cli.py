@@ -16,12 +16,26 @@ from trainer.cli.console import EXIT_USER_ERROR, StudioArgumentParser
 from trainer.core.errors import StudioError
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port a server can listen on (1–65535)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number; use a whole number from 1 to 65535.") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number; use one from 1 to 65535 (default 7860).")
+    return port
+
+
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=7860, help="Port (the next free one is used if busy).")
+    parser.add_argument("--port", type=port_number, default=7860, help="Port (the next free one is used if busy).")
     parser.add_argument("--listen", action="store_true", help="Bind to 0.0.0.0 so other machines can connect (use with --auth).")
     parser.add_argument("--auth", default=None, metavar="USER:PASS", help="Require a login.")
     parser.add_argument("--no-browser", action="store_true", help="Don't open a browser tab.")
     parser.add_argument("--projects", default=None, metavar="DIR", help="Where datasets and runs live (default: ~/LoRA-Studio).")
+    parser.add_argument("--allow-folder", action="append", default=[], metavar="DIR",
+                        help="With --listen: a folder outside the projects folder that requests may read "
+                             "(repeatable; also one per line in <projects>/allowed-folders.txt).")
 
 
 def register_app_command(sub: Any) -> None:

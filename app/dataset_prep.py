@@ -79,6 +79,7 @@ def caption_dataset(studio: Studio, dataset: str, settings: CaptionSettings, pro
     folder = studio.projects.dataset_dir(dataset)
     if not str(settings.model or "").strip():
         raise StudioError("No model is chosen.", hint=model_help(studio, settings.kind).replace("**", ""))
+    studio.projects.model_source(str(settings.model).strip(), "model")
 
     def on_progress(p) -> None:
         eta = "" if p.eta_s is None else f", about {format_eta(p.eta_s)} left"

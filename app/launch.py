@@ -11,6 +11,7 @@ import errno
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from trainer.core.errors import StudioError
@@ -39,7 +40,7 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 def free_port(host: str, wanted: int) -> int:
     """``wanted`` if nothing listens on it, else the next free port after it."""
-    for port in range(wanted, wanted + PORT_SEARCH):
+    for port in range(wanted, min(wanted + PORT_SEARCH, 65536)):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind((host, port))
@@ -52,14 +53,31 @@ def free_port(host: str, wanted: int) -> int:
     raise StudioError(f"Ports {wanted}–{wanted + PORT_SEARCH - 1} are all busy.", hint="Pass another --port.")
 
 
+def writable_projects_folder(root: Path) -> Path:
+    """``root`` created if missing; a file, or a folder this user cannot write in, is a clear error."""
+    hint = "Pass --projects with a folder you can write to (it is created if missing)."
+    if root.exists() and not root.is_dir():
+        raise StudioError(f"The projects folder {root} is a file, not a folder.", hint=hint)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise StudioError(f"Cannot write in the projects folder {root}: {exc.strerror or exc}.", hint=hint) from None
+    return root
+
+
 def launch_from_args(args: argparse.Namespace) -> int:
     """Start the app from parsed ``lora-studio`` flags; returns when the server stops (Ctrl-C)."""
-    from app.ui import launch, offline_environment
-
-    offline_environment()
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     auth = parse_auth(args.auth)
-    root = Path(args.projects).expanduser() if args.projects else DEFAULT_PROJECTS.expanduser()
+    root = writable_projects_folder(Path(args.projects).expanduser() if args.projects else DEFAULT_PROJECTS.expanduser())
+    from app.ui import (  # gradio: a few seconds, so only once the flags are fine
+        launch,
+        offline_environment,
+    )
+
+    offline_environment()
     port = free_port(host, args.port)
     if port != args.port:
         print(f"Port {args.port} is busy; using {port}.")
@@ -67,8 +85,10 @@ def launch_from_args(args: argparse.Namespace) -> int:
         print(LISTEN_WARNING.format(port=port, root_short=str(root)[-38:]), file=sys.stderr)
     from app.studio import Studio
 
-    studio = Studio.create(root)
+    studio = Studio.create(root, listen=args.listen, allowed_folders=getattr(args, "allow_folder", ()))
     print(f"LoRA Studio: projects in {studio.projects.root}")
+    if args.listen:
+        print("Requests may name paths in: " + ", ".join(str(r) for r in studio.projects.paths.roots))
     try:
         launch(studio, host=host, port=port, auth=auth, open_browser=not args.no_browser and not os.environ.get("CI"))
     except KeyboardInterrupt:

@@ -10,21 +10,21 @@ Layout under the root (default ``~/LoRA-Studio``)::
     .thumbs/                small previews for the dataset grid
 
 Everything that arrives from the browser (uploaded files, typed names) goes through
-``safe_name``: no directory part, no leading dot, no characters a file system may object to, so
-an upload can never land outside its folder.
+``app.access``: ``safe_name`` (no directory part, no leading dot, no characters a file system may
+object to), so an upload can never land outside its folder, and ``paths`` (the ``PathRule``),
+which confines typed paths to the project folder when the server listens beyond this computer.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import threading
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.access import PathRule, child_path, safe_name
 from app.bundled import EXAMPLE_DATASET, example_files
 from trainer.core.atomic import atomic_write_text
 from trainer.core.errors import DatasetError, ModelLoadError, StudioError
@@ -35,18 +35,6 @@ DEMO_MODEL_CHOICE = "Demo model (tiny, random: makes noise, for trying the app)"
 DEMO_MODEL_DIR = "demo-tiny-sd1"
 DEMO_RESOLUTION = 64  # the demo model's native size
 THUMB_SIDE = 96
-_UNSAFE = re.compile(r"[^\w.\- ()+,@]+")
-
-
-def safe_name(raw: str, what: str = "name") -> str:
-    """``raw`` reduced to a plain file name: no folders, no leading dots, no odd characters."""
-    text = unicodedata.normalize("NFC", str(raw)).replace("\\", "/").strip()
-    text = text.rsplit("/", 1)[-1]  # any directory part (including ../) is dropped
-    text = _UNSAFE.sub("_", text).strip(" .")
-    if not text or set(text) <= {"_"}:
-        raise StudioError(f"'{raw}' cannot be used as a {what}.",
-                          hint="Use letters, digits, spaces, dots, dashes or underscores.")
-    return text[:120]
 
 
 @dataclass
@@ -86,8 +74,10 @@ def hidden_file_reason(name: str) -> str:
 class Projects:
     """One project root on disk and the few operations the tabs need on it."""
 
-    def __init__(self, root: str | Path, build_lock: threading.Lock | None = None) -> None:
+    def __init__(self, root: str | Path, build_lock: threading.Lock | None = None,
+                 paths: PathRule | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
+        self.paths = paths or PathRule()  # where typed paths may point (anywhere, unless --listen)
         self._demo_lock = build_lock or threading.Lock()  # writing the demo model builds modules
 
     # --- folders ---------------------------------------------------------------------------------
@@ -189,7 +179,7 @@ class Projects:
         text = str(source).strip()
         if not text:
             raise DatasetError("No folder given.", hint="Type the full path of a folder that holds your pictures.")
-        folder = Path(text).expanduser()
+        folder = self.paths.check(text, "folder")
         if not folder.is_dir():
             raise DatasetError(f"{folder} is not a folder on this computer.",
                                hint="Type the full path of a folder that holds your pictures.")
@@ -207,7 +197,7 @@ class Projects:
     def remove_file(self, dataset: str, file_name: str) -> None:
         """Delete one picture of a dataset and its caption sidecars."""
         folder = self.dataset_dir(dataset)
-        path = folder / safe_name(file_name, "file name")
+        path = child_path(folder, file_name, "file name")
         if not path.is_file():
             raise DatasetError(f"{file_name} is not in dataset '{dataset}'.", hint="Reload the dataset.")
         for ext in CAPTION_EXTENSIONS:
@@ -262,6 +252,12 @@ class Projects:
                                       ".safetensors checkpoint.")
         if text == DEMO_MODEL_CHOICE:
             return str(self.demo_model())
+        return self.model_source(text, "base model")
+
+    def model_source(self, text: str, what: str) -> str:
+        """A typed model path (checked against ``paths``) or a hub id, as given."""
+        if not self.paths.allows(text) and not _hub_id_only(text):
+            self.paths.check(text, what)
         return text
 
     def base_choice_for(self, base: str) -> str:
@@ -328,6 +324,13 @@ class Projects:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _hub_id_only(text: str) -> bool:
+    """``owner/name`` that is no path on this computer (a hub id reads no local file)."""
+    from trainer.models.loading import HUB_ID
+
+    return bool(HUB_ID.match(text)) and not text.startswith((".", "~", "/")) and not Path(text).exists()
 
 
 def _same_file_content(a: Path, b: Path) -> bool:

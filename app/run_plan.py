@@ -19,6 +19,8 @@ from trainer.config.presets import resolve_config
 from trainer.config.schema import StudioConfig
 from trainer.core.errors import DatasetError, StudioError
 
+PATH_SETTINGS = ("base_config", "reg_data")  # settings that name a file or folder on the server
+
 
 def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: str,
                overrides: dict[str, Any] | None) -> StudioConfig:
@@ -30,6 +32,9 @@ def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: s
               "output": str(studio.projects.run_output(run_name or "run"))}
     flat = {**(overrides or {}), **picked}
     flat.pop("resume", None)
+    for key in PATH_SETTINGS:  # folders typed in the form follow the same rule as the pickers
+        if str(flat.get(key) or "").strip():
+            studio.projects.paths.check(str(flat[key]).strip(), key.replace("_", " "))
     return resolve_config(preset or None, None, flat)
 
 
@@ -39,6 +44,8 @@ def check_base_exists(studio: Studio, base_choice: str) -> None:
     from trainer.models.loading import HUB_ID
 
     text = str(base_choice or "").strip()
+    if not studio.projects.is_demo(text):
+        studio.projects.resolve_base(text)  # a path outside the allowed folders is refused before it is looked at
     if studio.projects.is_demo(text) or Path(text).expanduser().exists():
         return
     if HUB_ID.match(text) and not text.startswith((".", "~", "/")):

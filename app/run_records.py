@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.access import child_path
 from trainer.config.schema import StudioConfig, config_from_dict, load_toml
 from trainer.core.atomic import atomic_write_text
 from trainer.core.errors import StudioError
@@ -76,7 +77,7 @@ def runs_on_disk(runs_dir: Path) -> list[RunRecord]:
 
 def resume_config(runs_dir: Path, name: str) -> StudioConfig:
     """The saved config of run ``name`` with ``resume = "auto"`` (continue from its newest checkpoint)."""
-    folder = runs_dir / f"{name}_run"
+    folder = child_path(runs_dir, f"{name}_run", "run name")
     config_file = folder / "config.toml"
     if not config_file.is_file():
         raise StudioError(f"The run '{name}' has no saved settings ({config_file} is missing).",

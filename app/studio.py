@@ -7,12 +7,13 @@ state through this object instead of globals, and tests can build an app on a te
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.access import PathRule
 from app.projects import Projects
 from app.runs import RunController, RunState, TrainFn, shares_accelerator
 
@@ -43,9 +44,13 @@ class Studio:
         self.runs.before_run = self.make_room_for_training
 
     @classmethod
-    def create(cls, projects_root: str | Path, train_fn: TrainFn | None = None) -> Studio:
+    def create(cls, projects_root: str | Path, train_fn: TrainFn | None = None, *, listen: bool = False,
+               allowed_folders: Sequence[str | Path] = ()) -> Studio:
+        """``listen``: the server answers other machines, so request paths are confined (``app.access``)."""
         build_lock = threading.Lock()
-        return cls(projects=Projects(projects_root, build_lock).ensure(), runs=RunController(train_fn, build_lock),
+        root = Path(projects_root).expanduser().resolve()
+        paths = PathRule.for_server(root, listen=listen, allowed=allowed_folders)
+        return cls(projects=Projects(root, build_lock, paths).ensure(), runs=RunController(train_fn, build_lock),
                    build_lock=build_lock)
 
     def generation_device(self) -> str:

@@ -58,11 +58,14 @@ def lora_specs(studio: Studio, slots: list[dict[str, Any]] | None) -> list[Any]:
 def resolve_lora_path(studio: Studio, file: str) -> Path:
     """A slot's file: a path on this computer, or the name of a LoRA this app knows."""
     path = Path(file).expanduser()
-    if str(file).strip() and (path.is_file() or path.is_dir()):  # a folder: a PEFT export (name-peft/)
+    allowed = studio.projects.paths.allows(path)  # checked before the file is touched (--listen)
+    if str(file).strip() and allowed and (path.is_file() or path.is_dir()):  # a folder: a PEFT export (name-peft/)
         return path
     for known in studio.projects.lora_files():
         if file in (known.name, known.stem):
             return known
+    if not allowed:
+        studio.projects.paths.check(path, "LoRA file")
     raise LoraFileError(f"LoRA file not found: {file}.",
                         hint="Pick one from the list, upload it, or type the full path of a .safetensors file.")
 

@@ -519,7 +519,7 @@ CONFIG_CASES = [
     ConfigCase("base model missing", lambda s: ["--base", str(s / "nope.safetensors")], "Base model not found"),
     ConfigCase("base model is a pickle", _fake_base("model.ckpt", b"\x80\x04\x95 not really"), "is a pickle"),
     ConfigCase("base model is garbage", _fake_base("model.safetensors", b"\x10\0\0\0\0\0\0\0garbage!"),
-               "not a readable .safetensors file"),
+               "model.safetensors cannot be read"),
     ConfigCase("resume from a missing checkpoint", lambda s: ["--resume", str(s / "step-000010")],
                "No checkpoint folder at"),
 ]
@@ -615,9 +615,9 @@ LORA_CASES = [
     LoraCase("zero-byte file", _raw("empty.safetensors", lambda: b""), "only 0 bytes long"),
     LoraCase("truncated download", _raw("cut.safetensors", lambda: _good_bytes()[:-100]), "looks truncated"),
     LoraCase("header length beyond the file", _raw("long.safetensors", lambda: struct.pack("<Q", 5000) + b'{"a":1}'),
-             "its header needs 5,000 bytes"),
+             "claim a header longer than the whole file (15 bytes)"),
     LoraCase("header over 100 MB", _raw("huge.safetensors", lambda: struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}"),
-             "limit 100 MB"),
+             "over the 100 MB limit"),
     LoraCase("header not JSON", _raw("junk.safetensors", lambda: struct.pack("<Q", 8) + b"{not js}"), "not valid JSON"),
     LoraCase("tensor claims more bytes than the file holds",
              _raw("greedy.safetensors", lambda: _header_claiming(shape=[100_000, 100_000])), "needs bytes up to"),
@@ -635,7 +635,28 @@ LORA_CASES = [
              "does not fit this model", inspect_ok=True),
     LoraCase("LyCORIS LoHa", _tensors("loha.safetensors", {f"{STEM}.hada_w1_a": torch.zeros(4, 8),
                                                           f"{STEM}.hada_w1_b": torch.zeros(4, 8)}), "LoHa"),
+    LoraCase("overlapping tensor offsets", _raw("overlap.safetensors", lambda: overlapping(_good_bytes())),
+             "the byte ranges of its tensors overlap"),
+    LoraCase("alpha 0", _tensors("alpha0.safetensors", {**_pair(4, 4), f"{STEM}.alpha": torch.tensor(0.0)}),
+             "has alpha 0; a LoRA's strength is alpha / rank"),
+    LoraCase("negative alpha", _tensors("alphaneg.safetensors", {**_pair(4, 4), f"{STEM}.alpha": torch.tensor(-4.0)}),
+             "has alpha -4; a LoRA's strength is alpha / rank"),
 ]
+
+
+def overlapping(raw: bytes) -> bytes:
+    """A safetensors file whose second tensor's byte range points into the first's (the spec forbids it)."""
+    import json
+
+    length = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[:2]
+    begin, end = header[second]["data_offsets"]
+    start = header[first]["data_offsets"][0]
+    header[second]["data_offsets"] = [start, start + end - begin]  # same size, other tensor's bytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
 
 
 def _header_claiming(shape: list[int]) -> bytes:
@@ -705,6 +726,159 @@ def test_good_control_files_pass_the_same_paths(tmp_path: Path, tiny_sd1_dir: Pa
     assert read_lora_file(good).family == "sd1"
     code, out, _ = _cli(["inspect", str(good)], capsys)
     assert code == 0 and "SD 1.x" in out
+
+
+# --- overlapping offsets in every file LoRA Studio opens (issue 19, item 5) ----------------------
+
+OVERLAP = "the byte ranges of its tensors overlap"
+TINY_STEM = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # 32 -> 32 in the tiny model
+
+
+def _tiny_lora(folder: Path, name: str = "tiny.safetensors", width: int = 32, metadata=None) -> Path:
+    path = folder / name
+    safetensors.torch.save_file({f"{TINY_STEM}.lora_down.weight": torch.randn(2, width),
+                                 f"{TINY_STEM}.lora_up.weight": torch.randn(32, 2),
+                                 f"{TINY_STEM}.alpha": torch.tensor(2.0)}, str(path), metadata)
+    return path
+
+
+def _overlap_in_place(path: Path) -> Path:
+    path.write_bytes(overlapping(path.read_bytes()))
+    return path
+
+
+def _single_file_base(scratch: Path, tiny: Path) -> str:
+    from trainer.config.schema import ModelConfig
+    from trainer.models.loading import load_base_model
+    from trainer.models.single_file import save_single_file
+
+    path = scratch / "base.safetensors"
+    save_single_file(load_base_model(ModelConfig(base=str(tiny))), path)
+    return str(_overlap_in_place(path))
+
+
+def _folder_base(scratch: Path, tiny: Path) -> str:
+    import shutil
+
+    folder = scratch / "base"
+    shutil.copytree(tiny, folder)
+    _overlap_in_place(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    return str(folder)
+
+
+@pytest.mark.parametrize("make_base", [_single_file_base, _folder_base], ids=["single file", "diffusers folder"])
+@pytest.mark.parametrize("command", ["generate", "bake", "extract", "train"])
+def test_a_base_model_with_overlapping_offsets_is_refused(make_base, command: str, tmp_path: Path,
+                                                         tiny_sd1_dir: Path, image_folder: Path, capsys) -> None:
+    base = make_base(tmp_path, tiny_sd1_dir)
+    lora = _tiny_lora(tmp_path)
+    argv = {"generate": ["generate", "--base", base, "--lora", f"{lora}:1", "--prompt", "zxq", "--steps", "1",
+                         "--out", str(tmp_path / "images")],
+            "bake": ["bake", "--base", base, "--lora", f"{lora}:1", "--out", str(tmp_path / "baked.safetensors")],
+            "extract": ["extract", "--base", str(tiny_sd1_dir), "--tuned", base, "--out", str(tmp_path / "x.safetensors")],
+            "train": ["train", "--preset", "character-lite", "--base", base, "--data", str(image_folder), "--steps", "1",
+                      "--output", str(tmp_path / "run" / "lora.safetensors")]}[command]
+    code, _, err = _cli(argv, capsys)
+    assert code == 2
+    _one_error_line(err, OVERLAP)
+
+
+def test_a_checkpoint_with_overlapping_offsets_is_refused(tmp_path: Path, tiny_sd1_dir: Path, image_folder: Path,
+                                                         capsys) -> None:
+    from trainer.train.checkpoints import TENSORS_FILE, save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "checkpoints", 2, {"a": torch.ones(8), "b": torch.zeros(8)}, keep_last=1)
+    _overlap_in_place(checkpoint / TENSORS_FILE)
+    code, _, err = _cli(["train", "--preset", "character-lite", "--base", str(tiny_sd1_dir), "--data", str(image_folder),
+                         "--steps", "4", "--output", str(tmp_path / "run" / "lora.safetensors"),
+                         "--resume", str(checkpoint)], capsys)
+    assert code == 2
+    _one_error_line(err, OVERLAP)
+    assert str(checkpoint) in err and "resume from an earlier one" in err
+
+
+# --- LoRAs checked against the base they are used with (issue 19, item 5) ------------------------
+
+SDXL_TE2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def _sdxl_lora(folder: Path) -> Path:
+    path = folder / "xl.safetensors"
+    safetensors.torch.save_file({f"{SDXL_TE2}.lora_down.weight": torch.randn(4, 1280),
+                                 f"{SDXL_TE2}.lora_up.weight": torch.randn(1280, 4),
+                                 f"{SDXL_TE2}.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
+def _too_wide(folder: Path) -> Path:
+    return _tiny_lora(folder, "wide.safetensors", width=48)  # the tiny model's layer takes 32
+
+
+def _tool_argv(command: str, lora: Path, base: Path, out: Path) -> list[str]:
+    return {"inspect": ["inspect", str(lora), "--base", str(base)],
+            "resize": ["resize", str(lora), "--rank", "1", "--out", str(out / "r.safetensors"), "--base", str(base)],
+            "merge": ["merge", f"{lora}:1", "--out", str(out / "m.safetensors"), "--base", str(base)],
+            "generate": ["generate", "--base", str(base), "--lora", f"{lora}:1", "--prompt", "zxq", "--steps", "1",
+                         "--out", str(out / "images")],
+            "bake": ["bake", "--base", str(base), "--lora", f"{lora}:1", "--out", str(out / "b.safetensors")]}[command]
+
+
+TOOLS = ["inspect", "resize", "merge", "generate", "bake"]
+BASE_MISFITS = [
+    ("SDXL LoRA with an SD1 base", _sdxl_lora, "made for SDXL but the loaded model is SD 1.x"),
+    ("a layer wider than the base's", _too_wide, "does not fit this model"),
+]
+
+
+@pytest.mark.parametrize("command", TOOLS)
+@pytest.mark.parametrize(("write", "words"), [c[1:] for c in BASE_MISFITS], ids=[c[0] for c in BASE_MISFITS])
+def test_every_tool_refuses_a_lora_that_does_not_fit_the_base(command: str, write, words: str, tmp_path: Path,
+                                                              tiny_sd1_dir: Path, capsys) -> None:
+    lora = write(tmp_path)
+    code, _, err = _cli(_tool_argv(command, lora, tiny_sd1_dir, tmp_path), capsys)
+    assert code == 2
+    _one_error_line(err, words)
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".safetensors", ".png") and p != lora]
+
+
+@pytest.mark.parametrize("command", ["inspect", "resize", "merge", "generate", "bake"])
+def test_a_lora_that_fits_passes_every_tool(command: str, tmp_path: Path, tiny_sd1_dir: Path, capsys) -> None:
+    lora = _tiny_lora(tmp_path)
+    code, out, err = _cli(_tool_argv(command, lora, tiny_sd1_dir, tmp_path), capsys)
+    assert code == 0, err
+    if command == "inspect":
+        assert "Checked against tiny-sd1 (SD 1.x): 1 layer fits." in out
+
+
+def _sd15_file(folder: Path, odd_width: int | None) -> Path:
+    """A real-width SD 1.x LoRA (cross-attention 768); with ``odd_width`` one more layer of that input width."""
+    tensors = {f"{STEM}.lora_down.weight": torch.randn(4, 768), f"{STEM}.lora_up.weight": torch.randn(320, 4),
+               f"{STEM}.alpha": torch.tensor(4.0)}
+    if odd_width:
+        q = STEM.replace("attn2_to_k", "attn1_to_q")
+        tensors |= {f"{q}.lora_down.weight": torch.randn(4, odd_width), f"{q}.lora_up.weight": torch.randn(320, 4)}
+    path = folder / f"sd15-{odd_width}.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("command", ["inspect", "resize"])
+def test_without_a_base_the_family_layout_is_checked_and_named(command: str, tmp_path: Path, capsys) -> None:
+    argv = {"inspect": ["inspect"], "resize": ["resize", "--rank", "2", "--out", str(tmp_path / "r.safetensors")]}
+    code, _, err = _cli([*argv[command], str(_sd15_file(tmp_path, 999))], capsys)
+    assert code == 2
+    _one_error_line(err, "attn1_to_q is 999 -> 320 but the model's layer is 320 -> 320 (checked against the bundled")
+    assert "checked against the bundled SD 1.x layout (no base model given" in err
+    code, out, _ = _cli(["inspect", str(_sd15_file(tmp_path, None))], capsys)
+    assert code == 0 and "Checked against the bundled SD 1.x layout" in out
+
+
+def test_the_console_script_refuses_an_sdxl_lora_on_an_sd1_base(tmp_path: Path, tiny_sd1_dir: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", "from app.cli import main; raise SystemExit(main())",
+                             "inspect", str(_sdxl_lora(tmp_path)), "--base", str(tiny_sd1_dir)],
+                            env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "made for SDXL but the loaded model is SD 1.x" in result.stderr
 
 
 # --- the same corpus through the GUI's endpoints (gradio_client, a real server) ------------------
@@ -831,3 +1005,25 @@ def test_an_unreadable_sub_folder_is_reported_not_silently_skipped(tmp_path: Pat
     assert issue.path.name == "private" and "Permission denied" in issue.message and issue.fix
     code, out, _ = _cli(["train", "--check", "--base", str(tiny_sd1_dir), "--data", str(folder)], capsys)
     assert code == 0 and "Cannot open the folder" in out and "private" in out
+
+
+@pytest.mark.parametrize(("endpoint", "arguments", "write", "words"), [
+    ("/inspect_lora", lambda f: (f,), lambda d: _sd15_file(d, 999), "does not fit this model"),
+    ("/resize_lora", lambda f: (f, 2, None, ""), lambda d: _sd15_file(d, 999), "does not fit this model"),
+    ("/merge_loras", lambda f: ([f], "", None, ""), lambda d: _sd15_file(d, 999), "does not fit this model"),
+    ("/bake_checkpoint", lambda f: ("Demo model (tiny, random: makes noise, for trying the app)", [f], "", ""),
+     _sdxl_lora, "made for SDXL but the loaded model is SD 1.x"),
+    ("/generate", lambda f: ("Demo model (tiny, random: makes noise, for trying the app)",
+                             [{"file": f, "weight": 1.0, "enabled": True}], "zxq", "", 1, 1, 5.0, 0, 0, "Euler a", 1,
+                             False), _too_wide, "does not fit this model"),
+], ids=["inspect", "resize", "merge", "bake", "generate"])
+def test_the_tools_tab_refuses_loras_that_do_not_fit(endpoint: str, arguments, write, words: str, tmp_path: Path,
+                                                    app_server, app_client) -> None:
+    from gradio_client import handle_file
+
+    path = write(tmp_path)
+    app_client.predict([handle_file(path)], api_name="/upload_loras")
+    stored = str(app_server.projects.loras_dir / path.name)
+    before = set(app_server.projects.outputs_dir.glob("*.safetensors"))
+    assert words in _app_error(app_client.predict, *arguments(stored), api_name=endpoint)
+    assert set(app_server.projects.outputs_dir.glob("*.safetensors")) == before

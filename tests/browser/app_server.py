@@ -31,10 +31,13 @@ class AppServer:
 
 
 @contextmanager
-def running_app(root: Path, demo_model: Path, first_port: int) -> Iterator[AppServer]:
-    """Serve the app on a free port from ``first_port``; closes the server and the run worker after."""
+def running_app(root: Path, demo_model: Path, first_port: int, **studio_options) -> Iterator[AppServer]:
+    """Serve the app on a free port from ``first_port``; closes the server and the run worker after.
+
+    ``studio_options`` go to ``Studio.create`` (``listen=True`` confines request paths as ``--listen``
+    does, while the server still binds 127.0.0.1 only)."""
     shutil.copytree(demo_model, root / "models" / DEMO_MODEL_DIR)
-    studio = Studio.create(root)
+    studio = Studio.create(root, **studio_options)
     demo, url = launch(studio, host="127.0.0.1", port=free_port("127.0.0.1", first_port), block=False, quiet=True)
     try:
         yield AppServer(studio, url.rstrip("/"))

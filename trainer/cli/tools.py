@@ -38,6 +38,7 @@ def register(sub: Any) -> None:
     inspect.add_argument("file", help="LoRA .safetensors file (kohya, diffusers/PEFT or old diffusers style).")
     inspect.add_argument("--plot", default=None, metavar="PNG", help="Also write a plot of norms and singular values.")
     inspect.add_argument("--layers", action="store_true", help="One line per layer.")
+    _base_check_flags(inspect)
     inspect.set_defaults(handler=run_inspect)
 
     resize = sub.add_parser("resize", help="Shrink a LoRA by truncated SVD; reports the energy kept.")
@@ -47,6 +48,7 @@ def register(sub: Any) -> None:
     resize.add_argument("--out", required=True, help="Output .safetensors file.")
     resize.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="Output dtype (default: the input's).")
     _sidecars_flag(resize)
+    _base_check_flags(resize)
     resize.set_defaults(handler=run_resize)
 
     merge = sub.add_parser("merge", help="Combine weighted LoRAs into one file (exact, or SVD to --rank).")
@@ -56,6 +58,7 @@ def register(sub: Any) -> None:
     merge.add_argument("--energy", type=float, default=None, help="SVD keeping this fraction of each layer's energy.")
     merge.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="Output dtype (default: the inputs').")
     _sidecars_flag(merge)
+    _base_check_flags(merge)
     merge.set_defaults(handler=run_merge)
 
     bake = sub.add_parser("bake", help="Add weighted LoRAs into a base model and save a single-file checkpoint.")
@@ -106,7 +109,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from trainer.tools.inspect import inspect_lora
 
-    report = inspect_lora(args.file, plot=args.plot)
+    report = inspect_lora(args.file, plot=args.plot, base=args.base, base_config=args.base_config)
     print(report.text(per_layer=args.layers))
     if args.plot:
         print(f"plot: {args.plot}")
@@ -117,7 +120,7 @@ def run_resize(args: argparse.Namespace) -> int:
     from trainer.tools.resize import resize_lora
 
     print(resize_lora(args.file, args.out, rank=args.rank, energy=args.energy, dtype=args.dtype,
-                      sidecars=args.sidecars).text())
+                      sidecars=args.sidecars, base=args.base, base_config=args.base_config).text())
     return 0
 
 
@@ -127,7 +130,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     specs = [parse_lora_arg(text) for text in args.files]
     report = merge_loras([(spec.path, spec.weight) for spec in specs], args.out, rank=args.rank, energy=args.energy,
-                         dtype=args.dtype, sidecars=args.sidecars)
+                         dtype=args.dtype, sidecars=args.sidecars, base=args.base, base_config=args.base_config)
     print(report.text())
     return 0
 
@@ -145,6 +148,12 @@ def run_bake(args: argparse.Namespace) -> int:
 
 def _lora_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help=help_text)
+
+
+def _base_check_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default=None, help="Check the file against this base model (family and every "
+                        "layer's width; read from its configs, no weights loaded).")
+    parser.add_argument("--base-config", default="", help="Diffusers config folder for an unusual single-file --base.")
 
 
 def _sidecars_flag(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 from trainer.core.errors import StudioError
 
@@ -39,10 +40,14 @@ def read_safetensors_header(path: Path, error: type[StudioError] = StudioError) 
         if len(head) < 8:
             raise corrupt_file_error(path, error, f"it is only {size} bytes long", truncated=True)
         (header_len,) = struct.unpack("<Q", head[:8])
+        # The claimed length is the file's own first 8 bytes: never quoted (for a file that is not a
+        # safetensors file at all, e.g. /etc/passwd, that number spells out its first characters).
         if header_len > MAX_HEADER_BYTES:
-            raise corrupt_file_error(path, error, f"its first 8 bytes claim a header of {header_len:,} bytes (limit 100 MB)")
+            raise corrupt_file_error(path, error, "its first 8 bytes claim a header over the 100 MB limit "
+                                     "(it does not start like a .safetensors file)")
         if 8 + header_len > size:
-            raise corrupt_file_error(path, error, f"its header needs {header_len:,} bytes but the file has {size - 8:,}", truncated=True)
+            raise corrupt_file_error(path, error, f"its first 8 bytes claim a header longer than the whole file "
+                                     f"({size:,} bytes)", truncated=True)
         fh.seek(8)
         raw_header = fh.read(header_len)
     try:
@@ -56,6 +61,23 @@ def read_safetensors_header(path: Path, error: type[StudioError] = StudioError) 
         raise corrupt_file_error(path, error, "its __metadata__ is not a table of strings")
     _check_offsets(path, header, size - 8 - header_len, error)
     return header, metadata
+
+
+def load_safetensors(path: Path, error: type[StudioError] = StudioError) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, its header checked first (``read_safetensors_header``).
+
+    Every path that opens a LoRA, a checkpoint or a cache reads through here, so a broken file
+    (overlapping or out-of-range byte ranges, a huge header, a pickle) gets one clear message.
+    """
+    import safetensors
+    import safetensors.torch
+
+    _, metadata = read_safetensors_header(path, error)
+    try:
+        return safetensors.torch.load_file(str(path)), metadata
+    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
+        raise error(f"{path.name} could not be read as safetensors ({type(exc).__name__}).",
+                    hint="The file is damaged; download or export it again.") from None
 
 
 def _check_offsets(path: Path, header: dict, data_len: int, error: type[StudioError]) -> None:
@@ -77,8 +99,11 @@ def _check_offsets(path: Path, header: dict, data_len: int, error: type[StudioEr
         spans.append((begin, end))
     position = 0
     for begin, end in sorted(spans):
-        if begin != position:
-            raise corrupt_file_error(path, error, "its tensors overlap or leave gaps")
+        if begin < position:
+            raise corrupt_file_error(path, error, "the byte ranges of its tensors overlap (the format forbids it: "
+                                     "one tensor's bytes would be read as another's)")
+        if begin > position:
+            raise corrupt_file_error(path, error, "its tensors leave gaps between their byte ranges")
         position = end
     if position != data_len:
         raise corrupt_file_error(path, error, f"{data_len - position:,} unexpected bytes follow the last tensor")

@@ -18,9 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from trainer.core.atomic import atomic_path
+from trainer.core.safetensors_header import load_safetensors
 from trainer.data.masks import latent_mask
 
 
@@ -86,7 +87,7 @@ class LatentCache:
         path = self.folder / f"{key}.safetensors" if self.folder else None
         if path is not None and path.is_file():
             try:
-                stored = load_file(str(path))
+                stored, _ = load_safetensors(path)
                 entry = LatentEntry(stored["latents"].to(self.device), tuple(stored["crop_top_left"].tolist()),
                                     tuple(stored["original_size"].tolist()),
                                     stored["mask"].to(self.device) if "mask" in stored else None)

@@ -21,13 +21,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
 
 from trainer.core.errors import LoraFileError
 from trainer.core.safetensors_header import (
     PICKLE_SUFFIXES,
+    load_safetensors,
     read_safetensors_header,
     refuse_pickle,
 )
@@ -168,13 +167,9 @@ def check_lora_fits(file: LoraFile, family: str) -> None:
 
 
 def _load_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    header, metadata = read_safetensors_header(path, LoraFileError)
+    header, _ = read_safetensors_header(path, LoraFileError)
     _check_weight_dtypes(path, header)
-    try:
-        return safetensors.torch.load_file(str(path)), metadata
-    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
-        raise LoraFileError(f"{path.name} could not be read as safetensors: {exc}.",
-                            hint="The file is damaged; download or export it again.") from None
+    return load_safetensors(path, LoraFileError)
 
 
 def _lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraFile:
@@ -388,6 +383,10 @@ def _check_raw(path: Path, raw: _RawModule) -> None:
     if down.shape[0] != up.shape[1]:
         raise LoraFileError(f"{path.name}: the layer {raw.label} has rank {down.shape[0]} in lora_down but "
                             f"{up.shape[1]} in lora_up.", hint="The file is malformed; export it again.")
+    if raw.alpha is not None and raw.alpha <= 0:  # loaders disagree: A1111/ComfyUI scale 0, kohya alpha = rank
+        raise LoraFileError(f"{path.name}: the layer {raw.label} has alpha {raw.alpha:g}; a LoRA's strength is "
+                            "alpha / rank, so it would do nothing (0) or act in reverse (negative).",
+                            hint="The file is malformed; export it again with alpha > 0 (alpha = rank for strength 1).")
     for part, tensor in (("down", down), ("up", up)):
         if not torch.isfinite(tensor).all():
             raise LoraFileError(f"{path.name}: the {part} weight of {raw.label} contains NaN or infinite values.",

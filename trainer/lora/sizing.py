@@ -113,3 +113,8 @@ def _build(folder: Path, family: str, label: str) -> Architecture:
             encoders["text_encoder_2"] = CLIPTextModelWithProjection(
                 CLIPTextConfig(**_read(folder / "text_encoder_2" / "config.json")))
     return Architecture(family, unet, encoders, label)
+
+
+def family_architecture(family: str) -> Architecture:
+    """The bundled layout of a family (SD 1.5, SD 2.x, SDXL) on the meta device."""
+    return _build(BUNDLED_CONFIGS[family], family, FAMILY_LABELS[family])

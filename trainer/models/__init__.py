@@ -4,7 +4,8 @@
 without loading weights (and ships the bundled diffusers configs in ``configs/``); ``loading``
 builds a frozen ``BaseModel`` from a diffusers folder, a single-file checkpoint or a hub id;
 ``single_file`` writes diffusers components back as one A1111/ComfyUI checkpoint; ``text`` tokenises
-and encodes prompts; ``demo`` builds the tiny random model the demo and the tests use. Imports
+and encodes prompts; ``demo`` builds the tiny random model the demo and the tests use; ``identity`` hashes a base
+model's weights (cached per file version) so a resume on replaced weights is caught. Imports
 ``trainer.core`` and ``trainer.config`` only.
 """
 

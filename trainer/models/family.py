@@ -68,18 +68,15 @@ def detect_family_from_checkpoint_keys(keys: Iterable[str]) -> Family:
 # --- single files ------------------------------------------------------------------------------
 
 def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from the header alone; a truncated or non-safetensors file is a clear error."""
-    from safetensors import SafetensorError, safe_open
+    """Tensor name -> shape from the checked header alone (``trainer.core.safetensors_header``):
+    a truncated, overlapping or non-safetensors file is a clear error before any tensor is read."""
+    from trainer.core.safetensors_header import read_safetensors_header
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118 (not iterable)
-    except SafetensorError as exc:
-        raise ModelLoadError(
-            f"{path.name} is not a readable .safetensors file ({exc}); it is probably truncated or corrupt.",
-            hint="Download or copy it again and compare its size with the original.") from None
+        header, _ = read_safetensors_header(path, ModelLoadError)
     except OSError as exc:
         raise ModelLoadError(f"Could not read {path}: {exc.strerror or exc}.", hint="Check the file's permissions.") from None
+    return {key: tuple(info["shape"]) for key, info in header.items()}
 
 
 def guess_single_file_prediction(path: Path, shapes: Mapping[str, Sequence[int]], family: Family) -> tuple[str, str] | None:

@@ -29,6 +29,7 @@ import torch
 
 from trainer.config.schema import ModelConfig
 from trainer.core.errors import ModelLoadError
+from trainer.core.safetensors_header import read_safetensors_header
 from trainer.models.family import (
     BUNDLED_CONFIGS,
     FAMILY_LABELS,
@@ -147,6 +148,8 @@ def _load_diffusers_folder(folder: Path, cfg: ModelConfig, dtype: torch.dtype, s
 
     def load(cls: Any, subfolder: str) -> Any:
         variant = _weights_variant(folder / subfolder)
+        for weights in sorted((folder / subfolder).glob("*.safetensors")):
+            read_safetensors_header(weights, ModelLoadError)  # offsets, sizes, pickles: before diffusers reads it
         try:
             return cls.from_pretrained(str(folder), subfolder=subfolder, dtype=dtype, local_files_only=True,
                                        variant=variant, use_safetensors=True)

@@ -2,7 +2,8 @@
 
 ``inspect`` reports a file's base, rank/alpha and per-layer strength and spectrum; ``resize`` and
 merging shrink or combine files by SVD (``svd``); ``bake`` adds LoRAs into a checkpoint; ``extract``
-makes a LoRA from a fine-tune's difference. Imports ``core``, ``config``, ``models``, ``lora`` and
+makes a LoRA from a fine-tune's difference; ``fit`` checks a file against a base model's (or its
+family's) layer widths before any of them. Imports ``core``, ``config``, ``models``, ``lora`` and
 ``generate``, never ``train`` or ``cli``.
 
 The tools are importable from here (``from trainer.tools import resize_lora``).

@@ -18,6 +18,7 @@ from trainer.core.atomic import atomic_path
 from trainer.lora.names import parse_kohya_module_name
 from trainer.lora.reading import LoraFile, read_lora_file
 from trainer.models.family import FAMILY_LABELS
+from trainer.tools.fit import BaseFit, check_fits
 from trainer.tools.svd import lowrank_svd
 
 EFFECTIVE_RANK_ENERGY = 0.99
@@ -65,6 +66,7 @@ class LoraReport:
     top_tags: tuple[tuple[str, int], ...]  # from ss_tag_frequency, most frequent first
     layers: tuple[LayerStats, ...]
     blocks: tuple[BlockStats, ...] = field(default=())
+    fit: BaseFit | None = None  # what the layers were checked against (None: nothing to check against)
 
     @property
     def parameters(self) -> int:
@@ -82,6 +84,8 @@ class LoraReport:
             "Rank: " + _counts(ranks) + "; alpha: " + _counts(alphas)
             + (f" (scale {self.layers[0].scale:g})" if len(ranks) == 1 and len(alphas) == 1 else ""),
         ]
+        lines.append(self.fit.text() if self.fit else
+                     "Layer widths not checked: the file's shapes name no family and no base model was given.")
         if self.trigger_phrase:
             lines.append(f"Trigger phrase: {self.trigger_phrase}")
         if self.top_tags:
@@ -104,14 +108,19 @@ class LoraReport:
         return "\n".join(lines)
 
 
-def inspect_lora(path: str | Path, plot: str | Path | None = None) -> LoraReport:
-    """Read ``path`` (any supported LoRA file) and measure every layer; optionally write a PNG plot."""
+def inspect_lora(path: str | Path, plot: str | Path | None = None, *, base: str | None = None,
+                 base_config: str = "") -> LoraReport:
+    """Read ``path`` (any supported LoRA file) and measure every layer; optionally write a PNG plot.
+
+    With ``base`` the file must fit that model (family and every layer's width, ``tools.fit``).
+    """
     file = read_lora_file(path)
+    fit = check_fits(file, base, base_config)
     layers = tuple(_layer_stats(name, module) for name, module in sorted(file.modules.items(), key=_model_order))
     report = LoraReport(
         path=file.path, family=file.family, style=file.style, dtype=file.dtype, size_bytes=file.path.stat().st_size,
         metadata=dict(file.metadata), trigger_phrase=trigger_phrase(file), top_tags=top_tags(file.metadata),
-        layers=layers, blocks=block_summary(layers))
+        layers=layers, blocks=block_summary(layers), fit=fit)
     if plot is not None:
         plot_report(report, plot)
     return report

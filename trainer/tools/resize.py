@@ -31,6 +31,7 @@ from trainer.lora.writing import (
     PEFT_METADATA_KEY,
     save_kohya_lora,
 )
+from trainer.tools.fit import check_fits
 from trainer.tools.svd import LowRankSVD, lowrank_svd
 
 FAMILY_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -89,13 +90,16 @@ class MergeReport:
 
 
 def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None, energy: float | None = None,
-                dtype: str | None = None, sidecars: bool = True) -> ResizeReport:
+                dtype: str | None = None, sidecars: bool = True, base: str | None = None,
+                base_config: str = "") -> ResizeReport:
     """Truncate every layer to ``rank``, or to the smallest rank keeping ``energy`` of it (both: rank caps).
 
     With ``sidecars`` the output gets the source's A1111 card (trigger, base model, preview) plus a note.
+    The file must fit ``base`` when one is given, else its family's layout (``tools.fit``).
     """
     check_target(rank, energy, required=True)
     file = read_lora_file(source)
+    check_fits(file, base, base_config)
     out = Path(out)
     modules, layers = [], []
     for name, module in sorted(file.modules.items()):
@@ -115,7 +119,8 @@ def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None,
 
 
 def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *, rank: int | None = None,
-                energy: float | None = None, dtype: str | None = None, sidecars: bool = True) -> MergeReport:
+                energy: float | None = None, dtype: str | None = None, sidecars: bool = True,
+                base: str | None = None, base_config: str = "") -> MergeReport:
     """Σ weightᵢ·LoRAᵢ as one file: exact (ranks concatenated) unless ``rank``/``energy`` ask for an SVD.
 
     With ``sidecars`` the output gets an A1111 card: every input's trigger, the first input's preview.
@@ -124,6 +129,8 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
         raise ConfigError("Give at least one LoRA file to merge.")
     check_target(rank, energy, required=False)
     files = [(read_lora_file(path), float(weight)) for path, weight in sources]
+    for file, _ in files:
+        check_fits(file, base, base_config)
     family = _common_family(files)
     stacks: dict[str, list[tuple[LoraModule, float]]] = {}
     for file, weight in files:

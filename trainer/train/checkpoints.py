@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from trainer.core.atomic import is_disk_full
 from trainer.core.errors import CheckpointError, StudioError
+from trainer.core.safetensors_header import load_safetensors
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 TENSORS_FILE = "tensors.safetensors"
@@ -138,14 +139,14 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
     """(step, state) of a checkpoint folder; a damaged one gives a CheckpointError."""
     try:
         document = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        tensors = load_file(str(path / TENSORS_FILE))
+        tensors, _ = load_safetensors(path / TENSORS_FILE, CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"The checkpoint {path} is damaged: {exc.message}",
+                              hint="Delete it and resume from an earlier one.") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a LoRA Studio checkpoint (no {STATE_FILE}/{TENSORS_FILE}).",
                               hint="Point --resume at a step-NNNNNN folder, or use --resume auto.") from None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise CheckpointError(f"The checkpoint {path} is damaged ({exc}).",
-                              hint="Delete it and resume from an earlier one.") from None
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"The checkpoint {path} is damaged ({exc}).",
                               hint="Delete it and resume from an earlier one.") from None
     if document.get("format") != FORMAT_VERSION:

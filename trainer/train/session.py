@@ -7,8 +7,6 @@ restores) is gathered here too, so the loop never touches RNGs or optimiser inte
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
@@ -23,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from trainer.config.schema import StudioConfig, config_to_dict
+from trainer.config.schema import StudioConfig
 from trainer.config.validation import check_resolution_multiple
 from trainer.core.errors import CheckpointError, ConfigError
 from trainer.data.caches import LatentCache, TextEmbeddingCache, encode_latents
@@ -34,10 +32,12 @@ from trainer.data.scan import DatasetScan, scan_dataset
 from trainer.data.training_set import SampleRef, TrainingSet
 from trainer.lora import inject as lora_inject
 from trainer.lora.dropout import attach_kohya_dropout
+from trainer.models.identity import base_weights_hash
 from trainer.models.loading import BaseModel, load_base_model
 from trainer.models.text import count_tokens, encode_text, encode_text_sdxl, tokenize
 from trainer.train.ema import LoraEma
 from trainer.train.estimate import Estimator, checkpointing_for_memory
+from trainer.train.fingerprint import legacy_fingerprint, run_fingerprint
 from trainer.train.loss_weighting import check_prediction_type_options
 from trainer.train.optim import (
     build_lr_scheduler,
@@ -50,6 +50,7 @@ from trainer.train.transfers import ParkedModules, to_device
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use "aot_eager", which compiles in seconds
 Notify = Callable[[str, str], None]  # (level, text)
+BASE_HASH_CACHE = ".base-weights-hashes.json"  # next to the runs' outputs: each base model is hashed once
 
 
 def run_dir_for(output: str | Path) -> Path:
@@ -103,6 +104,8 @@ class Session:
     noise_generator: torch.Generator
     idle_encoders: ParkedModules  # the VAE / frozen text encoders whose outputs are all cached
     grad_checkpointing: bool  # asked for, or turned on because the run would not fit without it
+    base_hash: str | None = None  # content hash of the base model's weights (None for a hub id)
+    legacy_fingerprint: str | None = None  # what a checkpoint of the earlier scheme holds for this run
     ema: LoraEma | None = None  # the average of the LoRA weights that samples and export use (optim.ema_decay)
     batch_cursor: int = 0  # batches consumed by this process so far (drives data order on resume)
     loss_ema: float | None = None
@@ -208,6 +211,7 @@ class Session:
         components = {name: self.accelerator.unwrap_model(m) for name, m in self.trainable_models().items()}
         return {
             "fingerprint": self.fingerprint,
+            "base_hash": self.base_hash,
             "total_steps": self.total_steps,
             "lora": {name: {k: v for k, v in lora_inject.lora_state(m).items()} for name, m in components.items()},
             "optimizer": self.optimizer.state_dict(),
@@ -235,7 +239,13 @@ class Session:
         return self.accelerator.gather(state.to(self.device).unsqueeze(0)).cpu()
 
     def restore(self, state: dict[str, Any], source: Path) -> None:
-        if state.get("fingerprint") != self.fingerprint:
+        saved = state.get("fingerprint")
+        if saved != self.fingerprint and not (self.legacy_fingerprint and saved == self.legacy_fingerprint):
+            if state.get("base_hash") not in (None, self.base_hash):
+                raise CheckpointError(
+                    f"The checkpoint {source} was made on other base model weights than those now at "
+                    f"{self.config.model.base} (the file or folder was replaced or changed).",
+                    hint="Resume with the original model, or start a new run with another output name.")
             raise CheckpointError(
                 f"The checkpoint {source} was made with a different config or dataset.",
                 hint="Resume with the same settings and images, or start a new run with another --output.",
@@ -368,6 +378,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         ema = LoraEma([p for group in optimizer.param_groups for p in group["params"]], config.optim.ema_decay)
 
     run_dir = run_dir_for(config.output.output)
+    base_hash = base_weights_hash(config.model.base, run_dir.parent / BASE_HASH_CACHE)  # shared by the folder's runs
     latent_cache = LatentCache(model.vae, run_dir / "cache") if config.train.cache_latents else None
     text_cache = None
     if config.train.cache_text and not trained_encoders and training_set.is_caption_static:
@@ -384,7 +395,8 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         config=config, accelerator=accelerator, model=model, scan=scan, training_set=training_set, lint=lint, plan=plan,
         optimizer=optimizer, lr_scheduler=lr_scheduler, latent_cache=latent_cache, text_cache=text_cache,
         run_dir=run_dir, resolution=resolution, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
-        fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
+        fingerprint=run_fingerprint(config, training_set, base_hash), base_hash=base_hash,
+        legacy_fingerprint=legacy_fingerprint(config, training_set), noise_generator=noise_generator,
         idle_encoders=ParkedModules(idle, accelerator.device), grad_checkpointing=checkpointing, ema=ema,
     )
 
@@ -408,17 +420,3 @@ def _enable_text_encoder_checkpointing(encoder: torch.nn.Module) -> None:
         encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def run_fingerprint(config: StudioConfig, training_set: TrainingSet) -> str:
-    """Identity of what a checkpoint's weights depend on: training settings and dataset content."""
-    settings = config_to_dict(config)
-    settings.pop("output")
-    # How a step is computed does not change the weights, and the run's length only changes the
-    # learning-rate schedule from here on: a run can be resumed on another device, or a finished
-    # one extended with more steps or epochs.
-    for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing", "compile", "steps", "epochs"):
-        settings["train"].pop(volatile)
-    data = [(i.sha256, i.caption, i.repeats) for i in training_set.items]
-    blob = json.dumps({"settings": settings, "data": data}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
