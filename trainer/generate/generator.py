@@ -13,8 +13,10 @@ the matched layers, with each layer's α/r folded into B, so one rule (scale = 1
 whatever convention the file used.
 
 When the same weights serve several images the adapters are fused into the base weights (no
-extra matmuls per step). Unfusing subtracts them again; for fp16/bf16 weights that would drift
-by a rounding error each time, so the untouched weights are kept aside and copied back instead.
+extra matmuls per step). Unfusing by subtraction would drift by a rounding error each time, in
+fp32 as in fp16/bf16 ((W + D) - D is not W in floating point), so the untouched weights of every
+fused layer are kept aside (in host memory) and copied back instead: with every LoRA off the
+base weights are bit-identical to the loaded ones on every path and precision.
 ``fuse_lora`` is only ever called with ``lora_scale=1`` (a different scale would stay in the
 adapters after unfusing) and ``set_adapters`` is called again after every unfuse (DESIGN §7).
 Unfused (``fuse=False``), the enabled adapters of each layer are packed into one low-rank pair
@@ -284,8 +286,7 @@ class Generator:
         for component in components:
             for path, layer in parts[component].named_modules():
                 base = layer.get_base_layer() if isinstance(layer, LoraLayer) else None
-                if base is not None and base.weight.dtype in (torch.float16, torch.bfloat16) \
-                        and any(n in layer.lora_A for n in names):
+                if base is not None and any(n in layer.lora_A for n in names):
                     self._originals[(component, path)] = base.weight.detach().to("cpu", copy=True)
         self.pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=names)
         self._fused_components = components
