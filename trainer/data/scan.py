@@ -246,6 +246,9 @@ def _caption_for(path: Path, cfg: DataConfig, class_tokens: str, issues: list[Da
                 "warning", "unreadable_caption", sidecar, f"Cannot read {sidecar.name}: {exc.strerror or exc}.",
                 "Check the file's permissions."))
             encoding = None
+        except DatasetError as exc:  # not text at all: trained as if it had no caption, and said so
+            issues.append(DatasetIssue("warning", "unreadable_caption", sidecar, exc.message, exc.hint or ""))
+            encoding = None
         if encoding is not None:
             issues.append(DatasetIssue(
                 "warning", "caption_encoding", sidecar,

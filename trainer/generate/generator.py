@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from trainer.core.devices import resolve_device
 from trainer.core.errors import ConfigError, LoraFileError
 from trainer.core.hashing import file_sha256
 from trainer.generate.infotext import (
@@ -66,6 +67,7 @@ from trainer.generate.requests import (
 from trainer.generate.schedulers import make_scheduler, parse_sampler
 from trainer.lora.reading import LoraFile, check_lora_fits, read_lora_file
 from trainer.lora.writing import tensor_data_sha256
+from trainer.models.text import check_clip_skip
 
 ADAPTER_PREFIX = "lsgen"  # + 3 digits: never a substring of a module path (DESIGN §7)
 
@@ -109,7 +111,7 @@ class Generator:
         from trainer.generate.pipeline import inference_pipeline
 
         self.model = model
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.pipe = inference_pipeline(model)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -130,7 +132,7 @@ class Generator:
         from trainer.config.schema import ModelConfig
         from trainer.models.loading import load_base_model
 
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        target = resolve_device(device)  # before loading: a device that is not here fails now
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
             precision, torch.float16 if target.type == "cuda" else torch.float32)
         model = load_base_model(ModelConfig(base=base, base_config=base_config), dtype=dtype,
@@ -146,6 +148,7 @@ class Generator:
         raises for anything that would stop generation, before any image work starts.
         """
         self._size(request)
+        check_clip_skip(self.model, request.clip_skip)
         wanted = {_path_key(spec.path): spec for spec in request.loras}
         stale = [key for key, adapter in self._adapters.items()
                  if key not in wanted or adapter.stamp != _file_stamp(Path(key), missing_ok=True)]

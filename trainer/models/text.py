@@ -47,3 +47,19 @@ def encode_text_sdxl(text_encoder, text_encoder_2, input_ids: torch.Tensor, inpu
     hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer].to(first.hidden_states[layer].dtype)],
                        dim=-1)
     return hidden, second.text_embeds
+
+
+def max_clip_skip(model) -> int:
+    """The deepest clip skip ``model`` takes: its (shallowest) text encoder's number of layers, the
+    range of A1111's "stop at last layers" slider (deeper than that there is nothing to take)."""
+    return min(encoder.config.num_hidden_layers for encoder in model.text_encoders())
+
+
+def check_clip_skip(model, clip_skip: int, label: str = "clip skip") -> None:
+    """Refuse a clip skip deeper than the text encoder, with the range, before any encoding."""
+    from trainer.core.errors import ConfigError
+
+    deepest = max_clip_skip(model)
+    if not 1 <= clip_skip <= deepest:
+        raise ConfigError(f"{label} = {clip_skip} is out of range for {model.name}, whose text encoder has "
+                          f"{deepest} layers.", hint=f"Use a clip skip from 1 to {deepest} (2 is A1111's 'clip skip 2').")
