@@ -188,7 +188,7 @@ def test_turning_a_kohya_lora_off_leaves_the_base_bit_identical(tiny_sd1_dir, tw
                                                                dtype: torch.dtype) -> None:
     """The promise of the module docstring, on every path and base precision: on, off, re-weighted,
     removed -- the base weights end exactly as loaded (fused weights are restored, not un-subtracted)."""
-    first_path, first, second_path, _ = two_loras
+    first_path, _, second_path, _ = two_loras
     model = load_base_model(ModelConfig(base=str(tiny_sd1_dir)), dtype=dtype)
     loaded = base_weights(model)
     component, path = next(where for where in lora_layers(model).values()

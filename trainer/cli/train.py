@@ -84,10 +84,10 @@ def _run_train(args: argparse.Namespace) -> int:
 def _print_check(config) -> int:
     """The dataset report for this model and these settings, without training."""
     from trainer.config.validation import check_resolution_multiple
+    from trainer.core.devices import check_training_precision, resolve_device
     from trainer.data.lint import lint_dataset
     from trainer.data.scan import scan_dataset
     from trainer.models.loading import load_base_model
-    from trainer.core.devices import check_training_precision, resolve_device
     from trainer.models.text import check_clip_skip, count_tokens
 
     quiet_libraries()

@@ -16,7 +16,12 @@ import torch
 from trainer.config.schema import StudioConfig, save_toml
 from trainer.core.atomic import atomic_write_text, write_error
 from trainer.core.errors import CheckpointError, TrainingError
-from trainer.train.checkpoints import damaged, list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.train.checkpoints import (
+    damaged,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.train.events import (
     CheckpointSaved,
     Event,

@@ -37,7 +37,13 @@ from trainer.data.training_set import SampleRef, TrainingSet
 from trainer.lora import inject as lora_inject
 from trainer.lora.dropout import attach_kohya_dropout
 from trainer.models.loading import BaseModel, load_base_model
-from trainer.models.text import check_clip_skip, count_tokens, encode_text, encode_text_sdxl, tokenize
+from trainer.models.text import (
+    check_clip_skip,
+    count_tokens,
+    encode_text,
+    encode_text_sdxl,
+    tokenize,
+)
 from trainer.train.ema import LoraEma
 from trainer.train.estimate import Estimator, checkpointing_for_memory
 from trainer.train.loss_weighting import check_prediction_type_options
