@@ -26,7 +26,7 @@ def check_device_name(wanted: str, label: str = "--device") -> str:
     name = str(wanted).strip().lower()
     match = _DEVICE.fullmatch(name)
     if match is None or (match.group(2) and match.group(1) != "cuda"):
-        raise ConfigError(f"{label} = {wanted!r} is not a device.", hint=f"Use {DEVICE_NAMES}.")
+        raise ConfigError(f"{_setting(label, wanted)} is not a device.", hint=f"Use {DEVICE_NAMES}.")
     return name
 
 
@@ -40,16 +40,16 @@ def resolve_device(wanted: str | None, label: str = "--device") -> torch.device:
     if name.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"{label} = {name!r}: there is no CUDA device here (this PyTorch sees no NVIDIA GPU).",
+            raise ConfigError(f"{_setting(label, name)}: there is no CUDA device here (this PyTorch sees no NVIDIA GPU).",
                               hint=f"Use {_flag(label)} cpu, or auto (a GPU when there is one).")
         index = int(name.partition(":")[2] or 0)
         if index >= count:
-            raise ConfigError(f"{label} = {name!r}: there is no CUDA device {index}; this machine has {count} "
+            raise ConfigError(f"{_setting(label, name)}: there is no CUDA device {index}; this machine has {count} "
                               f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}).",
                               hint=f"Use {_flag(label)} cuda:0{f' to cuda:{count - 1}' if count > 1 else ''} or cpu.")
         return torch.device("cuda", index)
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError(f"{label} = 'mps': there is no Apple-silicon (MPS) device here.",
+        raise ConfigError(f"{_setting(label, 'mps')}: there is no Apple-silicon (MPS) device here.",
                           hint=f"Use {_flag(label)} cpu, or auto.")
     return torch.device(name)
 
@@ -59,11 +59,16 @@ def check_training_precision(precision: str, device: torch.device, label: str = 
     import torch
 
     if precision == "fp16" and device.type == "cpu":
-        raise ConfigError(f"{label} = 'fp16' does not run on the CPU.",
+        raise ConfigError(f"{_setting(label, 'fp16')} does not run on the CPU.",
                           hint=f"Use {_flag(label)} fp32 (or bf16, or auto) on the CPU; fp16 is for CUDA GPUs.")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{label} = 'bf16': {torch.cuda.get_device_name(device)} has no bfloat16 support.",
+        raise ConfigError(f"{_setting(label, 'bf16')}: {torch.cuda.get_device_name(device)} has no bfloat16 support.",
                           hint=f"Use {_flag(label)} fp16 (or auto) on this GPU.")
+
+
+def _setting(label: str, value: str) -> str:
+    """How the message names the value: ``--device cuda:7`` for a flag, ``train.device = 'cuda:7'`` for a setting."""
+    return f"{label} {value}" if label.startswith("--") else f"{label} = {value!r}"
 
 
 def _flag(label: str) -> str:

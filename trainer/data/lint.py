@@ -136,6 +136,13 @@ def lint_dataset(scan: DatasetScan, cfg: DataConfig, resolution: int,
         plan = _steps_plan(scan, training_set, batch_size, epochs, steps)
         if training_set.reg is not None:
             issues += _reg_issues(training_set.reg, cfg)
+        if batch_size > training_set.num_samples:
+            issues.append(DatasetIssue(
+                "warning", "batch_too_big", None,
+                f"The batch size {batch_size} is more than the {training_set.num_samples} samples of an epoch: "
+                f"every batch holds at most {training_set.num_samples}, so each step learns from fewer pictures "
+                "than planned.",
+                f"Use a batch size of {training_set.num_samples} or less, or add pictures or repeats."))
         if len(scan.items) < FEW_IMAGES:
             n = len(scan.items)
             issues.append(DatasetIssue(
