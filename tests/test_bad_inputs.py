@@ -297,6 +297,20 @@ DATA_CASES = [
              "error", words="only files this program cannot read (1 HEIC, 1 PSD)", bare=True),
     DataCase("folder of broken pictures", lambda f: ((f / "a.png").write_bytes(b""), (f / "b.jpg").write_text("x")),
              "error", words="None of the 2 images", bare=True),
+    DataCase("caption in UTF-16 without BOM", lambda f: (picture(f / "u16nobom.png", seed=24),
+                                                         sidecar(f / "u16nobom.png", "zxq, déjà vu".encode("utf-16-le"))),
+             "used", "u16nobom.png", "caption_encoding", "read as UTF-16 (without a byte-order mark)",
+             check=_caption_check("zxq, déjà vu")),
+    DataCase("caption with NUL bytes that is not text", lambda f: (picture(f / "nulcap.png", seed=25),
+                                                                   sidecar(f / "nulcap.png", b"\0\1\2zxq\0\xff")),
+             "used", "nulcap.png", "unreadable_caption", "nulcap.txt is not a text file: it holds NUL bytes",
+             check=_caption_check("")),  # trained as uncaptioned, never on the bytes
+    DataCase("kohya 0_ folder is not trained", lambda f: picture(f / "0_extra" / "skip.png", "zxq, skip", seed=26),
+             "skipped", "0_extra/skip.png", "zero_repeats", "0_extra has 0 repeats, so its 1 picture is not trained"),
+    DataCase("kohya -3_ folder is named", lambda f: picture(f / "-3_neg" / "neg.png", "zxq, negative", seed=27),
+             "used", "-3_neg/neg.png", "negative_repeats", "-3_neg: a repeat count cannot be negative"),
+    DataCase("every picture in a 0_ folder", lambda f: picture(f / "0_all" / "only.png", "zxq, only", seed=28),
+             "error", words="every one is in a folder with 0 repeats (0_all)", bare=True),
     DataCase("data path is a file", lambda f: (f / "set.zip").write_bytes(b"PK\3\4"), "error",
              words="is a file, not a folder", bare=True, data=lambda f: f / "set.zip"),
     DataCase("data folder does not exist", lambda f: None, "error", words="does not exist", bare=True,
@@ -327,7 +341,8 @@ def _resolved(case: DataCase, folder: Path) -> tuple[str, str | None]:
 
 def _issue_about(issues, target: Path, code: str):
     for issue in issues:
-        if issue.code == code and (issue.path is None or issue.path.with_suffix("") == target.with_suffix("")):
+        if issue.code == code and (issue.path is None or issue.path.with_suffix("") == target.with_suffix("")
+                                   or issue.path in target.parents):  # an issue about its folder
             return issue
     return None
 
@@ -477,6 +492,7 @@ class ConfigCase:
     name: str
     flags: Callable[[Path], list[str]]  # extra CLI flags, given a scratch folder (to write files into)
     words: str
+    without_cuda: bool = False  # the case is about a machine without CUDA (skipped where there is a GPU)
 
 
 def _toml(text: bytes | str) -> Callable[[Path], list[str]]:
@@ -499,7 +515,62 @@ def _fake_base(name: str, content: bytes) -> Callable[[Path], list[str]]:
     return flags
 
 
+def _checkpoint(folder: Path) -> Path:
+    """A checkpoint as the trainer writes it (the real writer; its content is beside the point)."""
+    from trainer.train.checkpoints import save_checkpoint
+
+    return save_checkpoint(folder, 1, {"fingerprint": "f", "lora": {"unet": {"w": torch.zeros(2)}}}, keep_last=1)
+
+
+def _mangled(edit: Callable[[dict], object]) -> Callable[[Path], list[str]]:
+    """--resume at a checkpoint whose state.json was edited by hand (or by a bad sync tool)."""
+    def flags(scratch: Path) -> list[str]:
+        import json
+
+        path = _checkpoint(scratch / "checkpoints")
+        state = path / "state.json"
+        state.write_text(json.dumps(edit(json.loads(state.read_text()))))
+        return ["--resume", str(path)]
+    return flags
+
+
+def _rename_tensor_ref(doc: dict) -> dict:
+    doc["state"]["lora"]["unet"]["w"]["__tensor__"] = "s.lora.unet.q"  # names a tensor the file does not hold
+    return doc
+
+
+def _run_folder(scratch: Path) -> list[str]:
+    _checkpoint(scratch / "lora_run" / "checkpoints")
+    return ["--resume", str(scratch / "lora_run")]
+
+
+BIG = 2**70  # past every 64-bit seed
+
 CONFIG_CASES = [
+    ConfigCase("device not a device", lambda s: ["--device", "bogus"], "train.device = 'bogus' is not a device"),
+    ConfigCase("device cuda without CUDA", lambda s: ["--device", "cuda"],
+               "train.device = 'cuda': there is no CUDA device here", without_cuda=True),
+    ConfigCase("device cuda:7", lambda s: ["--device", "cuda:7"], "train.device = 'cuda:7': there is no CUDA device"),
+    ConfigCase("fp16 on the CPU", lambda s: ["--device", "cpu", "--precision", "fp16"],
+               "train.precision = 'fp16' does not run on the CPU. Use --precision fp32 (or bf16"),
+    ConfigCase("fp16 where the device is the CPU", lambda s: ["--precision", "fp16"], "does not run on the CPU",
+               without_cuda=True),
+    ConfigCase("clip skip deeper than the text encoder", lambda s: ["--clip-skip", "50"],
+               "model.clip_skip = 50 is out of range for tiny-sd1, whose text encoder has 2 layers. "
+               "Use a clip skip from 1 to 2"),
+    ConfigCase("clip skip deeper than any text encoder", lambda s: ["--clip-skip", "500"],
+               "model.clip_skip = 500 is out of range"),
+    ConfigCase("seed past 64 bits", lambda s: ["--seed", str(BIG)],
+               f"train.seed = {BIG} is out of range. Use a seed from 0 to 4294967295"),
+    ConfigCase("negative seed", lambda s: ["--seed", "-5"], "train.seed = -5 is out of range"),
+    ConfigCase("sample seed past 64 bits", lambda s: ["--sample-seed", str(BIG)], f"output.sample_seed = {BIG}"),
+    ConfigCase("config is a folder", lambda s: ["--config", str(s)], "is a folder, not a config file"),
+    ConfigCase("resume: state.json is a list", _mangled(lambda doc: [doc]), "is damaged (state.json holds a list"),
+    ConfigCase("resume: state.json has no step", _mangled(lambda doc: {k: v for k, v in doc.items() if k != "step"}),
+               "is damaged (its step is None"),
+    ConfigCase("resume: a key mangled in state.json", _mangled(_rename_tensor_ref), "is damaged (KeyError"),
+    ConfigCase("resume: the run folder, not a checkpoint", _run_folder,
+               "It holds checkpoints: use --resume"),
     ConfigCase("bad TOML syntax", _toml("[network\nrank = 8\n"), "is not valid TOML"),
     ConfigCase("TOML not UTF-8", _toml(b"[network]\nrank = 8 # \xff\xfe\n"), "is not UTF-8"),
     ConfigCase("TOML misspelt setting", _toml("[network]\nrnak = 8\n"), "Did you mean 'rank'?"),
@@ -529,6 +600,8 @@ CONFIG_CASES = [
 def test_bad_settings_end_with_one_clear_line(case: ConfigCase, tmp_path: Path, tiny_sd1_dir: Path,
                                               image_folder: Path, capsys) -> None:
     """Through the CLI (main) and, for the same argv, the engine's own validation and setup."""
+    if case.without_cuda and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     argv = ["train", "--base", str(tiny_sd1_dir), "--data", str(image_folder), "--preset", "character-lite",
@@ -712,7 +785,11 @@ def test_good_control_files_pass_the_same_paths(tmp_path: Path, tiny_sd1_dir: Pa
 DEMO_SETTINGS = {"steps": 1, "rank": 4, "alpha": 4, "resolution": 64, "sample_every": 0, "save_every": 0}
 # Cases the browser cannot express: a --data path, symlinks, and dotfiles (a browser upload of
 # "._name.png" is stored as "_name.png"; the Dataset tab then shows it as an unreadable picture).
-GUI_SKIPPED = {"data path is a file", "data folder does not exist", "dangling symlink", "macOS ._ resource fork is ignored"}
+# Nor sub-folders (an upload is flat, so kohya's N_name folders are a --data matter), and the app
+# refuses a caption file that is not text at the upload (its status names it; test_upload_refuses...).
+GUI_SKIPPED = {"data path is a file", "data folder does not exist", "dangling symlink", "macOS ._ resource fork is ignored",
+               "kohya 0_ folder is not trained", "kohya -3_ folder is named", "every picture in a 0_ folder",
+               "caption with NUL bytes that is not text"}
 GUI_DATA_CASES = [c for c in DATA_CASES if c.name not in GUI_SKIPPED]
 APP_PORT = 7980  # app_server's first port for this module
 
