@@ -71,6 +71,7 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
     from trainer.data.lint import lint_dataset
     from trainer.data.scan import scan_dataset
     from trainer.lora.sizing import architecture_for, lora_size
+    from trainer.models.text import check_clip_skip
 
     check_training_precision(config.train.precision, resolve_device(config.train.device, "train.device"),
                              "train.precision")
@@ -85,6 +86,8 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
         modules, size = lora_size(config, arch, config.output.export_dtype)
         size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
                      f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
+    if arch is not None:
+        check_clip_skip(arch.label, arch.text_encoders.values(), config.model.clip_skip, "model.clip_skip")
     native = int(arch.unet.config.sample_size) * 8 if arch is not None else 512  # every SD VAE downsamples 8x
     resolution = config.data.resolution or native
     scan = scan_dataset(config.data)

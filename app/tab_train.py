@@ -145,8 +145,9 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         from trainer.data.scan import scan_dataset
 
         scan_dataset(config.data)  # "no pictures" is reported now, not after the model has loaded
+        plan = plan_markdown(studio, config, base_model)  # and the device, precision and clip skip
         run = studio.runs.submit(final_name, config)
-        return run.id, plan_markdown(studio, config, base_model), runs_table(studio)
+        return run.id, plan, runs_table(studio)
 
     @user_errors
     def watch_run(run_id: str, token: dict):

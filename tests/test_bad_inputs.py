@@ -359,7 +359,7 @@ def count_tokens():
 
 
 def test_the_corpus_is_big_enough() -> None:
-    assert len(DATA_CASES) + len(CONFIG_CASES) + len(LORA_CASES) >= 30
+    assert len(DATA_CASES) + len(CONFIG_CASES) + len(LORA_CASES) + len(COMMAND_CASES) >= 30
     assert len({c.name for c in DATA_CASES}) == len(DATA_CASES)
 
 
@@ -631,6 +631,84 @@ def _escaped(words: str) -> str:
     return re.escape(words)
 
 
+# --- every command's device, precision, index and path flags, through the real console -----------
+
+
+@dataclass(frozen=True)
+class CommandCase:
+    name: str
+    argv: Callable[[Path, Path], list[str]]  # (scratch folder, tiny model) -> the command line after the program
+    words: str
+    without_cuda: bool = False  # about a machine without CUDA (skipped where there is a GPU)
+
+
+def _generate(*flags: str) -> Callable[[Path, Path], list[str]]:
+    return lambda scratch, model: ["generate", "--base", str(model), "--prompt", "zxq", "--steps", "1",
+                                   "--out", str(scratch / "images"), *flags]
+
+
+def _train(*flags: str) -> Callable[[Path, Path], list[str]]:
+    def argv(scratch: Path, model: Path) -> list[str]:
+        from conftest import write_captioned_images
+
+        data = write_captioned_images(scratch / "set", [(64, 64)] * 2, "zxq, picture {i}")
+        return ["train", "--base", str(model), "--data", str(data), "--preset", "character-lite", "--steps", "1",
+                "--output", str(scratch / "images" / "lora.safetensors"), *flags]
+    return argv
+
+
+def _empty_folder(scratch: Path) -> str:
+    (scratch / "loras").mkdir(exist_ok=True)
+    return str(scratch / "loras")
+
+
+COMMAND_CASES = [
+    CommandCase("generate --device bogus", _generate("--device", "bogus"), "--device bogus is not a device. Use auto, cpu"),
+    CommandCase("generate --device cuda without CUDA", _generate("--device", "cuda"),
+                "--device cuda: there is no CUDA device here", without_cuda=True),
+    CommandCase("generate --device cuda:7", _generate("--device", "cuda:7"), "--device cuda:7: there is no CUDA device"),
+    CommandCase("generate --clip-skip 50", _generate("--clip-skip", "50"),
+                "clip skip = 50 is out of range for tiny-sd1, whose text encoder has 2 layers. Use a clip skip from 1 to 2"),
+    CommandCase("generate --clip-skip 0", _generate("--clip-skip", "0"), "The clip skip must be at least 1"),
+    CommandCase("generate --seed past 64 bits", _generate("--seed", str(BIG)),
+                "The seed must be -1 (random) or a number from 0 to 2^63-1"),
+    CommandCase("generate --lora a folder", lambda s, m: _generate("--lora", f"{_empty_folder(s)}:0.8")(s, m),
+                "is a folder, and holds no PEFT adapter"),
+    CommandCase("generate --lora missing", lambda s, m: _generate("--lora", str(s / "typo.safetensors"))(s, m),
+                "LoRA file not found"),
+    CommandCase("reg-images --device bogus",
+                lambda s, m: ["reg-images", "--base", str(m), "--class-prompt", "a cat", "-n", "1", "--out",
+                              str(s / "images"), "--device", "bogus"], "--device bogus is not a device"),
+    CommandCase("caption --device bogus", lambda s, m: ["caption", str(s), "--tagger", str(s / "tagger"), "--device",
+                                                        "cuda:x"], "--device cuda:x is not a device"),
+    CommandCase("bake --lora a folder", lambda s, m: ["bake", "--base", str(m), "--lora", _empty_folder(s), "--out",
+                                                      str(s / "images" / "baked.safetensors")],
+                "is a folder, and holds no PEFT adapter"),
+    CommandCase("inspect a folder", lambda s, m: ["inspect", _empty_folder(s)], "is a folder, and holds no PEFT adapter"),
+    CommandCase("train --device cuda:7", _train("--device", "cuda:7"), "train.device = 'cuda:7': there is no CUDA device"),
+    CommandCase("train --device bogus", _train("--device", "bogus"), "train.device = 'bogus' is not a device"),
+    CommandCase("train --precision fp16 on the CPU", _train("--device", "cpu", "--precision", "fp16"),
+                "train.precision = 'fp16' does not run on the CPU"),
+    CommandCase("train --clip-skip 50", _train("--clip-skip", "50"), "model.clip_skip = 50 is out of range for tiny-sd1"),
+    CommandCase("train --check --clip-skip 50", _train("--check", "--clip-skip", "50"), "Use a clip skip from 1 to 2"),
+    CommandCase("train --seed past 64 bits", _train("--seed", str(BIG)), "Use a seed from 0 to 4294967295"),
+    CommandCase("train --config a folder", lambda s, m: _train("--config", str(s))(s, m), "is a folder, not a config file"),
+]
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES, ids=[c.name for c in COMMAND_CASES])
+def test_command_case_in_a_subprocess(case: CommandCase, tmp_path: Path, tiny_sd1_dir: Path) -> None:
+    """``python -m trainer.cli ...`` as a user runs it: exit code 2, one error line, no traceback, nothing written."""
+    if case.without_cuda and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    command = [sys.executable, "-m", "trainer.cli", *case.argv(tmp_path, tiny_sd1_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env())
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    _one_error_line(done.stderr, case.words)
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+
+
 # --- LoRA file cases -----------------------------------------------------------------------------
 
 STEM = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -855,6 +933,58 @@ def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, app_client
             from trainer.data.captions import read_caption_file
 
             assert row[2] == read_caption_file(text)[0]
+
+
+@dataclass(frozen=True)
+class PlanCase:
+    name: str
+    base: str  # "demo": the demo model
+    dataset: bool  # a dataset of two good pictures is chosen
+    settings: dict
+    words: str
+    without_cuda: bool = False
+
+
+PLAN_CASES = [
+    PlanCase("nothing chosen", "", False, {}, "No base model is chosen"),
+    PlanCase("no base model", "", True, {}, "No base model is chosen"),
+    PlanCase("no dataset", "demo", False, {}, "No dataset is chosen"),
+    PlanCase("base model path missing", "/nowhere/model.safetensors", True, {}, "Base model not found"),
+    PlanCase("device not here", "demo", True, {"device": "cuda:7"}, "train.device = 'cuda:7': there is no CUDA device"),
+    PlanCase("device cuda without CUDA", "demo", True, {"device": "cuda"}, "there is no CUDA device here",
+             without_cuda=True),
+    PlanCase("device bogus", "demo", True, {"device": "bogus"}, "train.device = 'bogus' is not a device"),
+    PlanCase("fp16 on the CPU", "demo", True, {"device": "cpu", "precision": "fp16"}, "does not run on the CPU"),
+    PlanCase("clip skip deeper than the text encoder", "demo", True, {"clip_skip": 50},
+             "whose text encoder has 2 layers. Use a clip skip from 1 to 2"),
+    PlanCase("seed past 64 bits", "demo", True, {"seed": BIG}, "Use a seed from 0 to 4294967295"),
+]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=[c.name for c in PLAN_CASES])
+def test_train_tab_checks_its_inputs_before_planning(case: PlanCase, tmp_path: Path, app_server, app_client) -> None:
+    """*Check plan* and *Start* answer a bad choice with its message, never an internal error, and
+    nothing is queued."""
+    from gradio_client import handle_file
+
+    from app.projects import DEMO_MODEL_CHOICE
+
+    if case.without_cuda and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    dataset = ""
+    if case.dataset:
+        dataset = "plan-" + _slug(case.name)
+        for i in range(2):
+            picture(tmp_path / f"good{i}.png", f"zxq, good picture {i}", seed=100 + i)
+        app_client.predict(dataset, [handle_file(tmp_path / f"good{i}.png") for i in range(2)], "", 64,
+                           api_name="/upload_images")
+    base = DEMO_MODEL_CHOICE if case.base == "demo" else case.base
+    settings = {**DEMO_SETTINGS, **case.settings}
+    queued = len(app_server.studio.runs.runs())
+    for endpoint in ("/check_training", "/start_training"):
+        message = _app_error(app_client.predict, dataset, base, "character-lite", "", settings, api_name=endpoint)
+        assert case.words in message, f"{endpoint}: {message}"
+    assert len(app_server.studio.runs.runs()) == queued, "a refused run is never queued"
 
 
 @pytest.mark.parametrize("case", LORA_CASES, ids=[c.name for c in LORA_CASES])

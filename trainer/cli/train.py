@@ -94,7 +94,7 @@ def _print_check(config) -> int:
     check_training_precision(config.train.precision, resolve_device(config.train.device, "train.device"),
                              "train.precision")
     model = load_base_model(config.model, supported=("sd1", "sd2", "sdxl"))
-    check_clip_skip(model, config.model.clip_skip, "model.clip_skip")
+    check_clip_skip(model.name, model.text_encoders(), config.model.clip_skip, "model.clip_skip")
     resolution = config.data.resolution or model.native_resolution
     check_resolution_multiple(resolution, model.resolution_multiple)  # training would refuse it
     scan = scan_dataset(config.data)

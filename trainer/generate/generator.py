@@ -148,7 +148,7 @@ class Generator:
         raises for anything that would stop generation, before any image work starts.
         """
         self._size(request)
-        check_clip_skip(self.model, request.clip_skip)
+        check_clip_skip(self.model.name, self.model.text_encoders(), request.clip_skip)
         wanted = {_path_key(spec.path): spec for spec in request.loras}
         stale = [key for key, adapter in self._adapters.items()
                  if key not in wanted or adapter.stamp != _file_stamp(Path(key), missing_ok=True)]

@@ -315,7 +315,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     np.random.seed(config.train.seed % 2**32)
 
     model = load_base_model(config.model, dtype=torch.float32, supported=SUPPORTED_FAMILIES)
-    check_clip_skip(model, config.model.clip_skip, "model.clip_skip")
+    check_clip_skip(model.name, model.text_encoders(), config.model.clip_skip, "model.clip_skip")
     if config.train.zero_terminal_snr:
         use_zero_terminal_snr(model)
     check_prediction_type_options(config.train, model.prediction_type, model.name)
