@@ -482,6 +482,17 @@ def test_training_goes_through_everything_at_once(tmp_path: Path, tiny_sd1_dir: 
     report = (tmp_path / "out put" / "lørä ✨_run" / "dataset-report.txt").read_text(encoding="utf-8")
     assert "usable images of" in report
     read_lora_file(output)
+    # A1111's "edit metadata" card (extensions-builtin/Lora/ui_edit_user_metadata.py get_metadata_table and
+    # build_tags, re-implemented in ui_readers) on a real export of this odd dataset: 0_ folders left out
+    import ui_readers
+
+    meta = ui_readers.read_metadata(output)
+    table = dict(ui_readers.metadata_table(meta))
+    trained = scan_dataset(DataConfig(data=str(data))).items
+    assert table["Dataset size:"] == len(trained)
+    assert table["Output name:"] == "lørä ✨"
+    assert "0_extra" not in meta["ss_dataset_dirs"] and "Resolution" in " ".join(table)
+    assert ui_readers.build_tags(meta)[0] == ("zxq", sum(item.caption.startswith("zxq") for item in trained))
 
 
 # --- settings cases ------------------------------------------------------------------------------
