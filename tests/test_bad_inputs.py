@@ -875,7 +875,7 @@ DEMO_SETTINGS = {"steps": 1, "rank": 4, "alpha": 4, "resolution": 64, "sample_ev
 # Cases the browser cannot express: a --data path, symlinks, and dotfiles (a browser upload of
 # "._name.png" is stored as "_name.png"; the Dataset tab then shows it as an unreadable picture).
 # Nor sub-folders (an upload is flat, so kohya's N_name folders are a --data matter), and the app
-# refuses a caption file that is not text at the upload (its status names it; test_upload_refuses...).
+# refuses a caption file that is not text at the upload (its status names it; test_upload_refuses_a_caption_that_is_not_text).
 GUI_SKIPPED = {"data path is a file", "data folder does not exist", "dangling symlink", "macOS ._ resource fork is ignored",
                "kohya 0_ folder is not trained", "kohya -3_ folder is named", "every picture in a 0_ folder",
                "caption with NUL bytes that is not text"}
@@ -944,6 +944,21 @@ def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, app_client
             from trainer.data.captions import read_caption_file
 
             assert row[2] == read_caption_file(text)[0]
+
+
+def test_upload_refuses_a_caption_that_is_not_text(tmp_path: Path, app_client) -> None:
+    from gradio_client import handle_file
+
+    picture(tmp_path / "nulcap.png", seed=25)
+    sidecar(tmp_path / "nulcap.png", b"\0\1\2zxq\0\xff")
+    picture(tmp_path / "u16.png", seed=24)
+    sidecar(tmp_path / "u16.png", "zxq, déjà vu".encode("utf-16-le"))
+    files = [handle_file(tmp_path / name) for name in ("nulcap.png", "nulcap.txt", "u16.png", "u16.txt")]
+    table, report, issues, status, *_ = app_client.predict("nul-captions", files, "", 64, api_name="/upload_images")
+    assert "Traceback" not in report + status
+    assert "nulcap.txt" in status and "is not a text file: it holds NUL bytes" in status, status
+    captions = {row[1]: row[2] for row in table["data"]}
+    assert captions["nulcap.png"] == "" and captions["u16.png"] == "zxq, déjà vu"
 
 
 @dataclass(frozen=True)
