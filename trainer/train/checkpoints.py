@@ -156,7 +156,7 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
     step, state = document.get("step"), document.get("state")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise damaged(path, f"its step is {step!r}, not a step number")
-    if not isinstance(state, dict) or "fingerprint" not in state:
+    if not isinstance(state, dict):
         raise damaged(path, "its training state is missing")
     try:
         return step, unflatten_state(state, tensors)
