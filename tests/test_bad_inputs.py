@@ -573,7 +573,6 @@ CONFIG_CASES = [
                "model.clip_skip = 500 is out of range"),
     ConfigCase("seed past 64 bits", lambda s: ["--seed", str(BIG)],
                f"train.seed = {BIG} is out of range. Use a seed from 0 to 4294967295"),
-    ConfigCase("negative seed", lambda s: ["--seed", "-5"], "train.seed = -5 is out of range"),
     ConfigCase("sample seed past 64 bits", lambda s: ["--sample-seed", str(BIG)], f"output.sample_seed = {BIG}"),
     ConfigCase("config is a folder", lambda s: ["--config", str(s)], "is a folder, not a config file"),
     ConfigCase("resume: state.json is a list", _mangled(lambda doc: [doc]), "is damaged (state.json holds a list"),

@@ -36,7 +36,7 @@ def validate(config: StudioConfig) -> None:
     _require(t.steps >= 0, "train.steps", t.steps, "Use 0 (derive from epochs) or a positive number.")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "Use 1 or more.")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "Use 1 or more.")
-    _require(0 <= t.seed <= MAX_TRAINING_SEED, "train.seed", t.seed, f"Use a seed from 0 to {MAX_TRAINING_SEED}.")
+    _require(abs(t.seed) <= MAX_TRAINING_SEED, "train.seed", t.seed, f"Use a seed from 0 to {MAX_TRAINING_SEED}.")
     check_device_name(t.device, "train.device")
     _require(t.min_snr_gamma >= 0, "train.min_snr_gamma", t.min_snr_gamma, "Use 0 (off) or a positive gamma such as 5.")
     _require(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "Use 0 (off) or a small value such as 0.05.")
