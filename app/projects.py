@@ -170,6 +170,9 @@ class Projects:
             except OSError as exc:
                 summary.skipped.append((path.name, f"cannot be read ({exc.strerror or exc})"))
                 continue
+            except DatasetError as exc:  # not text (NUL bytes): refused, named, never trained on
+                summary.skipped.append((path.name, exc.message.removeprefix(f"{path.name} ")))
+                continue
             atomic_write_text(target, text + "\n")
             summary.captions.append(target.name)
         return summary

@@ -39,11 +39,15 @@ def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: s
 
 
 def check_base_exists(studio: Studio, base_choice: str) -> None:
-    """A typed path that does not exist is reported now, not by the worker after a wait in the queue."""
+    """An empty choice or a typed path that does not exist is reported now, not by the worker after a
+    wait in the queue (nor as a plan computed for no model at all)."""
     from trainer.core.errors import ModelLoadError
     from trainer.models.loading import HUB_ID
 
     text = str(base_choice or "").strip()
+    if not text:
+        raise ModelLoadError("No base model is chosen.",
+                             hint="Pick the demo model to try things out, or type the path of your model.")
     if not studio.projects.is_demo(text):
         studio.projects.resolve_base(text)  # a path outside the allowed folders is refused before it is looked at
     if studio.projects.is_demo(text) or Path(text).expanduser().exists():
@@ -66,11 +70,18 @@ def unique_run_name(studio: Studio, wanted: str, dataset: str) -> str:
 
 
 def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str:
-    """What a run will do and produce, before it starts: steps math, exact file size, device."""
+    """What a run will do and produce, before it starts: steps math, exact file size, device.
+
+    Its inputs are checked first, as a Start checks them: a device that is not here, or a
+    precision it cannot run, is the plan's answer rather than a line about it."""
+    from trainer.core.devices import check_training_precision, resolve_device
     from trainer.data.lint import lint_dataset
     from trainer.data.scan import scan_dataset
     from trainer.lora.sizing import architecture_for, lora_size
+    from trainer.models.text import check_clip_skip
 
+    check_training_precision(config.train.precision, resolve_device(config.train.device, "train.device"),
+                             "train.precision")
     lines = []
     arch = None
     try:
@@ -82,6 +93,8 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
         modules, size = lora_size(config, arch, config.output.export_dtype)
         size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
                      f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
+    if arch is not None:
+        check_clip_skip(arch.label, arch.text_encoders.values(), config.model.clip_skip, "model.clip_skip")
     native = int(arch.unet.config.sample_size) * 8 if arch is not None else 512  # every SD VAE downsamples 8x
     resolution = config.data.resolution or native
     scan = scan_dataset(config.data)

@@ -107,7 +107,10 @@ def read_caption(studio: Studio, image: Path) -> str:
     sidecar = studio.projects.caption_path(image)
     if not sidecar.is_file():
         return ""
-    return read_caption_file(sidecar)[0]
+    try:
+        return read_caption_file(sidecar)[0]
+    except DatasetError:  # not text: the problem column says so (the dataset check reports it)
+        return ""
 
 
 def save_captions(studio: Studio, name: str, table: list[list[Any]]) -> int:

@@ -35,7 +35,7 @@ from trainer.config.presets import (
     load_preset,
     resolve_config,
 )
-from trainer.core.errors import ConfigError, StudioError
+from trainer.core.errors import StudioError
 
 WATCH_INTERVAL_S = 0.25  # at most four page updates a second, however fast the steps are
 WATCH_HEARTBEAT_S = 10.0
@@ -132,23 +132,22 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     @user_errors
     def check_training(dataset_name: str, base_model: str, preset_name: str, name: str,
                        settings: dict[str, Any]) -> str:
+        check_base_exists(studio, base_model)  # its inputs first: no plan for a model that is not there
         config = run_config(studio, dataset_name, base_model, preset_name, unique_run_name(studio, name, dataset_name),
                             settings)
         return plan_markdown(studio, config, base_model)
 
     @user_errors
     def start_training(dataset_name: str, base_model: str, preset_name: str, name: str, settings: dict[str, Any]):
-        if not str(base_model or "").strip():
-            raise ConfigError("No base model is chosen.",
-                              hint="Pick the demo model to try things out, or type the path of your model.")
         check_base_exists(studio, base_model)
         final_name = unique_run_name(studio, name, dataset_name)
         config = run_config(studio, dataset_name, base_model, preset_name, final_name, settings)
         from trainer.data.scan import scan_dataset
 
         scan_dataset(config.data)  # "no pictures" is reported now, not after the model has loaded
+        plan = plan_markdown(studio, config, base_model)  # and the device, precision and clip skip
         run = studio.runs.submit(final_name, config)
-        return run.id, plan_markdown(studio, config, base_model), runs_table(studio)
+        return run.id, plan, runs_table(studio)
 
     @user_errors
     def watch_run(run_id: str, token: dict):

@@ -297,6 +297,20 @@ DATA_CASES = [
              "error", words="only files this program cannot read (1 HEIC, 1 PSD)", bare=True),
     DataCase("folder of broken pictures", lambda f: ((f / "a.png").write_bytes(b""), (f / "b.jpg").write_text("x")),
              "error", words="None of the 2 images", bare=True),
+    DataCase("caption in UTF-16 without BOM", lambda f: (picture(f / "u16nobom.png", seed=24),
+                                                         sidecar(f / "u16nobom.png", "zxq, déjà vu".encode("utf-16-le"))),
+             "used", "u16nobom.png", "caption_encoding", "read as UTF-16 (without a byte-order mark)",
+             check=_caption_check("zxq, déjà vu")),
+    DataCase("caption with NUL bytes that is not text", lambda f: (picture(f / "nulcap.png", seed=25),
+                                                                   sidecar(f / "nulcap.png", b"\0\1\2zxq\0\xff")),
+             "used", "nulcap.png", "unreadable_caption", "nulcap.txt is not a text file: it holds NUL bytes",
+             check=_caption_check("")),  # trained as uncaptioned, never on the bytes
+    DataCase("kohya 0_ folder is not trained", lambda f: picture(f / "0_extra" / "skip.png", "zxq, skip", seed=26),
+             "skipped", "0_extra/skip.png", "zero_repeats", "0_extra has 0 repeats, so its 1 picture is not trained"),
+    DataCase("kohya -3_ folder is named", lambda f: picture(f / "-3_neg" / "neg.png", "zxq, negative", seed=27),
+             "used", "-3_neg/neg.png", "negative_repeats", "-3_neg: a repeat count cannot be negative"),
+    DataCase("every picture in a 0_ folder", lambda f: picture(f / "0_all" / "only.png", "zxq, only", seed=28),
+             "error", words="every one is in a folder with 0 repeats (0_all)", bare=True),
     DataCase("data path is a file", lambda f: (f / "set.zip").write_bytes(b"PK\3\4"), "error",
              words="is a file, not a folder", bare=True, data=lambda f: f / "set.zip"),
     DataCase("data folder does not exist", lambda f: None, "error", words="does not exist", bare=True,
@@ -327,7 +341,8 @@ def _resolved(case: DataCase, folder: Path) -> tuple[str, str | None]:
 
 def _issue_about(issues, target: Path, code: str):
     for issue in issues:
-        if issue.code == code and (issue.path is None or issue.path.with_suffix("") == target.with_suffix("")):
+        if issue.code == code and (issue.path is None or issue.path.with_suffix("") == target.with_suffix("")
+                                   or issue.path in target.parents):  # an issue about its folder
             return issue
     return None
 
@@ -344,7 +359,7 @@ def count_tokens():
 
 
 def test_the_corpus_is_big_enough() -> None:
-    assert len(DATA_CASES) + len(CONFIG_CASES) + len(LORA_CASES) >= 30
+    assert len(DATA_CASES) + len(CONFIG_CASES) + len(LORA_CASES) + len(COMMAND_CASES) >= 30
     assert len({c.name for c in DATA_CASES}) == len(DATA_CASES)
 
 
@@ -467,6 +482,17 @@ def test_training_goes_through_everything_at_once(tmp_path: Path, tiny_sd1_dir: 
     report = (tmp_path / "out put" / "lørä ✨_run" / "dataset-report.txt").read_text(encoding="utf-8")
     assert "usable images of" in report
     read_lora_file(output)
+    # A1111's "edit metadata" card (extensions-builtin/Lora/ui_edit_user_metadata.py get_metadata_table and
+    # build_tags, re-implemented in ui_readers) on a real export of this odd dataset: 0_ folders left out
+    import ui_readers
+
+    meta = ui_readers.read_metadata(output)
+    table = dict(ui_readers.metadata_table(meta))
+    trained = scan_dataset(DataConfig(data=str(data))).items
+    assert table["Dataset size:"] == len(trained)
+    assert table["Output name:"] == "lørä ✨"
+    assert "0_extra" not in meta["ss_dataset_dirs"] and "Resolution" in " ".join(table)
+    assert ui_readers.build_tags(meta)[0] == ("zxq", sum(item.caption.startswith("zxq") for item in trained))
 
 
 # --- settings cases ------------------------------------------------------------------------------
@@ -477,6 +503,7 @@ class ConfigCase:
     name: str
     flags: Callable[[Path], list[str]]  # extra CLI flags, given a scratch folder (to write files into)
     words: str
+    without_cuda: bool = False  # the case is about a machine without CUDA (skipped where there is a GPU)
 
 
 def _toml(text: bytes | str) -> Callable[[Path], list[str]]:
@@ -499,7 +526,61 @@ def _fake_base(name: str, content: bytes) -> Callable[[Path], list[str]]:
     return flags
 
 
+def _checkpoint(folder: Path) -> Path:
+    """A checkpoint as the trainer writes it (the real writer; its content is beside the point)."""
+    from trainer.train.checkpoints import save_checkpoint
+
+    return save_checkpoint(folder, 1, {"fingerprint": "f", "lora": {"unet": {"w": torch.zeros(2)}}}, keep_last=1)
+
+
+def _mangled(edit: Callable[[dict], object]) -> Callable[[Path], list[str]]:
+    """--resume at a checkpoint whose state.json was edited by hand (or by a bad sync tool)."""
+    def flags(scratch: Path) -> list[str]:
+        import json
+
+        path = _checkpoint(scratch / "checkpoints")
+        state = path / "state.json"
+        state.write_text(json.dumps(edit(json.loads(state.read_text()))))
+        return ["--resume", str(path)]
+    return flags
+
+
+def _rename_tensor_ref(doc: dict) -> dict:
+    doc["state"]["lora"]["unet"]["w"]["__tensor__"] = "s.lora.unet.q"  # names a tensor the file does not hold
+    return doc
+
+
+def _run_folder(scratch: Path) -> list[str]:
+    _checkpoint(scratch / "lora_run" / "checkpoints")
+    return ["--resume", str(scratch / "lora_run")]
+
+
+BIG = 2**70  # past every 64-bit seed
+
 CONFIG_CASES = [
+    ConfigCase("device not a device", lambda s: ["--device", "bogus"], "train.device = 'bogus' is not a device"),
+    ConfigCase("device cuda without CUDA", lambda s: ["--device", "cuda"],
+               "train.device = 'cuda': there is no CUDA device here", without_cuda=True),
+    ConfigCase("device cuda:7", lambda s: ["--device", "cuda:7"], "train.device = 'cuda:7': there is no CUDA device"),
+    ConfigCase("fp16 on the CPU", lambda s: ["--device", "cpu", "--precision", "fp16"],
+               "train.precision = 'fp16' does not run on the CPU. Use --precision fp32 (or bf16"),
+    ConfigCase("fp16 where the device is the CPU", lambda s: ["--precision", "fp16"], "does not run on the CPU",
+               without_cuda=True),
+    ConfigCase("clip skip deeper than the text encoder", lambda s: ["--clip-skip", "50"],
+               "model.clip_skip = 50 is out of range for tiny-sd1, whose text encoder has 2 layers. "
+               "Use a clip skip from 1 to 2"),
+    ConfigCase("clip skip deeper than any text encoder", lambda s: ["--clip-skip", "500"],
+               "model.clip_skip = 500 is out of range"),
+    ConfigCase("seed past 64 bits", lambda s: ["--seed", str(BIG)],
+               f"train.seed = {BIG} is out of range. Use a seed from 0 to 4294967295"),
+    ConfigCase("sample seed past 64 bits", lambda s: ["--sample-seed", str(BIG)], f"output.sample_seed = {BIG}"),
+    ConfigCase("config is a folder", lambda s: ["--config", str(s)], "is a folder, not a config file"),
+    ConfigCase("resume: state.json is a list", _mangled(lambda doc: [doc]), "is damaged (state.json holds a list"),
+    ConfigCase("resume: state.json has no step", _mangled(lambda doc: {k: v for k, v in doc.items() if k != "step"}),
+               "is damaged (its step is None"),
+    ConfigCase("resume: a key mangled in state.json", _mangled(_rename_tensor_ref), "is damaged (KeyError"),
+    ConfigCase("resume: the run folder, not a checkpoint", _run_folder,
+               "It holds checkpoints: use --resume"),
     ConfigCase("bad TOML syntax", _toml("[network\nrank = 8\n"), "is not valid TOML"),
     ConfigCase("TOML not UTF-8", _toml(b"[network]\nrank = 8 # \xff\xfe\n"), "is not UTF-8"),
     ConfigCase("TOML misspelt setting", _toml("[network]\nrnak = 8\n"), "Did you mean 'rank'?"),
@@ -529,6 +610,8 @@ CONFIG_CASES = [
 def test_bad_settings_end_with_one_clear_line(case: ConfigCase, tmp_path: Path, tiny_sd1_dir: Path,
                                               image_folder: Path, capsys) -> None:
     """Through the CLI (main) and, for the same argv, the engine's own validation and setup."""
+    if case.without_cuda and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     argv = ["train", "--base", str(tiny_sd1_dir), "--data", str(image_folder), "--preset", "character-lite",
@@ -556,6 +639,84 @@ def _escaped(words: str) -> str:
     import re
 
     return re.escape(words)
+
+
+# --- every command's device, precision, index and path flags, through the real console -----------
+
+
+@dataclass(frozen=True)
+class CommandCase:
+    name: str
+    argv: Callable[[Path, Path], list[str]]  # (scratch folder, tiny model) -> the command line after the program
+    words: str
+    without_cuda: bool = False  # about a machine without CUDA (skipped where there is a GPU)
+
+
+def _generate(*flags: str) -> Callable[[Path, Path], list[str]]:
+    return lambda scratch, model: ["generate", "--base", str(model), "--prompt", "zxq", "--steps", "1",
+                                   "--out", str(scratch / "images"), *flags]
+
+
+def _train(*flags: str) -> Callable[[Path, Path], list[str]]:
+    def argv(scratch: Path, model: Path) -> list[str]:
+        from conftest import write_captioned_images
+
+        data = write_captioned_images(scratch / "set", [(64, 64)] * 2, "zxq, picture {i}")
+        return ["train", "--base", str(model), "--data", str(data), "--preset", "character-lite", "--steps", "1",
+                "--output", str(scratch / "images" / "lora.safetensors"), *flags]
+    return argv
+
+
+def _empty_folder(scratch: Path) -> str:
+    (scratch / "loras").mkdir(exist_ok=True)
+    return str(scratch / "loras")
+
+
+COMMAND_CASES = [
+    CommandCase("generate --device bogus", _generate("--device", "bogus"), "--device bogus is not a device. Use auto, cpu"),
+    CommandCase("generate --device cuda without CUDA", _generate("--device", "cuda"),
+                "--device cuda: there is no CUDA device here", without_cuda=True),
+    CommandCase("generate --device cuda:7", _generate("--device", "cuda:7"), "--device cuda:7: there is no CUDA device"),
+    CommandCase("generate --clip-skip 50", _generate("--clip-skip", "50"),
+                "clip skip = 50 is out of range for tiny-sd1, whose text encoder has 2 layers. Use a clip skip from 1 to 2"),
+    CommandCase("generate --clip-skip 0", _generate("--clip-skip", "0"), "The clip skip must be at least 1"),
+    CommandCase("generate --seed past 64 bits", _generate("--seed", str(BIG)),
+                "The seed must be -1 (random) or a number from 0 to 2^63-1"),
+    CommandCase("generate --lora a folder", lambda s, m: _generate("--lora", f"{_empty_folder(s)}:0.8")(s, m),
+                "is a folder, and holds no PEFT adapter"),
+    CommandCase("generate --lora missing", lambda s, m: _generate("--lora", str(s / "typo.safetensors"))(s, m),
+                "LoRA file not found"),
+    CommandCase("reg-images --device bogus",
+                lambda s, m: ["reg-images", "--base", str(m), "--class-prompt", "a cat", "-n", "1", "--out",
+                              str(s / "images"), "--device", "bogus"], "--device bogus is not a device"),
+    CommandCase("caption --device bogus", lambda s, m: ["caption", str(s), "--tagger", str(s / "tagger"), "--device",
+                                                        "cuda:x"], "--device cuda:x is not a device"),
+    CommandCase("bake --lora a folder", lambda s, m: ["bake", "--base", str(m), "--lora", _empty_folder(s), "--out",
+                                                      str(s / "images" / "baked.safetensors")],
+                "is a folder, and holds no PEFT adapter"),
+    CommandCase("inspect a folder", lambda s, m: ["inspect", _empty_folder(s)], "is a folder, and holds no PEFT adapter"),
+    CommandCase("train --device cuda:7", _train("--device", "cuda:7"), "train.device = 'cuda:7': there is no CUDA device"),
+    CommandCase("train --device bogus", _train("--device", "bogus"), "train.device = 'bogus' is not a device"),
+    CommandCase("train --precision fp16 on the CPU", _train("--device", "cpu", "--precision", "fp16"),
+                "train.precision = 'fp16' does not run on the CPU"),
+    CommandCase("train --clip-skip 50", _train("--clip-skip", "50"), "model.clip_skip = 50 is out of range for tiny-sd1"),
+    CommandCase("train --check --clip-skip 50", _train("--check", "--clip-skip", "50"), "Use a clip skip from 1 to 2"),
+    CommandCase("train --seed past 64 bits", _train("--seed", str(BIG)), "Use a seed from 0 to 4294967295"),
+    CommandCase("train --config a folder", lambda s, m: _train("--config", str(s))(s, m), "is a folder, not a config file"),
+]
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES, ids=[c.name for c in COMMAND_CASES])
+def test_command_case_in_a_subprocess(case: CommandCase, tmp_path: Path, tiny_sd1_dir: Path) -> None:
+    """``python -m trainer.cli ...`` as a user runs it: exit code 2, one error line, no traceback, nothing written."""
+    if case.without_cuda and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    command = [sys.executable, "-m", "trainer.cli", *case.argv(tmp_path, tiny_sd1_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env())
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    _one_error_line(done.stderr, case.words)
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
 
 
 # --- LoRA file cases -----------------------------------------------------------------------------
@@ -886,7 +1047,11 @@ def test_the_console_script_refuses_an_sdxl_lora_on_an_sd1_base(tmp_path: Path, 
 DEMO_SETTINGS = {"steps": 1, "rank": 4, "alpha": 4, "resolution": 64, "sample_every": 0, "save_every": 0}
 # Cases the browser cannot express: a --data path, symlinks, and dotfiles (a browser upload of
 # "._name.png" is stored as "_name.png"; the Dataset tab then shows it as an unreadable picture).
-GUI_SKIPPED = {"data path is a file", "data folder does not exist", "dangling symlink", "macOS ._ resource fork is ignored"}
+# Nor sub-folders (an upload is flat, so kohya's N_name folders are a --data matter), and the app
+# refuses a caption file that is not text at the upload (its status names it; test_upload_refuses_a_caption_that_is_not_text).
+GUI_SKIPPED = {"data path is a file", "data folder does not exist", "dangling symlink", "macOS ._ resource fork is ignored",
+               "kohya 0_ folder is not trained", "kohya -3_ folder is named", "every picture in a 0_ folder",
+               "caption with NUL bytes that is not text"}
 GUI_DATA_CASES = [c for c in DATA_CASES if c.name not in GUI_SKIPPED]
 APP_PORT = 7980  # app_server's first port for this module
 
@@ -952,6 +1117,73 @@ def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, app_client
             from trainer.data.captions import read_caption_file
 
             assert row[2] == read_caption_file(text)[0]
+
+
+def test_upload_refuses_a_caption_that_is_not_text(tmp_path: Path, app_client) -> None:
+    from gradio_client import handle_file
+
+    picture(tmp_path / "nulcap.png", seed=25)
+    sidecar(tmp_path / "nulcap.png", b"\0\1\2zxq\0\xff")
+    picture(tmp_path / "u16.png", seed=24)
+    sidecar(tmp_path / "u16.png", "zxq, déjà vu".encode("utf-16-le"))
+    files = [handle_file(tmp_path / name) for name in ("nulcap.png", "nulcap.txt", "u16.png", "u16.txt")]
+    table, report, issues, status, *_ = app_client.predict("nul-captions", files, "", 64, api_name="/upload_images")
+    assert "Traceback" not in report + status
+    assert "nulcap.txt" in status and "is not a text file: it holds NUL bytes" in status, status
+    captions = {row[1]: row[2] for row in table["data"]}
+    assert captions["nulcap.png"] == "" and captions["u16.png"] == "zxq, déjà vu"
+
+
+@dataclass(frozen=True)
+class PlanCase:
+    name: str
+    base: str  # "demo": the demo model
+    dataset: bool  # a dataset of two good pictures is chosen
+    settings: dict
+    words: str
+    without_cuda: bool = False
+
+
+PLAN_CASES = [
+    PlanCase("nothing chosen", "", False, {}, "No base model is chosen"),
+    PlanCase("no base model", "", True, {}, "No base model is chosen"),
+    PlanCase("no dataset", "demo", False, {}, "No dataset is chosen"),
+    PlanCase("base model path missing", "/nowhere/model.safetensors", True, {}, "Base model not found"),
+    PlanCase("device not here", "demo", True, {"device": "cuda:7"}, "train.device = 'cuda:7': there is no CUDA device"),
+    PlanCase("device cuda without CUDA", "demo", True, {"device": "cuda"}, "there is no CUDA device here",
+             without_cuda=True),
+    PlanCase("device bogus", "demo", True, {"device": "bogus"}, "train.device = 'bogus' is not a device"),
+    PlanCase("fp16 on the CPU", "demo", True, {"device": "cpu", "precision": "fp16"}, "does not run on the CPU"),
+    PlanCase("clip skip deeper than the text encoder", "demo", True, {"clip_skip": 50},
+             "whose text encoder has 2 layers. Use a clip skip from 1 to 2"),
+    PlanCase("seed past 64 bits", "demo", True, {"seed": BIG}, "Use a seed from 0 to 4294967295"),
+]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=[c.name for c in PLAN_CASES])
+def test_train_tab_checks_its_inputs_before_planning(case: PlanCase, tmp_path: Path, app_server, app_client) -> None:
+    """*Check plan* and *Start* answer a bad choice with its message, never an internal error, and
+    nothing is queued."""
+    from gradio_client import handle_file
+
+    from app.projects import DEMO_MODEL_CHOICE
+
+    if case.without_cuda and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    dataset = ""
+    if case.dataset:
+        dataset = "plan-" + _slug(case.name)
+        for i in range(2):
+            picture(tmp_path / f"good{i}.png", f"zxq, good picture {i}", seed=100 + i)
+        app_client.predict(dataset, [handle_file(tmp_path / f"good{i}.png") for i in range(2)], "", 64,
+                           api_name="/upload_images")
+    base = DEMO_MODEL_CHOICE if case.base == "demo" else case.base
+    settings = {**DEMO_SETTINGS, **case.settings}
+    queued = len(app_server.studio.runs.runs())
+    for endpoint in ("/check_training", "/start_training"):
+        message = _app_error(app_client.predict, dataset, base, "character-lite", "", settings, api_name=endpoint)
+        assert case.words in message, f"{endpoint}: {message}"
+    assert len(app_server.studio.runs.runs()) == queued, "a refused run is never queued"
 
 
 @pytest.mark.parametrize("case", LORA_CASES, ids=[c.name for c in LORA_CASES])

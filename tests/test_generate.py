@@ -172,6 +172,47 @@ def test_fp16_weights_are_restored_bit_exact_after_fusing(tiny_sd1_dir, two_lora
         assert torch.equal(component_module(model, *where).get_base_layer().weight, base[name]), name
 
 
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """Every frozen tensor of the UNet and text encoder by its plain name (peft's wrapping removed)."""
+    weights = {}
+    for component in ("unet", "text_encoder"):
+        for name, tensor in getattr(model, component).state_dict().items():
+            if "lora_" not in name:
+                weights[f"{component}.{name.replace('base_layer.', '')}"] = tensor.detach().clone()
+    return weights
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_turning_a_kohya_lora_off_leaves_the_base_bit_identical(tiny_sd1_dir, two_loras, fuse: bool,
+                                                               dtype: torch.dtype) -> None:
+    """The promise of the module docstring, on every path and base precision: on, off, re-weighted,
+    removed -- the base weights end exactly as loaded (fused weights are restored, not un-subtracted)."""
+    first_path, _, second_path, _ = two_loras
+    model = load_base_model(ModelConfig(base=str(tiny_sd1_dir)), dtype=dtype)
+    loaded = base_weights(model)
+    component, path = next(where for where in lora_layers(model).values()
+                           if isinstance(component_module(model, *where), torch.nn.Linear))
+    probe = torch.randn(3, component_module(model, component, path).in_features).to(dtype)
+    with torch.no_grad():
+        plain = component_module(model, component, path)(probe)
+    generator = Generator(model, fuse=fuse, device="cpu")
+    specs = (LoraSpec(first_path, 0.8), LoraSpec(second_path, -0.4))
+    generator.prepare(GenerationRequest("x", loras=specs))
+    for weights in [(0.8, -0.4), (1.7, 0.0), (0.3, 1.1)]:
+        generator.apply((LoraSpec(first_path, weights[0]), LoraSpec(second_path, weights[1])))
+        with torch.no_grad():
+            assert not torch.allclose(component_module(model, component, path)(probe), plain, atol=1e-2)  # it is on
+    generator.apply((LoraSpec(first_path, 0.8, enabled=False),))
+    after_off = base_weights(model)
+    assert after_off.keys() == loaded.keys()
+    changed = [name for name in loaded if after_off[name].dtype != loaded[name].dtype
+               or not torch.equal(after_off[name], loaded[name])]
+    assert not changed, f"{len(changed)} base tensors differ after turning the LoRAs off, e.g. {changed[:3]}"
+    generator.prepare(GenerationRequest("x"))  # removed altogether: peft unwraps the layers
+    assert all(torch.equal(base_weights(model)[name], loaded[name]) for name in loaded)
+
+
 def test_weight_zero_renders_the_base_image_and_switching_never_reloads(tiny_sd1_dir, two_loras, monkeypatch) -> None:
     first_path, _, _second_path, _ = two_loras
     generator = Generator(load_model(tiny_sd1_dir))

@@ -67,6 +67,9 @@ def register(sub: Any) -> None:
 
 def open_captioner(args: argparse.Namespace):
     """The tagger or captioner the flags name."""
+    from trainer.core.devices import check_device_name
+
+    check_device_name(args.device)  # before any model loads
     if args.tagger:
         from trainer.data.captioning.tagger import (
             TaggerSettings,

@@ -84,13 +84,17 @@ def _run_train(args: argparse.Namespace) -> int:
 def _print_check(config) -> int:
     """The dataset report for this model and these settings, without training."""
     from trainer.config.validation import check_resolution_multiple
+    from trainer.core.devices import check_training_precision, resolve_device
     from trainer.data.lint import lint_dataset
     from trainer.data.scan import scan_dataset
     from trainer.models.loading import load_base_model
-    from trainer.models.text import count_tokens
+    from trainer.models.text import check_clip_skip, count_tokens
 
     quiet_libraries()
+    check_training_precision(config.train.precision, resolve_device(config.train.device, "train.device"),
+                             "train.precision")
     model = load_base_model(config.model, supported=("sd1", "sd2", "sdxl"))
+    check_clip_skip(model.name, model.text_encoders(), config.model.clip_skip, "model.clip_skip")
     resolution = config.data.resolution or model.native_resolution
     check_resolution_multiple(resolution, model.resolution_multiple)  # training would refuse it
     scan = scan_dataset(config.data)

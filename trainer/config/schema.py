@@ -271,6 +271,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"Config file not found: {path}.", hint="Check the path.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a config file.",
+                          hint="Give the path of a .toml file (write one with 'lora-studio train --save-config run.toml').") from None
+    except OSError as exc:
+        raise ConfigError(f"Cannot read the config file {path}: {exc.strerror or exc}.", hint="Check its permissions.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}.", hint="Fix the line it names.") from None
     except UnicodeDecodeError:

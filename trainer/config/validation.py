@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.core.devices import check_device_name
 from trainer.core.errors import ConfigError
+
+MAX_TRAINING_SEED = 2**32 - 1  # numpy's seed range; torch and Python take it as well
 
 # ``config`` below is a ``schema.StudioConfig``; it is typed ``Any`` because schema calls into this
 # module, and an import back (even under TYPE_CHECKING) would be a cycle the layout test refuses.
@@ -33,6 +36,8 @@ def validate(config: StudioConfig) -> None:
     _require(t.steps >= 0, "train.steps", t.steps, "Use 0 (derive from epochs) or a positive number.")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "Use 1 or more.")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "Use 1 or more.")
+    _require(abs(t.seed) <= MAX_TRAINING_SEED, "train.seed", t.seed, f"Use a seed from 0 to {MAX_TRAINING_SEED}.")
+    check_device_name(t.device, "train.device")
     _require(t.min_snr_gamma >= 0, "train.min_snr_gamma", t.min_snr_gamma, "Use 0 (off) or a positive gamma such as 5.")
     _require(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "Use 0 (off) or a small value such as 0.05.")
     _require(d.repeats >= 1, "data.repeats", d.repeats, "Use 1 or more.")
@@ -52,11 +57,14 @@ def validate(config: StudioConfig) -> None:
              "Use a weight from 0 to 100 (1.0 = as much as a training picture).")
     _require(not d.reg_data.strip() or d.reg_data.strip().rstrip("/\\") != d.data.strip().rstrip("/\\"),
              "data.reg_data", d.reg_data, "Use a folder of class pictures other than the training folder.")
-    _require(config.model.clip_skip >= 1, "model.clip_skip", config.model.clip_skip, "Use 1 (last layer) or 2.")
+    _require(1 <= config.model.clip_skip <= 64, "model.clip_skip", config.model.clip_skip,
+             "Use 1 (last layer) or 2 (A1111's 'clip skip 2'); the loaded text encoder sets the upper limit.")
     out = config.output
     _require(out.save_every >= 0, "output.save_every", out.save_every, "Use 0 (end only) or a positive number.")
     _require(out.keep_last >= 1, "output.keep_last", out.keep_last, "Keep at least 1 checkpoint.")
     _require(out.sample_every >= 0, "output.sample_every", out.sample_every, "Use 0 (off) or a positive number.")
+    _require(0 <= out.sample_seed <= MAX_TRAINING_SEED, "output.sample_seed", out.sample_seed,
+             f"Use a seed from 0 to {MAX_TRAINING_SEED}.")
     _require(out.sample_steps >= 1, "output.sample_steps", out.sample_steps, "Use 1 or more.")
     _require(out.output.endswith(".safetensors"), "output.output", out.output,
              "Name the output file with a .safetensors extension.")

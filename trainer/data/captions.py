@@ -15,6 +15,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.core.errors import DatasetError
+
 CAPTION_EXTENSIONS = (".txt", ".caption")  # first match wins
 
 
@@ -28,12 +30,30 @@ def read_caption_file(path: Path) -> tuple[str, str | None]:
     attempts = [("utf-8-sig", None), ("cp1252", "Windows-1252"), ("latin-1", "Latin-1")]  # latin-1 never fails
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Notepad's "Unicode" is UTF-16 with a BOM
         attempts.insert(0, ("utf-16", None))
+    elif b"\0" in raw:  # no text encoding but UTF-16/32 puts NUL bytes in a caption
+        return clean_caption(_utf16_without_bom(path, raw)), "UTF-16 (without a byte-order mark)"
     for codec, fallback_name in attempts:
         try:
             return clean_caption(raw.decode(codec)), fallback_name
         except UnicodeDecodeError:
             continue
     raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
+
+
+def _utf16_without_bom(path: Path, raw: bytes) -> str:
+    """UTF-16 text that lost its BOM (some tools and scripts write it so): the NULs of its ASCII
+    characters sit at odd offsets (little-endian) or even ones (big-endian). Anything else with
+    NUL bytes is not a caption: refused with the file named rather than trained on."""
+    little = raw[1::2].count(0) >= raw[0::2].count(0)
+    high_bytes = raw[1::2] if little else raw[0::2]  # NUL for every ASCII character: commas, spaces, Latin tags
+    try:
+        text = raw[: len(raw) // 2 * 2].decode("utf-16-le" if little else "utf-16-be").rstrip("\0")
+    except UnicodeDecodeError:
+        text = "\0"
+    if 2 * high_bytes.count(0) < len(high_bytes) or any(ch < " " and ch not in "\t\r\n" for ch in text):
+        raise DatasetError(f"{path.name} is not a text file: it holds NUL bytes (binary data or UTF-32).",
+                           hint="Save the caption as UTF-8 text.")
+    return text
 
 
 def caption_sidecar(image: Path) -> Path:

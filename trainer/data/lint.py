@@ -37,6 +37,8 @@ class StepsPlan:
     total_steps: int
     reg_images: int = 0  # regularization pictures used (after balancing)
     reg_samples_per_epoch: int = 0  # their balanced repeats, summed
+    folders: tuple[str, ...] = ()  # "10_a (5 × 10)" per trained folder, shown when some folder is left out
+    left_out: tuple[str, ...] = ()  # kohya "0_name" folders: not trained, not counted
 
     def text(self) -> str:
         samples = (f"{self.images} images per epoch" if self.samples_per_epoch == self.images else
@@ -46,8 +48,12 @@ class StepsPlan:
                         f"class pictures)")
         per_epoch = f"{samples} ÷ batch {self.batch_size} → {self.steps_per_epoch} steps per epoch"
         if self.epochs.is_integer():
-            return f"{per_epoch} × {int(self.epochs)} epochs = {self.total_steps} steps"
-        return f"{per_epoch}; {self.total_steps} steps = {self.epochs:.2f} epochs"
+            text = f"{per_epoch} × {int(self.epochs)} epochs = {self.total_steps} steps"
+        else:
+            text = f"{per_epoch}; {self.total_steps} steps = {self.epochs:.2f} epochs"
+        if self.left_out:
+            text += f" (counted: {', '.join(self.folders)}; not counted, 0 repeats: {', '.join(self.left_out)})"
+        return text
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,16 @@ def lint_dataset(scan: DatasetScan, cfg: DataConfig, resolution: int,
     if scan.items:
         training_set = TrainingSet(scan, cfg, resolution, bucket_step, reg=reg_scan)
         bucket_counts = training_set.bucket_counts()
-        plan = _steps_plan(training_set, batch_size, epochs, steps)
+        plan = _steps_plan(scan, training_set, batch_size, epochs, steps)
         if training_set.reg is not None:
             issues += _reg_issues(training_set.reg, cfg)
+        if batch_size > training_set.num_samples:
+            issues.append(DatasetIssue(
+                "warning", "batch_too_big", None,
+                f"The batch size {batch_size} is more than the {training_set.num_samples} samples of an epoch: "
+                f"every batch holds at most {training_set.num_samples}, so each step learns from fewer pictures "
+                "than planned.",
+                f"Use a batch size of {training_set.num_samples} or less, or add pictures or repeats."))
         if len(scan.items) < FEW_IMAGES:
             n = len(scan.items)
             issues.append(DatasetIssue(
@@ -146,14 +159,17 @@ def lint_dataset(scan: DatasetScan, cfg: DataConfig, resolution: int,
                       trigger, trigger_count, bucket_counts, plan)
 
 
-def _steps_plan(training_set: TrainingSet, batch_size: int, epochs: int, steps: int) -> StepsPlan:
+def _steps_plan(scan: DatasetScan, training_set: TrainingSet, batch_size: int, epochs: int, steps: int) -> StepsPlan:
     per_epoch = training_set.steps_per_epoch(batch_size)
     total = steps if steps > 0 else per_epoch * epochs
     implied_epochs = steps / per_epoch if steps > 0 else float(epochs)
     reg = training_set.reg
     reg_samples = reg.samples_per_epoch if reg else 0
+    left_out = tuple(issue.path.name for issue in scan.issues if issue.code == "zero_repeats" and issue.path)
+    folders = tuple(f"{name} ({entry['img_count']} × {entry['n_repeats']})"
+                    for name, entry in scan.folder_summary().items()) if left_out else ()
     return StepsPlan(training_set.num_train_items, training_set.num_samples - reg_samples, batch_size, per_epoch,
-                     implied_epochs, total, len(reg.items) if reg else 0, reg_samples)
+                     implied_epochs, total, len(reg.items) if reg else 0, reg_samples, folders, left_out)
 
 
 def _reg_issues(reg: RegPlan, cfg: DataConfig) -> list[DatasetIssue]:

@@ -38,6 +38,7 @@ Severity = Literal["error", "warning", "info"]
 _UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".jxl", ".psd", ".raw", ".cr2", ".nef",
                                            ".dng", ".arw", ".svg", ".avif", ".jp2", ".ico", ".tga"})
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+_NEGATIVE_REPEAT_FOLDER = re.compile(r"^-(\d+)_(.*)$")
 
 
 # --- what a scan finds ---------------------------------------------------------------------------
@@ -131,6 +132,7 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
         probes = list(pool.map(_probe, paths))
 
     items: list[DatasetItem] = []
+    unrepeated: Counter[Path] = Counter()  # kohya "0_name" folders: their pictures are not trained
     for path, probe in zip(paths, probes, strict=True):
         if isinstance(probe, ImageError):
             issues.append(DatasetIssue("error", "unreadable", path, probe.message,
@@ -138,11 +140,47 @@ def scan_dataset(cfg: DataConfig) -> DatasetScan:
             continue
         (width, height), sha256 = probe
         repeats, class_tokens = _repeats_for(path, root, cfg.repeats)
+        if repeats == 0:
+            unrepeated[_repeat_folder(path, root)] += 1
+            continue
         caption = _caption_for(path, cfg, class_tokens, issues)
         mask = find_mask(path, sha256) if cfg.masked_loss else None
         items.append(DatasetItem(path, caption.text, repeats, width, height, sha256, caption.keep_head,
                                  caption.keep_tail, mask))
+    issues += _repeat_folder_issues(paths, root, unrepeated, cfg.repeats)
+    if not items and unrepeated:
+        raise DatasetError(f"No picture in {root} is trained: every one is in a folder with 0 repeats "
+                           f"({', '.join(folder.name for folder in unrepeated)}).",
+                           hint="Rename a folder to '1_name' (or more repeats) to train its pictures.")
     return DatasetScan(root, tuple(items), tuple(issues), num_files=len(paths), mask_files=tuple(mask_files))
+
+
+def _repeat_folder_issues(paths: list[Path], root: Path, unrepeated: Counter[Path], default: int) -> list[DatasetIssue]:
+    """kohya's folder names taken at their word, and said: "0_name" is not trained; "-3_name" is no repeat count."""
+    issues = [DatasetIssue(
+        "warning", "zero_repeats", folder,
+        f"{folder.name} has 0 repeats, so its {n} picture{'s' * (n != 1)} {'are' if n != 1 else 'is'} not trained "
+        "and not counted in the steps (kohya's meaning of a '0_' folder).",
+        f"Rename it to '1_{folder.name.partition('_')[2]}' (or more repeats) to train them.")
+        for folder, n in unrepeated.items()]
+    negative = Counter(folder for path in paths for folder in path.relative_to(root).parents
+                       if folder.name and _NEGATIVE_REPEAT_FOLDER.match(folder.name))
+    for folder, n in negative.items():
+        issues.append(DatasetIssue(
+            "warning", "negative_repeats", root / folder,
+            f"{folder.name}: a repeat count cannot be negative; its {n} picture{'s' * (n != 1)} "
+            f"{'are' if n != 1 else 'is'} trained as if the folder had no count ({default} repeat{'s' * (default != 1)}).",
+            f"Rename it to '{_NEGATIVE_REPEAT_FOLDER.match(folder.name).group(1)}_"
+            f"{_NEGATIVE_REPEAT_FOLDER.match(folder.name).group(2)}' (or '1_…'), or '0_…' to leave it out."))
+    return issues
+
+
+def _repeat_folder(path: Path, root: Path) -> Path:
+    """The nearest ``N_name`` folder above ``path`` (below ``root``)."""
+    folder = path.parent
+    while folder != root and not _REPEAT_FOLDER.match(folder.name):
+        folder = folder.parent
+    return folder
 
 
 def find_images(root: Path) -> list[Path]:
@@ -221,7 +259,7 @@ def _repeats_for(path: Path, root: Path, default: int) -> tuple[int, str]:
     folder = path.parent
     while folder != root and root in folder.parents:
         match = _REPEAT_FOLDER.match(folder.name)
-        if match and int(match.group(1)) >= 1:
+        if match:  # "0_name" too: 0 repeats, not trained (kohya)
             return int(match.group(1)), match.group(2).strip()
         folder = folder.parent
     return default, ""
@@ -245,6 +283,9 @@ def _caption_for(path: Path, cfg: DataConfig, class_tokens: str, issues: list[Da
             issues.append(DatasetIssue(
                 "warning", "unreadable_caption", sidecar, f"Cannot read {sidecar.name}: {exc.strerror or exc}.",
                 "Check the file's permissions."))
+            encoding = None
+        except DatasetError as exc:  # not text at all: trained as if it had no caption, and said so
+            issues.append(DatasetIssue("warning", "unreadable_caption", sidecar, exc.message, exc.hint or ""))
             encoding = None
         if encoding is not None:
             issues.append(DatasetIssue(

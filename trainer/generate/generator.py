@@ -13,8 +13,10 @@ the matched layers, with each layer's α/r folded into B, so one rule (scale = 1
 whatever convention the file used.
 
 When the same weights serve several images the adapters are fused into the base weights (no
-extra matmuls per step). Unfusing subtracts them again; for fp16/bf16 weights that would drift
-by a rounding error each time, so the untouched weights are kept aside and copied back instead.
+extra matmuls per step). Unfusing by subtraction would drift by a rounding error each time, in
+fp32 as in fp16/bf16 ((W + D) - D is not W in floating point), so the untouched weights of every
+fused layer are kept aside (in host memory) and copied back instead: with every LoRA off the
+base weights are bit-identical to the loaded ones on every path and precision.
 ``fuse_lora`` is only ever called with ``lora_scale=1`` (a different scale would stay in the
 adapters after unfusing) and ``set_adapters`` is called again after every unfuse (DESIGN §7).
 Unfused (``fuse=False``), the enabled adapters of each layer are packed into one low-rank pair
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 
+from trainer.core.devices import resolve_device
 from trainer.core.errors import ConfigError, LoraFileError
 from trainer.core.hashing import file_sha256
 from trainer.generate.infotext import (
@@ -64,6 +67,7 @@ from trainer.generate.requests import (
 from trainer.generate.schedulers import make_scheduler, parse_sampler
 from trainer.lora.reading import LoraFile, check_lora_fits, read_lora_file
 from trainer.lora.writing import tensor_data_sha256
+from trainer.models.text import check_clip_skip
 
 ADAPTER_PREFIX = "lsgen"  # + 3 digits: never a substring of a module path (DESIGN §7)
 
@@ -107,7 +111,7 @@ class Generator:
         from trainer.generate.pipeline import inference_pipeline
 
         self.model = model
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.pipe = inference_pipeline(model)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -128,7 +132,7 @@ class Generator:
         from trainer.config.schema import ModelConfig
         from trainer.models.loading import load_base_model
 
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        target = resolve_device(device)  # before loading: a device that is not here fails now
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
             precision, torch.float16 if target.type == "cuda" else torch.float32)
         model = load_base_model(ModelConfig(base=base, base_config=base_config), dtype=dtype,
@@ -144,6 +148,7 @@ class Generator:
         raises for anything that would stop generation, before any image work starts.
         """
         self._size(request)
+        check_clip_skip(self.model.name, self.model.text_encoders(), request.clip_skip)
         wanted = {_path_key(spec.path): spec for spec in request.loras}
         stale = [key for key, adapter in self._adapters.items()
                  if key not in wanted or adapter.stamp != _file_stamp(Path(key), missing_ok=True)]
@@ -284,8 +289,7 @@ class Generator:
         for component in components:
             for path, layer in parts[component].named_modules():
                 base = layer.get_base_layer() if isinstance(layer, LoraLayer) else None
-                if base is not None and base.weight.dtype in (torch.float16, torch.bfloat16) \
-                        and any(n in layer.lora_A for n in names):
+                if base is not None and any(n in layer.lora_A for n in names):
                     self._originals[(component, path)] = base.weight.detach().to("cpu", copy=True)
         self.pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=names)
         self._fused_components = components

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -47,3 +49,17 @@ def encode_text_sdxl(text_encoder, text_encoder_2, input_ids: torch.Tensor, inpu
     hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer].to(first.hidden_states[layer].dtype)],
                        dim=-1)
     return hidden, second.text_embeds
+
+
+def check_clip_skip(model_name: str, text_encoders: Iterable, clip_skip: int, label: str = "clip skip") -> None:
+    """Refuse a clip skip deeper than the text encoder(s), with the range, before any encoding.
+
+    The deepest is the (shallowest) encoder's number of layers, the range of A1111's "stop at
+    last layers" slider: beyond it there is no layer to take.
+    """
+    from trainer.core.errors import ConfigError
+
+    deepest = min(encoder.config.num_hidden_layers for encoder in text_encoders)
+    if not 1 <= clip_skip <= deepest:
+        raise ConfigError(f"{label} = {clip_skip} is out of range for {model_name}, whose text encoder has "
+                          f"{deepest} layers.", hint=f"Use a clip skip from 1 to {deepest} (2 is A1111's 'clip skip 2').")

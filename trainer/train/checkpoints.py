@@ -144,12 +144,31 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
         raise CheckpointError(f"The checkpoint {path} is damaged: {exc.message}",
                               hint="Delete it and resume from an earlier one.") from None
     except FileNotFoundError:
+        inside = list_checkpoints(path) or list_checkpoints(path / "checkpoints")  # a run or checkpoints folder
         raise CheckpointError(f"{path} is not a LoRA Studio checkpoint (no {STATE_FILE}/{TENSORS_FILE}).",
-                              hint="Point --resume at a step-NNNNNN folder, or use --resume auto.") from None
+                              hint=f"It holds checkpoints: use --resume {inside[-1].path} (the latest), or --resume auto."
+                              if inside else "Point --resume at a step-NNNNNN folder, or use --resume auto.") from None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise CheckpointError(f"The checkpoint {path} is damaged ({exc}).",
-                              hint="Delete it and resume from an earlier one.") from None
+        raise damaged(path, exc) from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise damaged(path, exc) from None
+    if not isinstance(document, dict):
+        raise damaged(path, f"{STATE_FILE} holds a {type(document).__name__}, not an object")
     if document.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"The checkpoint {path} was written by another version of LoRA Studio.",
                               hint="Start a new run.")
-    return int(document["step"]), unflatten_state(document["state"], tensors)
+    step, state = document.get("step"), document.get("state")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise damaged(path, f"its step is {step!r}, not a step number")
+    if not isinstance(state, dict):
+        raise damaged(path, "its training state is missing")
+    try:
+        return step, unflatten_state(state, tensors)
+    except (KeyError, TypeError, ValueError) as exc:  # a mangled key: a tensor reference that leads nowhere
+        raise damaged(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def damaged(path: Path, reason: object) -> CheckpointError:
+    """The one message for a checkpoint that cannot be read back, whatever is wrong inside it."""
+    return CheckpointError(f"The checkpoint {path} is damaged ({reason}).",
+                           hint="Delete it and resume from an earlier one (or start again without --resume).")

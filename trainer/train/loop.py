@@ -16,7 +16,12 @@ import torch
 from trainer.config.schema import StudioConfig, save_toml
 from trainer.core.atomic import atomic_write_text, write_error
 from trainer.core.errors import CheckpointError, TrainingError
-from trainer.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.train.checkpoints import (
+    damaged,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.train.events import (
     CheckpointSaved,
     Event,
@@ -242,5 +247,8 @@ def resume_if_asked(session: Session) -> tuple[int, int | None]:
             raise CheckpointError(f"No checkpoint folder at {path}.",
                                   hint="Use --resume auto, or the path of a step-NNNNNN folder inside the run's checkpoints.")
     step, state = load_checkpoint(path)
-    session.restore(state, path)
+    try:
+        session.restore(state, path)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:  # a key or value mangled inside
+        raise damaged(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'a missing part'}") from None
     return step, state.get("total_steps")

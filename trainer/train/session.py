@@ -8,6 +8,7 @@ restores) is gathered here too, so the loop never touches RNGs or optimiser inte
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from trainer.config.schema import StudioConfig
 from trainer.config.validation import check_resolution_multiple
+from trainer.core.devices import check_training_precision, resolve_device
 from trainer.core.errors import CheckpointError, ConfigError
 from trainer.data.caches import LatentCache, TextEmbeddingCache, encode_latents
 from trainer.data.lint import LintReport, lint_dataset
@@ -34,7 +36,13 @@ from trainer.lora import inject as lora_inject
 from trainer.lora.dropout import attach_kohya_dropout
 from trainer.models.identity import base_weights_hash
 from trainer.models.loading import BaseModel, load_base_model
-from trainer.models.text import count_tokens, encode_text, encode_text_sdxl, tokenize
+from trainer.models.text import (
+    check_clip_skip,
+    count_tokens,
+    encode_text,
+    encode_text_sdxl,
+    tokenize,
+)
 from trainer.train.ema import LoraEma
 from trainer.train.estimate import Estimator, checkpointing_for_memory
 from trainer.train.fingerprint import legacy_fingerprint, run_fingerprint
@@ -70,11 +78,12 @@ def choose_precision(config: StudioConfig, device: torch.device) -> str:
 
 
 def _accelerator(config: StudioConfig) -> Accelerator:
-    wanted = config.train.device
-    cpu = wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available())
-    probe = torch.device("cpu" if cpu else ("cuda" if wanted == "auto" else wanted))
+    probe = resolve_device(config.train.device, "train.device")  # before any model loads: here, and able to
+    check_training_precision(config.train.precision, probe, "train.precision")  # run this precision
+    if probe.index is not None and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(probe)  # a single process trains on the current CUDA device: make it cuda:N
     return Accelerator(
-        cpu=cpu,
+        cpu=probe.type == "cpu",
         mixed_precision=choose_precision(config, probe),
         gradient_accumulation_steps=1,  # accumulation is done by the loop (it knows the step count)
         # With several processes the others wait while the main one fills the latent cache or makes
@@ -316,6 +325,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     np.random.seed(config.train.seed % 2**32)
 
     model = load_base_model(config.model, dtype=torch.float32, supported=SUPPORTED_FAMILIES)
+    check_clip_skip(model.name, model.text_encoders(), config.model.clip_skip, "model.clip_skip")
     if config.train.zero_terminal_snr:
         use_zero_terminal_snr(model)
     check_prediction_type_options(config.train, model.prediction_type, model.name)

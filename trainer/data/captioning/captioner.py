@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from trainer.core.devices import resolve_device
 from trainer.core.errors import ConfigError, ModelLoadError
 from trainer.data.captions import clean_caption
 
@@ -46,8 +47,7 @@ class TransformersCaptioner:
         if not local.is_dir() and not _looks_like_hub_id(text):
             raise ModelLoadError(f"Captioning model not found: {text}.", hint=download_help())
         self.name = local.name if local.is_dir() else text
-        self.device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else
-                                   (device if device not in ("auto", "cuda") else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.processor, self.model = _load(str(local) if local.is_dir() else text, local.is_dir(), self.dtype)
         self.model.to(self.device).eval()
