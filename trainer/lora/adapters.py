@@ -158,17 +158,3 @@ def peft_config(network: NetworkConfig, modules: dict[str, tuple[int, float]]):
         bias="none",
         **common,
     )
-
-
-def check_network(network: NetworkConfig) -> None:
-    """Combinations the types cannot do (called by validation with the config's values)."""
-    lycoris = network.network in LYCORIS_TYPES
-    if lycoris and network.rslora:
-        raise ConfigError(f"rsLoRA scaling is a LoRA option; network = {network.network} scales by alpha/rank.",
-                          hint="Turn rslora off, or use network = lora/dora/locon.")
-    if lycoris and (network.network_dropout or network.rank_dropout or network.module_dropout):
-        raise ConfigError(f"kohya's network/rank/module dropouts act on LoRA's lora_down; network = "
-                          f"{network.network} has none.", hint="Set the three dropouts to 0, or use lora/dora/locon.")
-    if (network.conv_rank or network.conv_alpha) and network.network != "locon":
-        raise ConfigError("conv_rank/conv_alpha apply to network = locon (LoRA on the 3x3 convolutions) only.",
-                          hint="Set network = locon, or leave conv_rank and conv_alpha at 0.")

@@ -414,6 +414,10 @@ def run_fingerprint(config: StudioConfig, training_set: TrainingSet) -> str:
     """Identity of what a checkpoint's weights depend on: training settings and dataset content."""
     settings = config_to_dict(config)
     settings.pop("output")
+    for key, default in (("network", "lora"), ("conv_rank", 0), ("conv_alpha", 0.0), ("block_dims", ""),
+                         ("block_alphas", ""), ("block_lr", "")):
+        if settings["network"].get(key) == default:  # added in 0.2: older checkpoints keep resuming
+            settings["network"].pop(key)
     # How a step is computed does not change the weights, and the run's length only changes the
     # learning-rate schedule from here on: a run can be resumed on another device, or a finished
     # one extended with more steps or epochs.
