@@ -122,10 +122,13 @@ def lora_shapes(component: str, model: torch.nn.Module, module_paths: Iterable[s
     return shapes
 
 
-def module_shape(module: LoraModule) -> LoraShape:
+def module_shape(module: LoraModule, own_rank: bool = False) -> LoraShape:
+    """The shape of a LoRA/LoCon/DoRA module; ``own_rank`` records its rank and alpha instead of the file's."""
     kernel = tuple(module.down.shape[2:])
+    rank, alpha = (module.rank, module.alpha) if own_rank else (0, None)
+    kind = "dora" if module.kind == "dora" else "lora"
     return LoraShape(module.name, int(module.down.shape[1]), int(module.up.shape[0]), module.is_conv, kernel,
-                     module.rank, module.kind, module.alpha)
+                     rank, kind, alpha)
 
 
 def _exported_alpha(layer: LoraLayer, adapter_name: str, rank: int) -> float:
