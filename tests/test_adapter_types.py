@@ -297,3 +297,39 @@ def test_impossible_combinations_are_refused(overrides, field) -> None:
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         resolve_config("character", overrides=overrides)
+
+
+# --- diffusers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lora", "locon"])
+def test_diffusers_loads_the_types_it_supports(tiny_sd1_dir, exported, kind: str) -> None:
+    """diffusers' load_lora_weights converts kohya LoRA and LoCon (ResNet convs included) for SD pipelines."""
+    from tiny_runs import load_pipeline
+
+    path, (unet_ref, te_ref), _, _, _ = exported[kind]
+    pipe = load_pipeline(tiny_sd1_dir)
+    pipe.load_lora_weights(str(path), adapter_name="file")
+    unet_out, te_out = sd_outputs(pipe.unet, pipe.text_encoder, pad_id=49407)
+    torch.testing.assert_close(unet_out, unet_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(te_out, te_ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_diffusers_refuses_lycoris_types_it_cannot_convert(tiny_sd1_dir, exported, kind: str) -> None:
+    """What the README's table says: diffusers 0.42's SD pipelines have no LoHa/LoKr converter."""
+    from tiny_runs import load_pipeline
+
+    pipe = load_pipeline(tiny_sd1_dir)
+    with pytest.raises(ValueError, match="not been correctly renamed"):
+        pipe.load_lora_weights(str(exported[kind][0]), adapter_name="file")
+
+
+def test_diffusers_drops_dora_scale_and_keeps_only_the_lora_part(tiny_sd1_dir, exported, caplog) -> None:
+    from tiny_runs import load_pipeline
+
+    path, (unet_ref, _), _, _, _ = exported["dora"]
+    pipe = load_pipeline(tiny_sd1_dir)
+    pipe.load_lora_weights(str(path), adapter_name="file")
+    unet_out, _ = sd_outputs(pipe.unet, pipe.text_encoder, pad_id=49407)
+    assert (unet_out - unet_ref).abs().max() > 1e-2  # not the trained DoRA model: use A1111-free Generate/ComfyUI
