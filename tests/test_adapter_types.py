@@ -333,3 +333,18 @@ def test_diffusers_drops_dora_scale_and_keeps_only_the_lora_part(tiny_sd1_dir, e
     pipe.load_lora_weights(str(path), adapter_name="file")
     unet_out, _ = sd_outputs(pipe.unet, pipe.text_encoder, pad_id=49407)
     assert (unet_out - unet_ref).abs().max() > 1e-2  # not the trained DoRA model: use A1111-free Generate/ComfyUI
+
+
+@pytest.mark.parametrize("path, name", [
+    ("down_blocks.0.resnets.1.conv1", "lora_unet_input_blocks_2_0_in_layers_2"),
+    ("down_blocks.1.resnets.0.conv_shortcut", "lora_unet_input_blocks_4_0_skip_connection"),
+    ("down_blocks.0.downsamplers.0.conv", "lora_unet_input_blocks_3_0_op"),
+    ("mid_block.resnets.1.time_emb_proj", "lora_unet_middle_block_2_emb_layers_1"),
+    ("up_blocks.2.resnets.2.conv2", "lora_unet_output_blocks_8_0_out_layers_3"),
+    ("up_blocks.1.upsamplers.0.conv", "lora_unet_output_blocks_5_2_conv"),
+])
+def test_sdxl_locon_layers_get_kohyas_sgm_names(path, name) -> None:
+    from trainer.lora.names import kohya_module_name, parse_kohya_module_name
+
+    assert kohya_module_name("unet", path, "sdxl") == name
+    assert parse_kohya_module_name(name) == ("unet", path)
