@@ -8,6 +8,7 @@ comma-separated strings, so TOML files and the CLI read the same thing.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gradio as gr
@@ -66,7 +67,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        if value != value:  # NaN: an emptied cell
+        if math.isnan(value):  # an emptied cell
             return ""
         return f"{value:g}"
     return str(value).strip()

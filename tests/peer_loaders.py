@@ -17,7 +17,7 @@ def _scale(tensors: dict, stem: str, dim: int | None) -> float:
 
 
 def _lokr(tensors: dict, stem: str, base: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-    get = lambda k: tensors.get(f"{stem}.{k}")  # noqa: E731
+    get = lambda k: tensors.get(f"{stem}.{k}")
     dim = None
     w1 = get("lokr_w1")
     if w1 is None:
@@ -31,7 +31,7 @@ def _lokr(tensors: dict, stem: str, base: torch.Tensor) -> tuple[torch.Tensor, i
 
 
 def _updown(tensors: dict, stem: str, base: torch.Tensor) -> tuple[torch.Tensor, int | None] | None:
-    get = lambda k: tensors.get(f"{stem}.{k}")  # noqa: E731
+    get = lambda k: tensors.get(f"{stem}.{k}")
     if get("lora_up.weight") is not None:
         up, down = get("lora_up.weight").float(), get("lora_down.weight").float()
         return (up.flatten(1) @ down.flatten(1)).reshape(base.shape), down.shape[0]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from peer_loaders import a1111_delta, comfy_delta
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from peer_loaders import a1111_delta, comfy_delta
 from tiny_runs import sd_outputs
+
 from trainer.config.schema import ModelConfig, NetworkConfig
 from trainer.core.errors import ConfigError, LoraFileError
 from trainer.generate.generator import Generator
@@ -178,7 +178,7 @@ def test_a1111_and_comfyui_readers_apply_the_trained_update(exported, kind: str)
                 up = tensors[f"{stem}.lora_up.weight"].flatten(1)
                 down = tensors[f"{stem}.lora_down.weight"].flatten(1)
                 merged = base + (tensors[f"{stem}.alpha"] / down.shape[0] * up @ down).reshape(base.shape)
-                row = lambda w: w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))  # noqa: E731
+                row = lambda w: w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
                 torch.testing.assert_close((got + base) * row(base), (trained + base) * row(merged),
                                            atol=1e-4, rtol=1e-4, msg=stem)
                 continue
@@ -260,7 +260,7 @@ def test_block_dims_set_ranks_and_drop_blocks(tiny_sd1_dir) -> None:
     dims[1], dims[12], dims[17] = "8", "2", "6"  # the tiny UNet's transformers sit in IN01, MID, OUT03 and OUT04
     network = NetworkConfig(rank=4, alpha=2.0, targets="full", block_dims=",".join(dims),
                             block_alphas=",".join(["1"] * 25), train_text_encoder=False)
-    model, plan, parts = _trained(tiny_sd1_dir, network)
+    model, plan, _parts = _trained(tiny_sd1_dir, network)
     ranks = {path: r for path, (r, _) in plan.ranks["unet"].items()}
     assert ranks and {block_index(p, "sd1") for p in ranks} == {1, 12, 17}  # OUT03 (16) left out
     assert {r for p, r in ranks.items() if block_index(p, "sd1") == 1} == {8}

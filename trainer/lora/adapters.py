@@ -20,6 +20,7 @@ the block's learning rate. Text-encoder layers belong to no block.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -77,7 +78,7 @@ def parse_block_values(text: str, label: str, family: str, integer: bool = False
         raise ConfigError(f"network.{label} has {len(values)} values, but this model has {expected} UNet blocks "
                           f"({', '.join(block_names(family)[:3])}, ..., {block_names(family)[-1]}).",
                           hint=f"Give exactly {expected} values (kohya's order), or leave it empty.")
-    if any(v < 0 or v != v for v in values) or (integer and any(v != int(v) for v in values)):
+    if any(v < 0 or math.isnan(v) for v in values) or (integer and any(v != int(v) for v in values)):
         raise ConfigError(f"network.{label} must hold {'whole ' if integer else ''}numbers of 0 or more: {text!r}.")
     return values
 
@@ -122,11 +123,11 @@ def locon_conv_targets(unet: torch.nn.Module) -> list[str]:
     """The ResNet-block and sampler convolutions (3×3) plus the ResNets' time_emb_proj/conv_shortcut."""
     targets = []
     for name, module in unet.named_modules():
-        if _CONV_PARENTS.search(name) and isinstance(module, torch.nn.Conv2d):
+        conv = _CONV_PARENTS.search(name) and isinstance(module, torch.nn.Conv2d)
+        linear = (_RESNET_LINEAR.search(name) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+                  and not is_conv3x3(module))
+        if conv or linear:
             targets.append(name)
-        elif _RESNET_LINEAR.search(name) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            if not is_conv3x3(module):
-                targets.append(name)
     return targets
 
 

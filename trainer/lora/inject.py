@@ -5,6 +5,10 @@ frozen weight W0 and gains ``lora_A`` (r x in, Kaiming/Gaussian init) and ``lora
 zeros), with ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA). Because B starts at
 zero, the wrapped model is exactly the base model until the first optimiser step.
 
+The other adapter types (``trainer.lora.adapters``: DoRA, LoCon's 3x3 convs, LoHa, LoKr) are peft
+tuners too, and per-module ranks (kohya's block_dims, LoCon's conv rank) are peft's rank/alpha
+patterns; ``lora_parameters``/``lora_state`` cover every type's trainable tensors.
+
 Target modules are listed by their full paths rather than by suffix patterns, so the same list
 drives injection, file-size estimates and export, and nothing is matched by accident.
 """

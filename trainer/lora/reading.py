@@ -31,7 +31,7 @@ from trainer.core.safetensors_header import (
     read_safetensors_header,
     refuse_pickle,
 )
-from trainer.lora.layers import LoraFile, LoraModule  # noqa: F401 - their 0.2 import path
+from trainer.lora.layers import LoraFile, LoraModule
 from trainer.lora.lycoris_keys import split_lycoris
 from trainer.lora.names import (
     COMPONENTS,

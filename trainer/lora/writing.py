@@ -38,6 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from trainer.core.atomic import atomic_path
 from trainer.core.errors import LoraFileError
 from trainer.lora.inject import ADAPTER_NAME, lora_layers, module_in_out
+from trainer.lora.layers import LoraModule
 from trainer.lora.lycoris_keys import collect_lycoris, planned_parts
 from trainer.lora.metadata import trim_tag_frequency
 from trainer.lora.names import (
@@ -46,7 +47,6 @@ from trainer.lora.names import (
     kohya_module_name,
     parse_kohya_module_name,
 )
-from trainer.lora.layers import LoraModule
 
 EXPORT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
@@ -281,7 +281,7 @@ def save_peft_lora(modules: Iterable[LoraModule], path: str | Path, dtype: str =
     modules = list(modules)
     if any(getattr(m, "kind", "lora") not in ("lora", "locon") for m in modules):
         raise LoraFileError("The diffusers/PEFT-format copy holds plain LoRA only; this network is "
-                            f"{sorted({m.kind for m in modules} - {'lora', 'locon'})[0]}.",
+                            f"{min({m.kind for m in modules} - {'lora', 'locon'})}.",
                             hint="Turn export_peft off: the .safetensors file (kohya/LyCORIS keys) loads in every UI.")
     kohya = kohya_state_dict(modules, dtype)  # same checks and casts as the kohya export
     tensors: dict[str, torch.Tensor] = {}
