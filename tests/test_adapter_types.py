@@ -217,6 +217,8 @@ def test_inspect_shows_the_type(exported, kind: str) -> None:
 
     report = inspect_lora(exported[kind][0])
     assert report.network_type == kind
+    stored = sum(t.numel() for k, t in load_file(str(exported[kind][0])).items() if not k.endswith(".alpha"))
+    assert report.parameters == stored
     assert f"{kind} " in report.text().split("\n")[0].lower()
     assert all(s.norm > 0 for s in report.layers)
 
@@ -348,3 +350,47 @@ def test_sdxl_locon_layers_get_kohyas_sgm_names(path, name) -> None:
 
     assert kohya_module_name("unet", path, "sdxl") == name
     assert parse_kohya_module_name(name) == ("unet", path)
+
+
+# --- a real run of each type ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", TYPES)
+def test_a_tiny_run_of_each_type_exports_what_was_planned(tiny_sd1_dir, image_folder, tmp_path, kind: str) -> None:
+    from tiny_runs import run_config
+    from trainer.lora.writing import lora_file_size, lora_shapes
+    from trainer.train.loop import train
+
+    config = run_config(tiny_sd1_dir, image_folder, tmp_path, steps=2, seed=3, network=kind, lr=1e-2,
+                        **({"conv_rank": 2, "conv_alpha": 1.0} if kind == "locon" else {}))
+    finished = list(train(config))[-1]
+    path = Path(config.output.output)
+    assert finished.size_bytes == path.stat().st_size
+    file = read_lora_file(path)
+    assert file.network_type == kind
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == NETWORK_MODULE[kind]
+    arch = architecture_for(str(tiny_sd1_dir))
+    plan = plan_lora(config.network, arch.unet, arch.text_encoders)
+    shape_kind = {"locon": "lora"}.get(kind, kind)
+    shapes = [s for c, paths in plan.modules.items() for s in lora_shapes(
+        c, {"unet": arch.unet, **arch.text_encoders}[c], paths, "sd1", shape_kind, plan.ranks.get(c))]
+    assert lora_file_size(shapes, config.network.rank, "fp16", alpha=config.network.alpha, metadata=meta) \
+        == finished.size_bytes
+    assert any(m.delta_weight(torch.zeros(m.out_in) if kind == "dora" else None).abs().max() > 0
+               for m in file.modules.values() if not hasattr(m, "down") or m.up.abs().max() > 0)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_every_types_state_goes_into_checkpoints_and_back(tiny_sd1_dir, kind: str) -> None:
+    from trainer.lora.inject import load_lora_state, lora_state
+
+    network = NetworkConfig(rank=4, alpha=2.0, targets="full", network=kind, train_text_encoder=False)
+    trained, _, _ = _trained(tiny_sd1_dir, network, seed=1)
+    fresh, _, _ = _trained(tiny_sd1_dir, network, seed=2)
+    state = {k: v.detach().clone() for k, v in lora_state(trained.unet).items()}
+    assert len(state) == len(lora_parameters(trained.unet))
+    load_lora_state(fresh.unet, state)
+    assert all(torch.equal(v, state[k]) for k, v in lora_state(fresh.unet).items())

@@ -40,6 +40,7 @@ class LayerStats:
     norm: float  # ‖ΔW‖_F
     singular_values: tuple[float, ...]  # of ΔW, descending
     effective_rank: int  # singular values holding 99% of ‖ΔW‖²_F
+    parameters: int = 0  # stored numbers of the layer (every tensor of its type, alpha aside)
 
     @property
     def scale(self) -> float:
@@ -70,7 +71,7 @@ class LoraReport:
 
     @property
     def parameters(self) -> int:
-        return sum(s.rank * (s.shape[0] + _fan_in(s.shape)) for s in self.layers)
+        return sum(s.parameters or s.rank * (s.shape[0] + _fan_in(s.shape)) for s in self.layers)
 
     def text(self, per_layer: bool = False) -> str:
         """A plain-text summary for the terminal (``per_layer`` adds one line per layer)."""
@@ -208,12 +209,14 @@ def _layer_stats(name: str, module) -> LayerStats:
         svd = lowrank_svd(up, down, 1.0)
         return LayerStats(name=name, block=block_of(name), rank=module.rank, alpha=float(module.alpha),
                           shape=module.out_in, norm=svd.energy ** 0.5, singular_values=tuple(float(v) for v in svd.s),
-                          effective_rank=svd.rank_for_energy(EFFECTIVE_RANK_ENERGY))
+                          effective_rank=svd.rank_for_energy(EFFECTIVE_RANK_ENERGY),
+                          parameters=sum(t.numel() for t in module.tensors().values()))
     svd = lowrank_svd(module.up, module.down, module.alpha / module.rank)  # DoRA: its B·A part
     shape = (int(module.up.shape[0]), *map(int, module.down.shape[1:]))
     return LayerStats(name=name, block=block_of(name), rank=module.rank, alpha=float(module.alpha), shape=shape,
                       norm=svd.energy ** 0.5, singular_values=tuple(float(v) for v in svd.s),
-                      effective_rank=svd.rank_for_energy(EFFECTIVE_RANK_ENERGY))
+                      effective_rank=svd.rank_for_energy(EFFECTIVE_RANK_ENERGY),
+                      parameters=sum(t.numel() for t in module.tensors().values()))  # DoRA: + dora_scale
 
 
 def _model_order(item) -> tuple:
