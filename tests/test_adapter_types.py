@@ -394,3 +394,16 @@ def test_every_types_state_goes_into_checkpoints_and_back(tiny_sd1_dir, kind: st
     assert len(state) == len(lora_parameters(trained.unet))
     load_lora_state(fresh.unet, state)
     assert all(torch.equal(v, state[k]) for k, v in lora_state(fresh.unet).items())
+
+
+def test_locon_resizes_and_merges_like_lora(exported, tmp_path) -> None:
+    from trainer.tools.resize import merge_loras, resize_lora
+
+    path = exported["locon"][0]
+    resize_lora(path, tmp_path / "small.safetensors", rank=2)
+    small = read_lora_file(tmp_path / "small.safetensors")
+    assert small.network_type == "locon" and {m.rank for m in small.modules.values()} == {2}
+    merge_loras([(path, 0.5), (path, 0.5)], tmp_path / "merged.safetensors")
+    merged, original = read_lora_file(tmp_path / "merged.safetensors"), read_lora_file(path)
+    for name, module in original.modules.items():
+        torch.testing.assert_close(merged.modules[name].delta_weight(), module.delta_weight(), atol=1e-5, rtol=1e-4)
