@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import gradio as gr
 
+from app.block_table import BLOCK_FIELDS, BLOCK_TABLE, block_table_widget, fields_to_rows, rows_to_fields
 from trainer.config.schema import SECTIONS, StudioConfig, config_to_dict, field_index
 
 # Set by the Train tab's own pickers (dataset, base model, run name, Resume button).
@@ -115,6 +116,10 @@ LABELS = {
     "multires_noise_iterations": "Multires noise levels",
     "multires_noise_discount": "Multires noise discount",
     "ip_noise_gamma": "Input perturbation noise (gamma)",
+    # adapter types (trainer.lora.adapters)
+    "network": "Network type",
+    "conv_rank": "Conv rank (LoCon 3x3)",
+    "conv_alpha": "Conv alpha (LoCon 3x3)",
 }
 
 
@@ -128,17 +133,23 @@ class SettingsForm:
         """Flat config overrides from gradio dict inputs; empty number boxes are left out."""
         by_component = {component: name for name, component in self.components.items()}
         flat: dict[str, Any] = {}
+        table = None
         for component, value in values.items():
             name = by_component.get(component)
-            if name is not None:
+            if name == BLOCK_TABLE:  # one table for block_dims, block_alphas and block_lr
+                table = value
+            elif name is not None:
                 converted = widget_to_value(name, value)
                 if converted is not None:
                     flat[name] = converted
+        if table is not None:  # blank cells take the network's rank and alpha
+            flat.update(rows_to_fields(table, flat.get("rank"), flat.get("alpha")))
         return flat
 
     def updates(self, config: StudioConfig) -> dict[gr.components.Component, Any]:
         """New widget values showing ``config`` (for a preset change or a loaded run)."""
         values = config_values(config)
+        values[BLOCK_TABLE] = fields_to_rows(values)
         return {component: values[name] for name, component in self.components.items()}
 
 
@@ -186,7 +197,7 @@ def build_settings_form(config: StudioConfig) -> SettingsForm:
                 components[name] = _widget(name, index[name][1], values[name])
     for section, cls in SECTIONS.items():
         names = [f.name for f in cls.__dataclass_fields__.values()
-                 if f.name not in APP_OWNED and f.name not in ESSENTIALS]
+                 if f.name not in APP_OWNED and f.name not in ESSENTIALS and f.name not in BLOCK_FIELDS]
         if not names:
             continue
         with gr.Accordion(f"More settings: {SECTION_TITLES[section]}", open=False, elem_id=f"settings-{section}"):
@@ -194,6 +205,8 @@ def build_settings_form(config: StudioConfig) -> SettingsForm:
                 with gr.Row():
                     for name in names[start:start + 3]:
                         components[name] = _widget(name, index[name][1], values[name])
+            if section == "network":
+                components[BLOCK_TABLE] = block_table_widget(values)
     return SettingsForm(components)
 
 

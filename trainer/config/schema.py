@@ -34,6 +34,7 @@ LoraInit = Literal["kaiming", "gaussian"]
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 TimestepSampling = Literal["uniform", "logit_normal", "range"]
+NetworkType = Literal["lora", "dora", "locon", "loha", "lokr"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,12 @@ class NetworkConfig:
     network_dropout: float = field(default=0.0, metadata={"help": "kohya's network_dropout: neuron dropout on the LoRA's r hidden values (after lora_down), training only; 0 = off, 0.1 typical."})
     rank_dropout: float = field(default=0.0, metadata={"help": "kohya's rank_dropout: drop each of the r ranks per sample with this probability (rest scaled by 1/(1-p)), training only; 0 = off."})
     module_dropout: float = field(default=0.0, metadata={"help": "kohya's module_dropout: skip a whole LoRA layer for a step with this probability (no rescaling), training only; 0 = off."})
+    network: NetworkType = field(default="lora", metadata={"help": "Adapter type: lora, dora (LoRA + magnitude), locon (LoRA + the UNet's 3x3 convs), loha, lokr (LyCORIS)."})
+    conv_rank: int = field(default=0, metadata={"help": "locon: rank of the UNet ResNet/sampler 3x3 convs (kohya's conv_dim); 0 = the network rank."})
+    conv_alpha: float = field(default=0.0, metadata={"help": "locon: alpha of the 3x3 convs (kohya's conv_alpha); 0 = the network alpha."})
+    block_dims: str = field(default="", metadata={"help": "kohya block_dims: one rank per UNet block (25 for SD1/SD2, 23 for SDXL), comma-separated; 0 leaves a block out; empty = rank everywhere."})
+    block_alphas: str = field(default="", metadata={"help": "kohya block_alphas: one alpha per UNet block (as block_dims); empty = alpha everywhere."})
+    block_lr: str = field(default="", metadata={"help": "Per-block learning-rate factors (as block_dims, kohya's block lr weights), comma-separated; empty = 1 everywhere."})
 
 
 @dataclass(frozen=True)

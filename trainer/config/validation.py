@@ -76,6 +76,7 @@ def validate_methods(config: StudioConfig) -> None:
     for name in ("network_dropout", "rank_dropout", "module_dropout"):
         value = getattr(n, name)
         _require(0 <= value < 1, f"network.{name}", value, "Use 0 (off) or a probability below 1 (0.1 typical).")
+    validate_network_type(config)
     _require(o.lr_cycles >= 1, "optim.lr_cycles", o.lr_cycles, "Use 1 or more cycles.")
     _require(o.lr_cycles == 1 or o.scheduler == "cosine_with_restarts", "optim.lr_cycles", o.lr_cycles,
              "Cycles only apply to scheduler = \"cosine_with_restarts\": set that schedule, or lr_cycles = 1.")
@@ -121,3 +122,32 @@ def check_resolution_multiple(resolution: int, factor: int) -> None:
 def _require(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{name} = {value!r} is out of range.", hint=fix)
+
+
+def validate_network_type(config: StudioConfig) -> None:
+    """What each adapter type (lora, dora, locon, loha, lokr) can be combined with."""
+    n = config.network
+    lycoris = n.network in ("loha", "lokr")
+    _require(not (lycoris and n.rslora), "network.rslora", True,
+             f"rsLoRA scaling is a LoRA option; network = {n.network} scales by alpha/rank: turn rslora off.")
+    _require(not (lycoris and (n.network_dropout or n.rank_dropout or n.module_dropout)), "network.network", n.network,
+             "kohya's network/rank/module dropouts act on LoRA's lora_down, which LoHa/LoKr do not have: "
+             "set them to 0, or use lora/dora/locon.")
+    _require(n.network == "locon" or not (n.conv_rank or n.conv_alpha), "network.conv_rank", n.conv_rank,
+             "conv_rank/conv_alpha apply to network = locon (LoRA on the 3x3 convolutions) only.")
+    _require(n.conv_rank >= 0 and n.conv_alpha >= 0, "network.conv_rank", n.conv_rank, "Use 0 (the rank) or more.")
+    _require(n.network in ("lora", "locon") or not config.output.export_peft, "output.export_peft", True,
+             f"The diffusers/PEFT copy holds plain LoRA only; network = {n.network} exports kohya/LyCORIS keys "
+             "(which every UI reads): turn export_peft off.")
+    for name in ("block_dims", "block_alphas", "block_lr"):
+        text = getattr(n, name).replace(" ", "")
+        if not text:
+            continue
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        _require(len(values) in (23, 25) and all(v >= 0 for v in values), f"network.{name}", getattr(n, name),
+                 "Give one number of 0 or more per UNet block, comma-separated: 25 for SD1/SD2, 23 for SDXL.")
+    _require(not n.block_alphas or n.block_dims, "network.block_alphas", n.block_alphas,
+             "block_alphas go with block_dims (one rank per block): set block_dims too.")

@@ -51,9 +51,9 @@ from trainer.generate.matching import (
     block_multipliers,
     layer_index,
     lbw_vector,
-    lora_factors,
     match_lora,
     model_components,
+    module_factors,
 )
 from trainer.generate.packed import PackedAdapters, pack_adapters
 from trainer.generate.requests import (
@@ -84,6 +84,7 @@ class LoraLoadReport:
     adapter: str
     family: str | None
     style: str
+    network_type: str
     layers: int
     unmatched: tuple[str, ...]
     short_hash: str  # A1111's LoRA hash (first 12 hex digits of sshs_model_hash)
@@ -185,11 +186,15 @@ class Generator:
         self._counter += 1
         adapter_name = f"{ADAPTER_PREFIX}{self._counter:03d}"
         state: dict[str, torch.Tensor] = {}
+        components = model_components(self.model)
         for name, ref in match.targets.items():
             module = file.modules[name]
-            down, up = lora_factors(module, ref)
+            layer = components[ref.component].get_submodule(ref.path)  # unfused here: W0 itself
+            base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            # LoHa/LoKr/DoRA come as their exact low-rank (DoRA: full-rank) update; adapter scale is then 1
+            down, up = module_factors(module, ref, base.weight.detach().float().cpu() if module.kind == "dora" else None)
             state[f"{ref.component}.{ref.path}.lora_A.weight"] = down
-            state[f"{ref.component}.{ref.path}.lora_B.weight"] = up * module.scale  # adapter scale is then 1
+            state[f"{ref.component}.{ref.path}.lora_B.weight"] = up
         try:
             with _quiet_adapter_loading():
                 self.pipe.load_lora_weights(state, adapter_name=adapter_name)
@@ -200,7 +205,7 @@ class Generator:
                                 hint="Nothing of it was applied; please report this file.") from exc
         self._verify_loaded(path, adapter_name, match)
         report = LoraLoadReport(path=path, name=path.stem, adapter=adapter_name, family=file.family, style=file.style,
-                                layers=len(match.targets), unmatched=match.unmatched, short_hash=lora_short_hash(file))
+                                network_type=file.network_type, layers=len(match.targets), unmatched=match.unmatched, short_hash=lora_short_hash(file))
         return _Adapter(report, stamp, frozenset(ref.component for ref in match.targets.values()))
 
     def _verify_loaded(self, path: Path, adapter_name: str, match: LoraMatch) -> None:

@@ -7,6 +7,7 @@ with the first misfit named, and layers the model lacks are reported instead of 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,9 +69,13 @@ def match_lora(file: LoraFile, index: dict[str, LayerRef]) -> LoraMatch:
             unmatched.append(name)
             continue
         out_features, in_features, *kernel = ref.weight_shape
-        kernels = {tuple(module.down.shape[2:]), tuple(kernel)}
-        kernel_fits = len(kernels) == 1 or kernels == {(), (1, 1)}  # a 1x1 conv is a Linear
-        if module.up.shape[0] != out_features or module.down.shape[1] != in_features or not kernel_fits:
+        if hasattr(module, "down"):
+            kernels = {tuple(module.down.shape[2:]), tuple(kernel)}
+            kernel_fits = len(kernels) == 1 or kernels == {(), (1, 1)}  # a 1x1 conv is a Linear
+            fits = module.up.shape[0] == out_features and module.down.shape[1] == in_features and kernel_fits
+        else:  # LoHa/LoKr: (out, in·kh·kw)
+            fits = module.out_in == (out_features, in_features * math.prod(kernel))
+        if not fits:
             misfits.append(f"{name} is {_shape_text(module)} but the model's layer is {_layer_text(ref)}")
             continue
         targets[name] = ref
@@ -103,6 +108,23 @@ def lora_factors(module: Any, ref: LayerRef) -> tuple[torch.Tensor, torch.Tensor
             down, up = down[:, :, None, None], up[:, :, None, None]
         return down, up
     return down.flatten(1), up.flatten(1)
+
+
+def module_factors(module: Any, ref: LayerRef, base_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) in fp32 with up @ down = the layer's whole update ΔW (scale folded in), shaped for
+    the layer as ``lora_factors``. LoRA/LoCon keep their rank; LoHa/LoKr use their exact low-rank
+    form; DoRA's update depends on the base weight ``base_weight`` and is full-rank, so it comes as
+    ΔW against an identity (rank min(out, in·kh·kw))."""
+    if module.kind == "dora":
+        delta = module.delta_weight(base_weight).flatten(1)
+        out_features, fan_in = delta.shape
+        down, up = (delta, torch.eye(out_features)) if out_features <= fan_in else (torch.eye(fan_in), delta)
+    else:
+        down, up = module.factors()
+    down, up = down.flatten(1), up.flatten(1)
+    if len(ref.weight_shape) == 4:
+        return down.reshape(down.shape[0], *ref.weight_shape[1:]), up[:, :, None, None]
+    return down, up
 
 
 def transformer_blocks(unet: Any) -> tuple[list[str], list[str], list[str]]:
@@ -154,6 +176,8 @@ def block_multipliers(unet: Any, blocks: BlockWeights) -> Callable[[str], float]
 
 
 def _shape_text(module: Any) -> str:
+    if not hasattr(module, "down"):
+        return f"{module.out_in[1]} -> {module.out_in[0]} ({module.kind})"
     kernel = "x".join(str(k) for k in module.down.shape[2:])
     return f"{module.down.shape[1]} -> {module.up.shape[0]}" + (f" ({kernel} conv)" if kernel else "")
 

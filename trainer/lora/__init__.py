@@ -1,7 +1,9 @@
 """LoRA itself: where it goes, how it is attached, and its files in every style peers use.
 
 ``inject`` plans the target layers and attaches peft adapters (A random, B zero, scale α/r);
-``dropout`` adds kohya's neuron/rank/module dropouts to them;
+``adapters`` are the types (lora, dora, locon, loha, lokr) and kohya's per-block ranks and lrs;
+``dropout`` adds kohya's neuron/rank/module dropouts to them; ``layers`` holds a file's layers in
+memory (LoRA, LoCon, DoRA) and ``lycoris_keys`` LoHa/LoKr in LyCORIS's key format;
 ``names`` maps layers to kohya/A1111 names for SD1, SD2 and SDXL; ``reading`` reads any LoRA file
 safely (kohya, PEFT files and folders, old diffusers); ``writing`` writes ours (kohya format) and
 knows their exact size; ``metadata`` is the ``ss_*``/``modelspec.*`` header in kohya's shapes;

@@ -5,6 +5,10 @@ frozen weight W0 and gains ``lora_A`` (r x in, Kaiming/Gaussian init) and ``lora
 zeros), with ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA). Because B starts at
 zero, the wrapped model is exactly the base model until the first optimiser step.
 
+The other adapter types (``trainer.lora.adapters``: DoRA, LoCon's 3x3 convs, LoHa, LoKr) are peft
+tuners too, and per-module ranks (kohya's block_dims, LoCon's conv rank) are peft's rank/alpha
+patterns; ``lora_parameters``/``lora_state`` cover every type's trainable tensors.
+
 Target modules are listed by their full paths rather than by suffix patterns, so the same list
 drives injection, file-size estimates and export, and nothing is matched by accident.
 """
@@ -13,12 +17,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from trainer.config.schema import NetworkConfig
 
@@ -68,58 +72,85 @@ def text_encoder_target_modules(text_encoder: torch.nn.Module, include_mlp: bool
 
 @dataclass(frozen=True)
 class LoraPlan:
-    """What will be trained: module paths per component ("unet", "text_encoder", ...)."""
+    """What will be trained: module paths per component ("unet", "text_encoder", ...), and each
+    module's (rank, alpha) where per-block dims, LoCon's conv rank or block lr make them differ."""
 
     modules: dict[str, list[str]]
+    ranks: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
 
     def count(self) -> int:
         return sum(len(v) for v in self.modules.values())
 
+    def rank_alpha(self, component: str, path: str, network: NetworkConfig) -> tuple[int, float]:
+        return self.ranks.get(component, {}).get(path, (network.rank, network.alpha))
+
 
 def plan_lora(network: NetworkConfig, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]) -> LoraPlan:
-    modules = {"unet": unet_target_modules(unet, network.targets)}
+    from trainer.lora.adapters import BlockPlan, is_conv3x3, locon_conv_targets
+
+    family = "sdxl" if "text_encoder_2" in text_encoders else "sd1"  # SD2 numbers its blocks as SD1
+    blocks = BlockPlan.of(network, family)
+    unet_paths = unet_target_modules(unet, network.targets)
+    if network.network == "locon":
+        unet_paths += [p for p in locon_conv_targets(unet) if p not in unet_paths]
+    named = dict(unet.named_modules())
+    modules: dict[str, list[str]] = {"unet": []}
+    ranks: dict[str, dict[str, tuple[int, float]]] = {"unet": {}}
+    for path in unet_paths:
+        rank, alpha = blocks.rank_alpha(network, "unet", path, is_conv3x3(named[path]))
+        if rank > 0:
+            modules["unet"].append(path)
+            ranks["unet"][path] = (rank, alpha)
     if network.train_text_encoder:
         for name, encoder in text_encoders.items():
             modules[name] = text_encoder_target_modules(encoder, network.te_mlp)
-    return LoraPlan(modules)
+            ranks[name] = {p: (network.rank, network.alpha) for p in modules[name]}
+    return LoraPlan(modules, ranks)
 
 
-def inject_lora(model: torch.nn.Module, module_names: list[str], network: NetworkConfig) -> None:
-    """Wrap ``module_names`` of ``model`` in place with trainable fp32 LoRA layers."""
-    peft_config = PeftLoraConfig(
-        r=network.rank,
-        lora_alpha=network.alpha,
-        target_modules=module_names,
-        lora_dropout=network.lora_dropout,
-        use_rslora=network.rslora,
-        init_lora_weights=True if network.lora_init == "kaiming" else "gaussian",
-        bias="none",
-    )
-    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
+def inject_lora(model: torch.nn.Module, module_names: list[str], network: NetworkConfig,
+                ranks: dict[str, tuple[int, float]] | None = None) -> None:
+    """Wrap ``module_names`` of ``model`` in place with trainable fp32 adapters of ``network.network``'s type."""
+    from trainer.lora.adapters import peft_config
+
+    ranks = ranks or {}
+    per_module = {p: ranks.get(p, (network.rank, network.alpha)) for p in module_names}
+    inject_adapter_in_model(peft_config(network, per_module), model, adapter_name=ADAPTER_NAME)
     for param in lora_parameters(model):
         param.data = param.data.float()
         param.requires_grad_(True)
 
 
-def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
-    """Module path (as in the base model, no peft prefixes) -> wrapped layer."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+def lora_layers(model: torch.nn.Module) -> dict[str, BaseTunerLayer]:
+    """Module path (as in the base model, no peft prefixes) -> wrapped layer (LoRA, DoRA, LoHa, LoKr)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def adapter_parameters(layer: BaseTunerLayer, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.nn.Parameter]:
+    """``container`` -> parameter of one adapter in one layer: lora_A, lora_B (lora_magnitude_vector
+    for DoRA), hada_w1_a ..., lokr_w1 ...; the frozen base layer's own weights are never among them."""
+    params = {}
+    for name, param in layer.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "base_layer" or adapter_name not in parts:
+            continue
+        params[parts[0]] = param
+    return params
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     params: list[torch.nn.Parameter] = []
     for layer in lora_layers(model).values():
-        params.extend(layer.lora_A[ADAPTER_NAME].parameters())
-        params.extend(layer.lora_B[ADAPTER_NAME].parameters())
+        params.extend(adapter_parameters(layer).values())
     return params
 
 
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``{path}.lora_A`` / ``{path}.lora_B`` weights (live tensors, not copies)."""
+    """``{path}.lora_A`` / ``{path}.lora_B`` (``{path}.hada_w1_a`` ... for other types) weights (live tensors)."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        state[f"{name}.lora_A"] = layer.lora_A[ADAPTER_NAME].weight
-        state[f"{name}.lora_B"] = layer.lora_B[ADAPTER_NAME].weight
+        for container, param in adapter_parameters(layer).items():
+            state[f"{name}.{container}"] = param
     return state
 
 
@@ -141,7 +172,7 @@ def scaling_of(layer: LoraLayer) -> float:
 
 def module_in_out(module: torch.nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear or 1x1 Conv2d (wrapped or not)."""
-    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     if isinstance(base, torch.nn.Linear):
         return base.in_features, base.out_features
     return base.in_channels, base.out_channels

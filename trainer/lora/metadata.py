@@ -140,6 +140,7 @@ class ExportInfo:
     alpha: float  # the network alpha as trained (before the rsLoRA sqrt(r) factor)
     rslora: bool = False
     targets: str = "cross-attn"
+    network_args: Mapping[str, str] = field(default_factory=dict)  # the adapter type's (network_type_args)
     train_text_encoder: bool = True
     te_mlp: bool = False
     v_parameterization: bool = False
@@ -197,6 +198,24 @@ class ExportInfo:
         return self.alpha * math.sqrt(self.rank) if self.rslora else self.alpha
 
 
+def network_type_args(network: str, conv_rank: int = 0, conv_alpha: float = 0.0, block_dims: str = "",
+                      block_alphas: str = "", block_lr: str = "") -> dict[str, str]:
+    """``ss_network_module`` (as "module") and the ``ss_network_args`` of an adapter type, as kohya's
+    networks.lora (LoCon's conv_dim/conv_alpha, block_dims/block_alphas) and LyCORIS's lycoris.kohya
+    (algo, dora_wd) write them."""
+    args: dict[str, str] = {}
+    if network in ("loha", "lokr", "dora"):
+        args = {"module": "lycoris.kohya", "algo": "lora" if network == "dora" else network}
+        if network == "dora":
+            args.update(dora_wd="True", wd_on_out="True")
+    elif network == "locon":
+        args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)}
+    for key, value in (("block_dims", block_dims), ("block_alphas", block_alphas), ("block_lr", block_lr)):
+        if value.strip():
+            args[key] = value.replace(" ", "")
+    return args
+
+
 def kohya_value(value: object) -> str:
     """One metadata value the way kohya stores it: ``str()`` of the Python value, JSON for dicts/lists."""
     if isinstance(value, (dict, list)):
@@ -233,7 +252,7 @@ def build_metadata(info: ExportInfo) -> dict[str, str]:
         "ss_max_train_steps": info.max_train_steps or info.steps,
         "ss_lr_warmup_steps": info.lr_warmup_steps,
         "ss_lr_scheduler": info.lr_scheduler,
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": info.network_args.get("module", NETWORK_MODULE),
         "ss_network_dim": info.rank,
         "ss_network_alpha": float(info.exported_alpha),
         "ss_network_dropout": info.network_dropout,
@@ -268,7 +287,8 @@ def build_metadata(info: ExportInfo) -> dict[str, str]:
         # kohya writes network args only when given; ours say how the layers were chosen (values are strings there)
         "ss_network_args": {"targets": info.targets, "train_text_encoder": str(info.train_text_encoder),
                             "te_mlp": str(info.te_mlp), "rslora": str(info.rslora), "train_alpha": str(info.alpha),
-                            **info.methods.network_args()},
+                            **info.methods.network_args(),
+                            **{k: v for k, v in info.network_args.items() if k != "module"}},
         "ss_epoch": info.epoch,
         "ss_steps": info.steps,
         "ss_training_finished_at": info.finished_at,

@@ -13,7 +13,9 @@ transformers drop the ``text_model.`` level inside ``CLIPTextModel`` (not inside
 transformer, without ``text_model.``. ``model_module_path`` finds the real path in a model.
 
 Only the layers LoRA Studio trains and loads are mapped for SDXL's SGM numbering (the attention
-blocks); other SGM names raise ``ValueError``. SD1/SD2 names of any layer parse, because the
+blocks, and for LoCon the ResNet blocks' conv1/conv2/time_emb_proj/conv_shortcut as
+``in_layers_2``/``out_layers_3``/``emb_layers_1``/``skip_connection`` and the samplers as
+``input_blocks_N_0_op``/``output_blocks_N_2_conv``); other SGM names raise ``ValueError``. SD1/SD2 names of any layer parse, because the
 path is diffusers' own and only the underscores need undoing.
 """
 
@@ -47,6 +49,7 @@ _COMPOUND_WORDS = (
     "input_blocks", "output_blocks", "middle_block",
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
     "layer_norm1", "layer_norm2", "token_embedding", "position_embedding", "text_projection",
+    "in_layers", "out_layers", "emb_layers", "skip_connection",  # SGM ResNet blocks (SDXL LoCon)
 )
 _COMPOUNDS = sorted((tuple(w.split("_")) for w in _COMPOUND_WORDS), key=len, reverse=True)
 
@@ -54,6 +57,14 @@ _DIFFUSERS_ATTN = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+
 _DIFFUSERS_MID_ATTN = re.compile(r"^mid_block\.attentions\.0\.(.+)$")
 _SGM_ATTN = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.1\.(.+)$")
 _SGM_MID_ATTN = re.compile(r"^middle_block\.1\.(.+)$")
+_DIFFUSERS_RESNET = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.resnets\.(\d+)\.(conv1|conv2|time_emb_proj|conv_shortcut)$")
+_DIFFUSERS_MID_RESNET = re.compile(r"^mid_block\.resnets\.(\d+)\.(conv1|conv2|time_emb_proj|conv_shortcut)$")
+_DIFFUSERS_SAMPLER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(downsamplers|upsamplers)\.0\.conv$")
+_SGM_RESNET = re.compile(r"^(input_blocks|output_blocks|middle_block)\.(\d+)\.(?:0\.)?(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)$")
+_SGM_SAMPLER = re.compile(r"^(?:input_blocks\.(\d+)\.0\.op|output_blocks\.(\d+)\.[12]\.conv)$")
+# diffusers ResNet layer -> SGM (kohya's SDXL LoCon names)
+_RESNET_PARTS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                 "conv_shortcut": "skip_connection"}
 _LAYERS_PER_BLOCK = 2  # SD1, SD2 and SDXL all have 2 (+1 down/up-sampler slot) per SGM block
 
 
@@ -144,6 +155,17 @@ def _sgm_path(path: str) -> str:
         return f"output_blocks.{per_block * block + attn}.1.{rest}"
     if m := _DIFFUSERS_MID_ATTN.match(path):
         return f"middle_block.1.{m.group(1)}"
+    if m := _DIFFUSERS_RESNET.match(path):
+        kind, block, layer, part = m.group(1), int(m.group(2)), int(m.group(3)), _RESNET_PARTS[m.group(4)]
+        index = per_block * block + layer + 1 if kind == "down_blocks" else per_block * block + layer
+        return f"{'input' if kind == 'down_blocks' else 'output'}_blocks.{index}.0.{part}"
+    if m := _DIFFUSERS_MID_RESNET.match(path):
+        return f"middle_block.{2 * int(m.group(1))}.{_RESNET_PARTS[m.group(2)]}"
+    if m := _DIFFUSERS_SAMPLER.match(path):  # SDXL's upsampling blocks all have attentions: slot 2
+        block = int(m.group(2))
+        if m.group(1) == "down_blocks":
+            return f"input_blocks.{per_block * (block + 1)}.0.op"
+        return f"output_blocks.{per_block * block + 2}.2.conv"
     raise ValueError(f"SDXL kohya names are only mapped for attention blocks, not {path!r}")
 
 
@@ -161,6 +183,17 @@ def _diffusers_path(path: str) -> str:
         return f"up_blocks.{block}.attentions.{attn}.{rest}"
     if m := _SGM_MID_ATTN.match(path):
         return f"mid_block.attentions.0.{m.group(1)}"
+    if m := _SGM_RESNET.match(path):
+        kind, index = m.group(1), int(m.group(2))
+        part = {v: k for k, v in _RESNET_PARTS.items()}[m.group(3)]
+        if kind == "middle_block":
+            return f"mid_block.resnets.{index // 2}.{part}"
+        block, layer = divmod(index - 1 if kind == "input_blocks" else index, per_block)
+        return f"{'down' if kind == 'input_blocks' else 'up'}_blocks.{block}.resnets.{layer}.{part}"
+    if m := _SGM_SAMPLER.match(path):
+        if m.group(1) is not None:
+            return f"down_blocks.{int(m.group(1)) // per_block - 1}.downsamplers.0.conv"
+        return f"up_blocks.{int(m.group(2)) // per_block}.upsamplers.0.conv"
     if path.startswith(("input_blocks.", "output_blocks.", "middle_block.", "time_embed.", "label_emb.", "out.")):
         raise ValueError(f"SGM UNet names outside the attention blocks are not supported: {path!r}")
     return path

@@ -18,7 +18,7 @@ import collections
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +30,8 @@ from trainer.core.safetensors_header import (
     read_safetensors_header,
     refuse_pickle,
 )
+from trainer.lora.layers import LoraFile, LoraModule
+from trainer.lora.lycoris_keys import split_lycoris
 from trainer.lora.names import (
     COMPONENTS,
     canonical_te_path,
@@ -47,11 +49,11 @@ _CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_WIDTH = {1024: "sd2", 1280: "sdxl"}  # 768 is SD1 *or* SDXL's first encoder
 
 _UNSUPPORTED = [  # key pattern -> network type
-    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), "LyCORIS LoHa"),
-    (re.compile(r"\.lokr_(w[12](_[ab])?|t2)$"), "LyCORIS LoKr"),
+    (re.compile(r"\.hada_t[12]$"), "LyCORIS LoHa with Tucker factors"),
+    (re.compile(r"\.lokr_t2$"), "LyCORIS LoKr with Tucker factors"),
     (re.compile(r"\.(oft_blocks|oft_diag|oft_[a-z_]+|rescale)$"), "OFT/BOFT"),
     (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with Tucker decomposition"),
-    (re.compile(r"(\.dora_scale|lora_magnitude_vector(\.[^.]+)?(\.weight)?)$"), "DoRA"),
+    (re.compile(r"lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "PEFT-format DoRA"),
     (re.compile(r"\.(diff|diff_b|w_norm|b_norm|on_input)$"), "LyCORIS full/norm"),
     (re.compile(r"\.lora_(B|up)(\.[^.]+)?\.bias$"), "LoRA with bias"),
 ]
@@ -66,45 +68,6 @@ _UNET_ROOTS = {"down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "
 _TE_ROOTS = {"encoder", "embeddings", "final_layer_norm", "text_projection"}
 _OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _OLD_UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
-
-
-@dataclass(eq=False)
-class LoraModule:
-    """One layer's LoRA: ``W = W0 + (alpha / rank) · up @ down``."""
-
-    name: str  # kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
-    down: torch.Tensor  # A: [r, in] or [r, in, kh, kw]
-    up: torch.Tensor  # B: [out, r] or [out, r, 1, 1]
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def is_conv(self) -> bool:
-        return self.down.dim() == 4
-
-    def delta_weight(self) -> torch.Tensor:
-        """``scale · up @ down`` in fp32, shaped like the base layer's weight."""
-        delta = self.scale * (self.up.float().flatten(1) @ self.down.float().flatten(1))
-        return delta.reshape(self.up.shape[0], *self.down.shape[1:])
-
-
-@dataclass(eq=False)
-class LoraFile:
-    """A LoRA file normalised to kohya names and kohya alpha, whatever style it was written in."""
-
-    path: Path
-    style: str  # "kohya" | "peft" | "diffusers-old"
-    family: str | None  # "sd1" | "sd2" | "sdxl", None when the file does not tell
-    modules: dict[str, LoraModule]
-    metadata: dict[str, str] = field(default_factory=dict)
-    dtype: str = "fp16"  # most common weight dtype
 
 
 @dataclass
@@ -152,7 +115,8 @@ def detect_lora_family(file: LoraFile) -> str | None:
             component, module_path = parse_kohya_module_name(name)
         except ValueError:
             component, module_path = ("text_encoder_2" if name.startswith("lora_te2_") else "unet"), None
-        entries.append((component, module_path, tuple(module.down.shape)))
+        entries.append((component, module_path, tuple(module.down.shape) if hasattr(module, "down")
+                        else (module.rank, module.out_in[1])))
     sgm = any(re.search(r"_(input_blocks|output_blocks|middle_block)_", name) for name in file.modules)
     return _family_from(entries, file.metadata, sgm)
 
@@ -173,20 +137,35 @@ def _load_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraFile:
-    style, raws = _group_keys(path, tensors, metadata)
+    lycoris, tensors = split_lycoris(path.name, tensors)
+    dora = {k.removesuffix(".dora_scale"): v for k, v in tensors.items() if k.endswith(".dora_scale")}
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".dora_scale")}
+    style, raws = _group_keys(path, tensors, metadata) if tensors or not lycoris else ("kohya", {})
     for raw in raws.values():
         _check_raw(path, raw)
     sgm = any(r.kohya_stem and re.search(r"_(input_blocks|output_blocks|middle_block)_", r.kohya_stem)
               for r in raws.values())
-    family = _family_from(((r.component, r.path, tuple(r.down.shape)) for r in raws.values()), metadata, sgm)
-    modules: dict[str, LoraModule] = {}
+    sgm = sgm or any(re.search(r"_(input_blocks|output_blocks|middle_block)_", stem) for stem in lycoris)
+    entries = [(r.component, r.path, tuple(r.down.shape)) for r in raws.values()]
+    for stem, module in lycoris.items():
+        component, module_path = _kohya_raw(stem).component, _kohya_raw(stem).path
+        entries.append((component, module_path, (module.rank, module.out_in[1])))
+    family = _family_from(entries, metadata, sgm)
+    modules: dict = {}
     for raw in raws.values():
         name = _canonical_name(raw, family)
         if name in modules:
             raise LoraFileError(f"{path.name} holds the layer {name} twice (as {raw.label} too).",
                                 hint="The file is malformed; export it again.")
-        modules[name] = LoraModule(name, raw.down, raw.up, raw.alpha)
-    dtypes = collections.Counter(_TORCH_DTYPE_NAMES[m.down.dtype] for m in modules.values())
+        modules[name] = LoraModule(name, raw.down, raw.up, raw.alpha, _dora_scale(path, raw, dora.pop(raw.label, None)))
+    if dora:
+        raise LoraFileError(f"{path.name} has a dora_scale for {min(dora)} but no LoRA weights for it.",
+                            hint="The file is malformed; export it again.")
+    for stem, module in lycoris.items():
+        if stem in modules:
+            raise LoraFileError(f"{path.name} holds the layer {stem} twice.", hint="The file is malformed.")
+        modules[stem] = module
+    dtypes = collections.Counter(_TORCH_DTYPE_NAMES[next(iter(m.tensors().values())).dtype] for m in modules.values())
     return LoraFile(path, style, family, modules, metadata, dtypes.most_common(1)[0][0])
 
 
@@ -391,6 +370,20 @@ def _check_raw(path: Path, raw: _RawModule) -> None:
         if not torch.isfinite(tensor).all():
             raise LoraFileError(f"{path.name}: the {part} weight of {raw.label} contains NaN or infinite values.",
                                 hint="The LoRA was saved from a diverged training run; use an earlier checkpoint.")
+
+
+def _dora_scale(path: Path, raw: _RawModule, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """A DoRA magnitude as [out, 1(, 1, 1)] (LyCORIS wd_on_out); [1, in(, 1, 1)] files are refused."""
+    if scale is None:
+        return None
+    out_features = int(raw.up.shape[0])
+    if scale.numel() != out_features or (scale.dim() > 1 and scale.shape[0] != out_features):
+        raise LoraFileError(f"{path.name}: the dora_scale of {raw.label} has shape {tuple(scale.shape)}; LoRA Studio "
+                            f"reads DoRA normalised per output row ([{out_features}, 1], LyCORIS's wd_on_out).",
+                            hint="Re-train it with wd_on_out, or load it in a tool that reads input-axis DoRA.")
+    if not torch.isfinite(scale.float()).all():
+        raise LoraFileError(f"{path.name}: the dora_scale of {raw.label} has NaN or infinite values.")
+    return scale.reshape(out_features, *[1] * (raw.down.dim() - 1))
 
 
 def _canonical_name(raw: _RawModule, family: str | None) -> str:

@@ -75,8 +75,10 @@ def lora_size(config: StudioConfig | NetworkConfig, arch: Architecture, dtype: s
     network = config.network if isinstance(config, StudioConfig) else config
     plan = plan_lora(network, arch.unet, arch.text_encoders)
     components = {"unet": arch.unet, **arch.text_encoders}
+    kind = {"locon": "lora"}.get(network.network, network.network)
     shapes = [shape for component, paths in plan.modules.items()
-              for shape in lora_shapes(component, components[component], paths, arch.family)]
+              for shape in lora_shapes(component, components[component], paths, arch.family, kind,
+                                       plan.ranks.get(component))]
     alpha = network.alpha * (network.rank ** 0.5 if network.rslora else 1.0)
     return len(shapes), lora_file_size(shapes, network.rank, dtype, alpha=alpha)
 

@@ -33,10 +33,13 @@ from typing import NamedTuple
 import safetensors.torch
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from trainer.core.atomic import atomic_path
 from trainer.core.errors import LoraFileError
 from trainer.lora.inject import ADAPTER_NAME, lora_layers, module_in_out
+from trainer.lora.layers import LoraModule
+from trainer.lora.lycoris_keys import collect_lycoris, planned_parts
 from trainer.lora.metadata import trim_tag_frequency
 from trainer.lora.names import (
     KOHYA_PREFIXES,
@@ -44,7 +47,6 @@ from trainer.lora.names import (
     kohya_module_name,
     parse_kohya_module_name,
 )
-from trainer.lora.reading import LoraModule
 
 EXPORT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
@@ -58,51 +60,75 @@ VIEWABLE_HEADER_BYTES = 1024 * 1024
 
 
 class LoraShape(NamedTuple):
-    """What the file size depends on: a layer's kohya name, widths and whether it is a 1x1 conv."""
+    """What the file size depends on: a layer's kohya name, widths, whether it is a conv (and its
+    kernel), and, where they differ from the file's, its rank and adapter type."""
 
     name: str
     in_features: int
     out_features: int
     conv: bool
+    kernel: tuple[int, ...] = ()  # () for a Linear, (1, 1) or (3, 3) for a conv
+    rank: int = 0  # 0: the rank given to lora_file_size
+    kind: str = "lora"  # lora (and locon), dora, loha, lokr
+    alpha: float | None = None  # None: the alpha given to lora_file_size
 
 
 # --- from a trained model ------------------------------------------------------------------------
 
 
 def collect_lora_modules(component: str, model: torch.nn.Module, family: str,
-                         adapter_name: str = ADAPTER_NAME) -> list[LoraModule]:
-    """The LoRA weights of one peft-injected component as kohya modules (fp32 copies, sorted)."""
+                         adapter_name: str = ADAPTER_NAME) -> list:
+    """The adapter weights of one peft-injected component as kohya modules (fp32 copies, sorted)."""
     modules = []
     for path, layer in lora_layers(model).items():
+        name = kohya_module_name(component, path, family)
+        if not isinstance(layer, LoraLayer):
+            if (module := collect_lycoris(name, layer, adapter_name)) is not None:
+                modules.append(module)
+            continue
         if adapter_name not in layer.lora_A:
             continue
         rank = int(layer.r[adapter_name])
+        down = layer.lora_A[adapter_name].weight.detach().float().cpu().clone()
+        magnitude = None
+        if adapter_name in getattr(layer, "lora_magnitude_vector", {}):
+            weight = layer.lora_magnitude_vector[adapter_name].weight.detach().float().cpu().clone()
+            magnitude = weight.reshape(-1, *[1] * (down.dim() - 1))  # LyCORIS wd_on_out: [out, 1(, 1, 1)]
         modules.append(LoraModule(
-            name=kohya_module_name(component, path, family),
-            down=layer.lora_A[adapter_name].weight.detach().float().cpu().clone(),
+            name=name,
+            down=down,
             up=layer.lora_B[adapter_name].weight.detach().float().cpu().clone(),
             alpha=_exported_alpha(layer, adapter_name, rank),
+            dora_scale=magnitude,
         ))
     if component == "text_encoder_2":
         _check_complete_attention(modules)
     return sorted(modules, key=lambda m: m.name)
 
 
-def lora_shapes(component: str, model: torch.nn.Module, module_paths: Iterable[str], family: str) -> list[LoraShape]:
+def lora_shapes(component: str, model: torch.nn.Module, module_paths: Iterable[str], family: str,
+                kind: str = "lora", ranks: dict[str, tuple[int, float]] | None = None) -> list[LoraShape]:
     """Shapes of the layers a plan targets (works on meta-device models: nothing is allocated)."""
     named = dict(model.named_modules())
     shapes = []
     for path in module_paths:
         module = named[path]
-        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         in_features, out_features = module_in_out(base)
-        shapes.append(LoraShape(kohya_module_name(component, path, family), in_features, out_features,
-                                isinstance(base, torch.nn.Conv2d)))
+        conv = isinstance(base, torch.nn.Conv2d)
+        rank, alpha = (ranks or {}).get(path, (0, None))
+        shapes.append(LoraShape(kohya_module_name(component, path, family), in_features, out_features, conv,
+                                tuple(base.kernel_size) if conv else (), rank, kind, alpha))
     return shapes
 
 
-def module_shape(module: LoraModule) -> LoraShape:
-    return LoraShape(module.name, int(module.down.shape[1]), int(module.up.shape[0]), module.is_conv)
+def module_shape(module: LoraModule, own_rank: bool = False) -> LoraShape:
+    """The shape of a LoRA/LoCon/DoRA module; ``own_rank`` records its rank and alpha instead of the file's."""
+    kernel = tuple(module.down.shape[2:])
+    rank, alpha = (module.rank, module.alpha) if own_rank else (0, None)
+    kind = "dora" if module.kind == "dora" else "lora"
+    return LoraShape(module.name, int(module.down.shape[1]), int(module.up.shape[0]), module.is_conv, kernel,
+                     rank, kind, alpha)
 
 
 def _exported_alpha(layer: LoraLayer, adapter_name: str, rank: int) -> float:
@@ -127,23 +153,21 @@ def _check_complete_attention(modules: list[LoraModule]) -> None:
 # --- kohya export --------------------------------------------------------------------------------
 
 
-def kohya_state_dict(modules: Iterable[LoraModule], dtype: str = "fp16") -> dict[str, torch.Tensor]:
-    """The tensors of a kohya file; refuses duplicate names, bad shapes and NaN/Inf (after casting)."""
+def kohya_state_dict(modules: Iterable, dtype: str = "fp16") -> dict[str, torch.Tensor]:
+    """The tensors of a kohya/LyCORIS file; refuses duplicate names, bad shapes and NaN/Inf (after casting)."""
     torch_dtype = _export_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     for module in modules:
         _check_module(module)
         if f"{module.name}.alpha" in tensors:
             raise LoraFileError(f"Two LoRA modules are both named {module.name}.")
-        down = module.down.detach().to("cpu", torch_dtype).contiguous()
-        up = module.up.detach().to("cpu", torch_dtype).contiguous()
-        for label, tensor in (("lora_down", down), ("lora_up", up)):
+        for label, tensor in module.tensors().items():
+            tensor = tensor.detach().to("cpu", torch_dtype).contiguous()
             if not torch.isfinite(tensor).all():
                 raise LoraFileError(
                     f"{module.name}.{label} has NaN or infinite values in {dtype}; nothing was written.",
                     hint="Training diverged (lower the learning rate), or export as bf16/fp32 if values overflow fp16.")
-        tensors[f"{module.name}.lora_down.weight"] = down
-        tensors[f"{module.name}.lora_up.weight"] = up
+            tensors[f"{module.name}.{label}"] = tensor
         tensors[f"{module.name}.alpha"] = torch.tensor(module.alpha, dtype=_alpha_dtype(module.alpha, torch_dtype))
     if not tensors:
         raise LoraFileError("There are no LoRA layers to export.", hint="Check that LoRA was injected.")
@@ -232,13 +256,14 @@ def _alpha_dtype(alpha: float, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if torch.tensor(alpha, dtype=weight_dtype).item() == alpha else torch.float32
 
 
-def _check_module(module: LoraModule) -> None:
+def _check_module(module) -> None:
     if not module.name.startswith(KOHYA_PREFIXES) or "." in module.name:
         raise ValueError(f"{module.name!r} is not a kohya module name")
-    down, up = module.down, module.up
-    if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] or up.shape[2:] not in (
-            torch.Size([]), torch.Size([1, 1])):
-        raise ValueError(f"{module.name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a LoRA pair")
+    if isinstance(module, LoraModule):
+        down, up = module.down, module.up
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] or up.shape[2:] not in (
+                torch.Size([]), torch.Size([1, 1])):
+            raise ValueError(f"{module.name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a LoRA pair")
     if not (math.isfinite(module.alpha) and module.alpha > 0):
         raise LoraFileError(f"{module.name} has alpha {module.alpha}; it must be a positive number.")
 
@@ -254,6 +279,10 @@ def save_peft_lora(modules: Iterable[LoraModule], path: str | Path, dtype: str =
     lora_alpha (exported alpha: the effective scale is alpha/r) and the target modules go there.
     """
     modules = list(modules)
+    if any(getattr(m, "kind", "lora") not in ("lora", "locon") for m in modules):
+        raise LoraFileError("The diffusers/PEFT-format copy holds plain LoRA only; this network is "
+                            f"{min({m.kind for m in modules} - {'lora', 'locon'})}.",
+                            hint="Turn export_peft off: the .safetensors file (kohya/LyCORIS keys) loads in every UI.")
     kohya = kohya_state_dict(modules, dtype)  # same checks and casts as the kohya export
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = collections.defaultdict(dict)
@@ -306,15 +335,22 @@ def lora_file_size(shapes: Iterable[LoraShape], rank: int, dtype: str = "fp16", 
     and is exact to within the metadata's deviation from it (a few hundred bytes, plus tag lists).
     """
     torch_dtype = _export_dtype(dtype)
-    alpha_dtype = _alpha_dtype(alpha, torch_dtype)
     entries = []  # (itemsize, name, dtype string, shape)
+    weight_type = _SAFETENSORS_DTYPE[torch_dtype]
     for shape in shapes:
-        tail = [1, 1] if shape.conv else []
-        itemsize = torch_dtype.itemsize
-        entries.append((itemsize, f"{shape.name}.lora_down.weight", _SAFETENSORS_DTYPE[torch_dtype],
-                        [rank, shape.in_features, *tail]))
-        entries.append((itemsize, f"{shape.name}.lora_up.weight", _SAFETENSORS_DTYPE[torch_dtype],
-                        [shape.out_features, rank, *tail]))
+        r = shape.rank or rank
+        module_alpha = alpha if shape.alpha is None else shape.alpha
+        kernel = shape.kernel or ((1, 1) if shape.conv else ())
+        if shape.kind in ("loha", "lokr"):
+            parts = planned_parts(shape.kind, r, shape.out_features, shape.in_features, kernel)
+        else:
+            ones = [1] * len(kernel)
+            parts = [("lora_down.weight", [r, shape.in_features, *kernel]),
+                     ("lora_up.weight", [shape.out_features, r, *ones])]
+            if shape.kind == "dora":
+                parts.append(("dora_scale", [shape.out_features, 1, *ones]))
+        entries += [(torch_dtype.itemsize, f"{shape.name}.{suffix}", weight_type, dims) for suffix, dims in parts]
+        alpha_dtype = _alpha_dtype(module_alpha, torch_dtype)
         entries.append((alpha_dtype.itemsize, f"{shape.name}.alpha", _SAFETENSORS_DTYPE[alpha_dtype], []))
     data_bytes = sum(itemsize * math.prod(shape) for itemsize, _, _, shape in entries)
     if metadata is None:

@@ -22,9 +22,9 @@ from trainer.generate.generator import lora_short_hash
 from trainer.generate.matching import (
     block_multipliers,
     layer_index,
-    lora_factors,
     match_lora,
     model_components,
+    module_factors,
 )
 from trainer.generate.requests import LoraSpec
 from trainer.lora.reading import check_lora_fits, read_lora_file
@@ -95,9 +95,9 @@ def add_lora_to_weights(model: Any, spec: LoraSpec) -> BakedLora:
                 weight = spec.unet * multiplier(ref.path)
             else:
                 weight = spec.te * spec.blocks.te
-            down, up = lora_factors(module, ref)
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(ref.weight_shape)
             layer = components[ref.component].get_submodule(ref.path)
-            layer.weight += (weight * module.scale * delta).to(layer.weight.dtype)
+            down, up = module_factors(module, ref, layer.weight.detach().float())  # any type, scale folded in
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(ref.weight_shape)
+            layer.weight += (weight * delta).to(layer.weight.dtype)
     return BakedLora(Path(spec.path).stem, spec.te, spec.unet, len(match.targets), match.unmatched,
                      lora_short_hash(file))

@@ -24,6 +24,7 @@ from trainer.tools.svd import lowrank_svd
 EFFECTIVE_RANK_ENERGY = 0.99
 BLOCKS = ("te", "te2", "down", "mid", "up", "other")
 _BASE_LABELS = {**FAMILY_LABELS, None: "an unknown base"}
+_TYPE_LABELS = {"lora": "LoRA", "locon": "LoCon (LoRA + 3x3 convs)", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 _BLOCK_COLOURS = {"te": "#8c6bb1", "te2": "#c994c7", "down": "#2b8cbe", "mid": "#31a354", "up": "#e6550d",
                   "other": "#969696"}
 
@@ -40,10 +41,11 @@ class LayerStats:
     norm: float  # ‖ΔW‖_F
     singular_values: tuple[float, ...]  # of ΔW, descending
     effective_rank: int  # singular values holding 99% of ‖ΔW‖²_F
+    parameters: int = 0  # stored numbers of the layer (every tensor of its type, alpha aside)
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.rank if self.rank else 1.0  # LoKr without a low-rank factor: scale 1
 
 
 @dataclass(frozen=True)
@@ -67,17 +69,18 @@ class LoraReport:
     layers: tuple[LayerStats, ...]
     blocks: tuple[BlockStats, ...] = field(default=())
     fit: BaseFit | None = None  # what the layers were checked against (None: nothing to check against)
+    network_type: str = "lora"  # lora, locon, dora, loha, lokr
 
     @property
     def parameters(self) -> int:
-        return sum(s.rank * (s.shape[0] + _fan_in(s.shape)) for s in self.layers)
+        return sum(s.parameters or s.rank * (s.shape[0] + _fan_in(s.shape)) for s in self.layers)
 
     def text(self, per_layer: bool = False) -> str:
         """A plain-text summary for the terminal (``per_layer`` adds one line per layer)."""
         ranks = collections.Counter(s.rank for s in self.layers)
         alphas = collections.Counter(s.alpha for s in self.layers)
         lines = [
-            (f"{self.path.name}: LoRA for {_BASE_LABELS.get(self.family, self.family)} ({self.style} format, "
+            (f"{self.path.name}: {_TYPE_LABELS.get(self.network_type, self.network_type)} for {_BASE_LABELS.get(self.family, self.family)} ({self.style} format, "
             f"{self.dtype}, {_size(self.size_bytes)}, {self.parameters:,} parameters)"),
             f"Layers: {len(self.layers)} ("
             + ", ".join(f"{b.block} {b.layers}" for b in self.blocks if b.layers) + ")",
@@ -120,7 +123,7 @@ def inspect_lora(path: str | Path, plot: str | Path | None = None, *, base: str 
     report = LoraReport(
         path=file.path, family=file.family, style=file.style, dtype=file.dtype, size_bytes=file.path.stat().st_size,
         metadata=dict(file.metadata), trigger_phrase=trigger_phrase(file), top_tags=top_tags(file.metadata),
-        layers=layers, blocks=block_summary(layers), fit=fit)
+        layers=layers, blocks=block_summary(layers), fit=fit, network_type=file.network_type)
     if plot is not None:
         plot_report(report, plot)
     return report
@@ -210,11 +213,19 @@ def plot_report(report: LoraReport, path: str | Path) -> Path:
 
 
 def _layer_stats(name: str, module) -> LayerStats:
-    svd = lowrank_svd(module.up, module.down, module.alpha / module.rank)
+    if not hasattr(module, "down"):  # LoHa/LoKr: the spectrum of their exact low-rank form
+        down, up = module.factors()
+        svd = lowrank_svd(up, down, 1.0)
+        return LayerStats(name=name, block=block_of(name), rank=module.rank, alpha=float(module.alpha),
+                          shape=module.out_in, norm=svd.energy ** 0.5, singular_values=tuple(float(v) for v in svd.s),
+                          effective_rank=svd.rank_for_energy(EFFECTIVE_RANK_ENERGY),
+                          parameters=sum(t.numel() for t in module.tensors().values()))
+    svd = lowrank_svd(module.up, module.down, module.alpha / module.rank)  # DoRA: its B·A part
     shape = (int(module.up.shape[0]), *map(int, module.down.shape[1:]))
     return LayerStats(name=name, block=block_of(name), rank=module.rank, alpha=float(module.alpha), shape=shape,
                       norm=svd.energy ** 0.5, singular_values=tuple(float(v) for v in svd.s),
-                      effective_rank=svd.rank_for_energy(EFFECTIVE_RANK_ENERGY))
+                      effective_rank=svd.rank_for_energy(EFFECTIVE_RANK_ENERGY),
+                      parameters=sum(t.numel() for t in module.tensors().values()))  # DoRA: + dora_scale
 
 
 def _model_order(item) -> tuple:

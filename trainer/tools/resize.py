@@ -100,6 +100,7 @@ def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None,
     check_target(rank, energy, required=True)
     file = read_lora_file(source)
     check_fits(file, base, base_config)
+    refuse_non_lora(file, "resized")
     out = Path(out)
     modules, layers = [], []
     for name, module in sorted(file.modules.items()):
@@ -118,6 +119,17 @@ def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None,
     return ResizeReport(out, tuple(layers), size, file.path.stat().st_size, tuple(written))
 
 
+def refuse_non_lora(file, action: str) -> None:
+    """SVD resizing and merging work on ΔW = scale·B·A; LoHa/LoKr have no B·A, DoRA's update depends on W0."""
+    kind = file.network_type
+    if kind in ("lora", "locon"):
+        return
+    label = {"dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}.get(kind, kind)
+    raise LoraFileError(f"{file.path.name} is a {label} network ({kind}); it cannot be {action} by SVD, which "
+                        "works on a LoRA's low-rank update B·A.",
+                        hint="Use it as it is (Generate and bake read it), or train a lora/locon network to resize it.")
+
+
 def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *, rank: int | None = None,
                 energy: float | None = None, dtype: str | None = None, sidecars: bool = True,
                 base: str | None = None, base_config: str = "") -> MergeReport:
@@ -131,6 +143,7 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
     files = [(read_lora_file(path), float(weight)) for path, weight in sources]
     for file, _ in files:
         check_fits(file, base, base_config)
+        refuse_non_lora(file, "merged")
     family = _common_family(files)
     stacks: dict[str, list[tuple[LoraModule, float]]] = {}
     for file, weight in files:

@@ -19,6 +19,7 @@ from trainer.core.safetensors_header import read_safetensors_header
 from trainer.lora import writing
 from trainer.lora.metadata import (
     ExportInfo,
+    network_type_args,
     TrainingMethods,
     build_metadata,
     kohya_bucket_info,
@@ -82,6 +83,9 @@ def export_info(session, step: int) -> ExportInfo:
         rank=cfg.network.rank,
         alpha=cfg.network.alpha,
         rslora=cfg.network.rslora,
+        network_args=network_type_args(cfg.network.network, cfg.network.conv_rank or cfg.network.rank,
+                                       cfg.network.conv_alpha or cfg.network.alpha, cfg.network.block_dims,
+                                       cfg.network.block_alphas, cfg.network.block_lr),
         targets=cfg.network.targets,
         train_text_encoder=trains_te,
         te_mlp=cfg.network.te_mlp and trains_te,

@@ -7,13 +7,17 @@ on a machine without them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
 from diffusers.optimization import get_scheduler
 
 from trainer.config.schema import StudioConfig
+from trainer.lora.adapters import BLOCK_COUNT, BlockPlan
 from trainer.lora.inject import lora_parameters
+
+_ADAPTER_CONTAINER = re.compile(r"\.(?:lora_A|lora_B|lora_magnitude_vector|hada_\w+|lokr_\w+)\.")
 
 
 def lora_param_groups(components: dict[str, torch.nn.Module], config: StudioConfig) -> list[dict]:
@@ -41,8 +45,17 @@ def lr_multiplier(component: str, name: str, config: StudioConfig) -> float:
         # LoRA+ (Hayou et al. 2024): B learns ratio times faster than A. kohya tests "lora_up" in the
         # name, so LyCORIS-style weights (LoHa, LoKr) keep the base lr there too.
         factor *= config.optim.loraplus_ratio
-    # Per-block learning rates (kohya's down/mid/up_lr_weight) multiply in here.
+    # Per-block learning rates (kohya's block lr weights) multiply in: LoRA+ and block lr compose.
+    if config.network.block_lr and component == "unet":
+        factor *= block_lr_factor(name, config)
     return factor
+
+
+def block_lr_factor(name: str, config: StudioConfig) -> float:
+    """The ``block_lr`` factor of a UNet adapter parameter (1 outside kohya's blocks)."""
+    path = _ADAPTER_CONTAINER.split(name, maxsplit=1)[0]
+    family = "sdxl" if len(config.network.block_lr.split(",")) == BLOCK_COUNT["sdxl"] else "sd1"
+    return BlockPlan.of(config.network, family).lr_factor("unet", path)
 
 
 def is_up_matrix(name: str) -> bool:

@@ -359,7 +359,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     trained_encoders = [name for name in encoders if name in plan.modules]
     trained = {"unet": model.unet, **{name: encoders[name] for name in trained_encoders}}
     for name, module in trained.items():
-        lora_inject.inject_lora(module, plan.modules[name], config.network)
+        lora_inject.inject_lora(module, plan.modules[name], config.network, plan.ranks.get(name))
         attach_kohya_dropout(module, config.network)
     param_groups = lora_param_groups(trained, config)
     checkpointing = use_checkpointing(config, model, accelerator.device, resolution, notify)
