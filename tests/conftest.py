@@ -36,6 +36,17 @@ def tiny_sd1_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1", seed=0)
 
 
+def app_error(call, *args, **kwargs) -> str:
+    """The message of the gradio error an app endpoint raises; it must never carry a traceback."""
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "Traceback" not in message and "internal error" not in message, message
+    return message
+
+
 def make_pattern_image(size: tuple[int, int], seed: int) -> Image.Image:
     """A deterministic, structured RGB image (smooth colour field plus a few shapes)."""
     rng = np.random.default_rng(seed)

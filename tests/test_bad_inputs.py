@@ -36,7 +36,7 @@ import pytest
 import safetensors.torch
 import torch
 from child_process import child_env
-from conftest import make_pattern_image
+from conftest import app_error, make_pattern_image
 from PIL import Image, features
 
 from trainer.cli.main import main
@@ -1056,16 +1056,6 @@ GUI_DATA_CASES = [c for c in DATA_CASES if c.name not in GUI_SKIPPED]
 APP_PORT = 7980  # app_server's first port for this module
 
 
-def _app_error(call, *args, **kwargs) -> str:
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "Traceback" not in message and "internal error" not in message, message
-    return message
-
-
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")[:60]
 
@@ -1089,7 +1079,7 @@ def test_dataset_case_through_the_gui(case: DataCase, tmp_path: Path, app_client
 
     if case.expect == "error":
         if "Found 0" in case.words or "cannot read" in case.words:  # nothing the app takes as a picture
-            message = _app_error(app_client.predict, name, DEMO_MODEL_CHOICE, "character-lite", "",
+            message = app_error(app_client.predict, name, DEMO_MODEL_CHOICE, "character-lite", "",
                                  DEMO_SETTINGS, api_name="/start_training")
             assert "Found 0 images" in message
         else:  # pictures that cannot be read: the plan says so before any training
@@ -1181,7 +1171,7 @@ def test_train_tab_checks_its_inputs_before_planning(case: PlanCase, tmp_path: P
     settings = {**DEMO_SETTINGS, **case.settings}
     queued = len(app_server.studio.runs.runs())
     for endpoint in ("/check_training", "/start_training"):
-        message = _app_error(app_client.predict, dataset, base, "character-lite", "", settings, api_name=endpoint)
+        message = app_error(app_client.predict, dataset, base, "character-lite", "", settings, api_name=endpoint)
         assert case.words in message, f"{endpoint}: {message}"
     assert len(app_server.studio.runs.runs()) == queued, "a refused run is never queued"
 
@@ -1195,7 +1185,7 @@ def test_lora_file_case_through_the_gui(case: LoraCase, tmp_path: Path, app_serv
 
     path = case.write(tmp_path)
     if path.suffix != ".safetensors":
-        message = _app_error(app_client.predict, [handle_file(path)], api_name="/upload_loras")
+        message = app_error(app_client.predict, [handle_file(path)], api_name="/upload_loras")
         assert ".safetensors" in message  # refused at the upload (gradio's file-type check or the app's)
         return
     *_, status, _ = app_client.predict([handle_file(path)], api_name="/upload_loras")
@@ -1205,8 +1195,8 @@ def test_lora_file_case_through_the_gui(case: LoraCase, tmp_path: Path, app_serv
         summary, _ = app_client.predict(str(stored), api_name="/inspect_lora")
         assert path.name in summary
     else:
-        assert case.words in _app_error(app_client.predict, str(stored), api_name="/inspect_lora")
-    message = _app_error(app_client.predict, DEMO_MODEL_CHOICE,
+        assert case.words in app_error(app_client.predict, str(stored), api_name="/inspect_lora")
+    message = app_error(app_client.predict, DEMO_MODEL_CHOICE,
                          [{"file": str(stored), "weight": 0.8, "enabled": True}],
                          "zxq", "", 1, 1, 5.0, 0, 0, "Euler a", 1, False, api_name="/generate")
     assert case.words in message
@@ -1257,5 +1247,5 @@ def test_the_tools_tab_refuses_loras_that_do_not_fit(endpoint: str, arguments, w
     app_client.predict([handle_file(path)], api_name="/upload_loras")
     stored = str(app_server.projects.loras_dir / path.name)
     before = set(app_server.projects.outputs_dir.glob("*.safetensors"))
-    assert words in _app_error(app_client.predict, *arguments(stored), api_name=endpoint)
+    assert words in app_error(app_client.predict, *arguments(stored), api_name=endpoint)
     assert set(app_server.projects.outputs_dir.glob("*.safetensors")) == before

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from child_process import REPO, child_env
+from conftest import app_error
 
 from trainer.config.schema import TrainConfig
 from trainer.core.errors import StudioError
@@ -243,7 +244,7 @@ def test_listen_without_auth_warns_in_a_real_launch(tmp_path: Path) -> None:
             except OSError:
                 time.sleep(0.5)
         client = Client(url, verbose=False, download_files=False)
-        assert "outside the folders this server may read" in _app_error(client.predict, "/etc/passwd",
+        assert "outside the folders this server may read" in app_error(client.predict, "/etc/passwd",
                                                                         api_name="/inspect_lora")
     finally:
         proc.terminate()
@@ -278,16 +279,6 @@ def _write_lora(path: Path) -> Path:
     return path
 
 
-def _app_error(call, *args, **kwargs) -> str:
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "Traceback" not in message and "internal error" not in message, message
-    return message
-
-
 def _slot(path) -> list[dict]:
     return [{"file": str(path), "weight": 0.8, "enabled": True}]
 
@@ -316,7 +307,7 @@ def test_errors_about_a_file_never_quote_its_content(app_server, app_client, tmp
                                                      suffix: str) -> None:
     secret = tmp_path / f"passwd{suffix}"
     secret.write_bytes(SECRET)
-    message = _app_error(app_client.predict, *arguments(secret, _good_lora(app_server)), api_name=endpoint)
+    message = app_error(app_client.predict, *arguments(secret, _good_lora(app_server)), api_name=endpoint)
     assert not [t for t in _traces_of(SECRET) if t in message], message
 
 
@@ -370,7 +361,7 @@ def test_with_listen_request_paths_stay_in_the_allowed_folders(listening, outsid
                                                                arguments) -> None:
     server, client = listening
     target = _escapes(server, outside)[escape]
-    message = _app_error(client.predict, *arguments(target, _good_lora(server)), api_name=endpoint)
+    message = app_error(client.predict, *arguments(target, _good_lora(server)), api_name=endpoint)
     assert "outside the folders this server may read" in message and "--allow-folder" in message
 
 
@@ -381,9 +372,9 @@ def test_with_listen_training_paths_stay_in_the_allowed_folders(listening, outsi
     base = str(outside["root"]) if field == "base" else DEMO
     settings = {**DEMO_SETTINGS, **({field: str(outside["pictures"])} if field != "base" else {})}
     for endpoint in ("/check_training", "/start_training"):
-        message = _app_error(client.predict, "mine", base, "character-lite", "", settings, api_name=endpoint)
+        message = app_error(client.predict, "mine", base, "character-lite", "", settings, api_name=endpoint)
         assert "outside the folders this server may read" in message
-    message = _app_error(client.predict, "mine", str(outside["pictures"]), "", 64, api_name="/import_folder")
+    message = app_error(client.predict, "mine", str(outside["pictures"]), "", 64, api_name="/import_folder")
     assert "outside the folders this server may read" in message
 
 
@@ -417,7 +408,7 @@ def test_run_names_from_a_request_stay_in_the_runs_folder(app_server, app_client
     if not victim.is_relative_to(runs.resolve()):
         victim.mkdir(parents=True, exist_ok=True)
         save_toml(resolve_config("character-lite"), victim / "config.toml")
-    message = _app_error(app_client.predict, name, api_name="/resume_training")
+    message = app_error(app_client.predict, name, api_name="/resume_training")
     assert "is not a valid run name" in message
 
 
@@ -429,7 +420,7 @@ def test_file_names_from_a_request_stay_in_the_dataset_folder(app_server, app_cl
     folder = app_server.projects.dataset_dir("names")
     decoy = folder.parent.parent / Path(name.replace("\\", "/")).name
     before = decoy.exists()
-    assert "is not a valid file name" in _app_error(app_client.predict, "names", name, "", 64, api_name="/remove_picture")
+    assert "is not a valid file name" in app_error(app_client.predict, "names", name, "", 64, api_name="/remove_picture")
     assert decoy.exists() == before and len(list(folder.glob("*.png"))) == 8
     assert child_path(folder, safe_name(name)).parent == folder
     with pytest.raises(StudioError, match="not a valid"):
