@@ -83,6 +83,7 @@ def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, auth: t
         prevent_thread_lock=True, allowed_paths=[str(studio.projects.root)], show_error=False, quiet=quiet,
         ssr_mode=False, pwa=False, mcp_server=False, footer_links=["api", "settings"],
         theme=theme(), css_paths=[asset_path("style.css")], favicon_path=asset_path("favicon.png"),
+        js=asset_path("spreadsheet_typing.js").read_text(encoding="utf-8"),
     )
     if block:
         try:

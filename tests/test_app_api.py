@@ -102,7 +102,7 @@ def test_upload_pictures_then_edit_captions(app_client: Client, app_server, tmp_
     folder = app_server.projects.dataset_dir(EDITED)
 
     data[2][2] = "zxq, picture 2, smiling"
-    _, _, status = app_client.predict(EDITED, as_table(data, headers), "zxq", 64, api_name="/save_captions")
+    _, _, _, status = app_client.predict(EDITED, as_table(data, headers), "zxq", 64, api_name="/save_captions")
     assert status == "Saved 1 caption."
     assert (folder / "pic02.txt").read_text(encoding="utf-8").strip() == "zxq, picture 2, smiling"
 

@@ -3,6 +3,8 @@
 No Playwright browser download: ``/usr/bin/chromium`` is required, and its absence is a test
 failure with the command that installs it, not a skip. Every request each page makes is recorded
 and checked after the test: the app must never reach beyond 127.0.0.1 (no CDN, fonts, analytics).
+Every uncaught script error and every console error of those pages fails the test too: a page
+that logs ``Cannot read properties of undefined`` has stopped updating something the artist sees.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class PageSession:
     def __init__(self, browser, url: str) -> None:
         self.browser, self.url = browser, url
         self.requests: list[str] = []
+        self.page_errors: list[str] = []  # uncaught exceptions and console errors, with the page's URL
         self.contexts: list = []
 
     def open(self):
@@ -57,6 +60,9 @@ class PageSession:
         context.on("request", lambda request: self.requests.append(request.url))
         self.contexts.append(context)
         page = context.new_page()
+        page.on("pageerror", lambda error: self.page_errors.append(f"uncaught: {error}"))
+        page.on("console", lambda message: self.page_errors.append(f"console.{message.type}: {message.text}")
+                if message.type == "error" else None)
         page.set_default_timeout(30_000)
         page.goto(self.url)
         return page
@@ -78,3 +84,4 @@ def pages(chromium, app_server: AppServer) -> Iterator[PageSession]:
     outside = session.outside_requests()
     assert session.requests, "the page made no requests at all: was it loaded?"
     assert not outside, f"the page requested URLs outside 127.0.0.1: {outside}"
+    assert not session.page_errors, f"the page reported errors: {session.page_errors}"

@@ -1,0 +1,54 @@
+"""The app as an artist uses it (issue 18): single clicks and typing, uploads again, reloads.
+
+Each test sets up its own dataset or run on the module's server and checks what the artist sees
+and what is on disk: no caption lost, the view showing the run picked, settings kept.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import make_pattern_image
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.browser
+APP_PORT = 8030  # app_server's first port for this module
+
+
+def make_dataset(root: Path, name: str, captions: dict[str, str]) -> Path:
+    folder = root / "datasets" / name
+    folder.mkdir(parents=True)
+    for i, (stem, caption) in enumerate(captions.items()):
+        make_pattern_image((64, 64), i).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+    return folder
+
+
+def open_dataset(page: Page, name: str) -> None:
+    box = page.locator("#dataset-name input")
+    box.fill(name)
+    box.press("Enter")
+    expect(page.locator("#dataset-report")).to_contain_text(f"{name}: ")
+
+
+def caption_cell(page: Page, text: str):
+    return page.locator("#dataset-table span").get_by_text(text, exact=True)
+
+
+def test_typing_into_a_caption_cell_replaces_it_and_undo_brings_it_back(pages, app_server) -> None:
+    folder = make_dataset(app_server.projects.root, "typing", {"a": "zxq, soft light", "b": "zxq, hard light"})
+    page = pages.open()
+    open_dataset(page, "typing")
+    caption_cell(page, "zxq, soft light").click()  # one click selects the cell, as in a spreadsheet
+    page.keyboard.type("Typed over")
+    page.keyboard.press("Enter")
+    expect(page.locator("#dataset-status")).to_have_text(re.compile("Saved 1 caption"))
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "Typed over\n"
+    expect(caption_cell(page, "Typed over")).to_be_visible()
+
+    page.locator("#dataset-undo").click()
+    expect(page.locator("#dataset-status")).to_contain_text("Undid")
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "zxq, soft light\n"
+    expect(caption_cell(page, "zxq, soft light")).to_be_visible()
