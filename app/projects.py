@@ -44,6 +44,7 @@ class ImportSummary:
     added: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    kept: list[str] = field(default_factory=list)  # captions in the dataset that differ from the uploaded ones
 
     def text(self) -> str:
         parts = [f"Added {len(self.added)} picture{'s' * (len(self.added) != 1)}"]
@@ -54,6 +55,11 @@ class ImportSummary:
             reasons = "; ".join(f"{name}: {why}" for name, why in self.skipped[:5])
             more = f" (+{len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
             line += f" Skipped {len(self.skipped)}: {reasons}{more}."
+        if self.kept:
+            names = ", ".join(self.kept[:5]) + (f" (+{len(self.kept) - 5} more)" if len(self.kept) > 5 else "")
+            line += (f" Kept {len(self.kept)} caption{'s' * (len(self.kept) != 1)} of the dataset that differ"
+                     f"{'s' * (len(self.kept) == 1)} from the uploaded one{'s' * (len(self.kept) != 1)}: {names}"
+                     " (edit them in the grid if the uploaded text is the one you want).")
         return line
 
 
@@ -164,14 +170,18 @@ class Projects:
             summary.added.append(target.name)
         for path in captions:
             stem = stems.get(path.stem) or safe_name(path.stem, "file name")
-            target = folder / f"{stem}.txt"
             try:
                 text, _ = read_caption_file(path)
             except OSError as exc:
                 summary.skipped.append((path.name, f"cannot be read ({exc.strerror or exc})"))
                 continue
-            atomic_write_text(target, text + "\n")
-            summary.captions.append(target.name)
+            existing = self.caption_path(folder / f"{stem}.png")  # the stem's .txt or .caption, if any
+            if existing.is_file():  # an upload never overwrites a caption: it may have been edited here
+                if read_caption_file(existing)[0] != text:
+                    summary.kept.append(existing.name)
+                continue
+            atomic_write_text(folder / f"{stem}.txt", text + "\n")
+            summary.captions.append(f"{stem}.txt")
         return summary
 
     def import_folder(self, dataset: str, source: str | Path) -> ImportSummary:
