@@ -14,10 +14,11 @@ from typing import Any
 
 from app.projects import safe_name
 from app.run_view import format_bytes, format_duration
+from app.settings_form import on_screen_names
 from app.studio import Studio
 from trainer.config.presets import resolve_config
 from trainer.config.schema import StudioConfig
-from trainer.core.errors import DatasetError, StudioError
+from trainer.core.errors import ConfigError, DatasetError, StudioError
 
 PATH_SETTINGS = ("base_config", "reg_data")  # settings that name a file or folder on the server
 
@@ -35,7 +36,10 @@ def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: s
     for key in PATH_SETTINGS:  # folders typed in the form follow the same rule as the pickers
         if str(flat.get(key) or "").strip():
             studio.projects.paths.check(str(flat[key]).strip(), key.replace("_", " "))
-    return resolve_config(preset or None, None, flat)
+    try:
+        return resolve_config(preset or None, None, flat)
+    except ConfigError as exc:  # "optim.lr = -1.0 ..." reads "Learning rate (UNet)" = -1.0 on the page
+        raise on_screen_names(exc) from None
 
 
 def check_base_exists(studio: Studio, base_choice: str) -> None:

@@ -27,12 +27,12 @@ from app.run_view import (
     status_markdown,
 )
 from app.runs import RunState
-from app.settings_form import SettingsForm, build_settings_form
+from app.preset_switch import switch_preset
+from app.settings_form import SettingsForm, build_settings_form, config_values
 from app.studio import Studio
 from trainer.config.presets import (
     DEFAULT_PRESET,
     list_presets,
-    load_preset,
     resolve_config,
 )
 from trainer.core.errors import ConfigError, StudioError
@@ -78,6 +78,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     preset_info = gr.Markdown(presets[DEFAULT_PRESET].description, elem_id="train-preset-info")
     form: SettingsForm = build_settings_form(default)
     overrides = gr.JSON(value={}, visible=False, elem_id="train-overrides")
+    shown_settings = gr.JSON(value={}, visible=False, elem_id="train-shown-settings")  # the form before a preset change
+    applied_preset = gr.State(DEFAULT_PRESET)  # the preset the form's untouched values come from
     with gr.Row():
         check = gr.Button("Check plan", elem_id="train-check", scale=1)
         start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=2)
@@ -124,10 +126,18 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     def collect_settings(values: dict[gr.components.Component, Any]) -> dict[str, Any]:
         return form.overrides(values)
 
+    def form_now(values: dict[gr.components.Component, Any]) -> dict[str, Any]:
+        """The form as shown, by field name, unchecked (a preset change must not fail on a half-typed box)."""
+        return {name: values.get(component) for name, component in form.components.items()}
+
     @user_errors
-    def apply_preset(preset_name: str):
-        config = resolve_config(preset_name)
-        return {**form.updates(config), preset_info: load_preset(preset_name).description}
+    def apply_preset(preset_name: str, shown: dict[str, Any] | None, previous: str | None):
+        """Move the settings the artist left as the previous preset had them; keep the ones they changed."""
+        previous = previous or DEFAULT_PRESET
+        current = {**config_values(resolve_config(previous)), **(shown or {})}  # an API call may send a few fields
+        switch = switch_preset(previous, preset_name, current)
+        updates = {component: switch.values[name] for name, component in form.components.items()}
+        return {**updates, preset_info: switch.note(preset_name), applied_preset: preset_name}
 
     @user_errors
     def check_training(dataset_name: str, base_model: str, preset_name: str, name: str,
@@ -238,7 +248,9 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
 
     # --- wiring ---
 
-    preset.change(apply_preset, [preset], [*form.components.values(), preset_info], api_name="preset_settings")
+    preset.change(form_now, form_inputs, shown_settings, api_name=False).then(
+        apply_preset, [preset, shown_settings, applied_preset], [*form.components.values(), preset_info, applied_preset],
+        api_name="preset_settings")
     check.click(collect_settings, form_inputs, overrides, api_name=False).success(
         check_training, [dataset, base, preset, run_name, overrides], plan, api_name="check_training")
     start.click(collect_settings, form_inputs, overrides, api_name=False).success(

@@ -158,7 +158,7 @@ def test_preset_settings_and_plan(app_client: Client, dataset: str) -> None:
     ("never-made", DEMO, {}, "There is no dataset called 'never-made'"),
     (DATASET, "", {}, "No base model is chosen"),
     (DATASET, "/no/such/model.safetensors", {}, "Base model not found: /no/such/model.safetensors"),
-    (DATASET, DEMO, {"rank": 0}, "network.rank = 0 is out of range"),
+    (DATASET, DEMO, {"rank": 0}, "\"Rank\" = 0 is out of range"),
     (DATASET, DEMO, {"rnk": 4}, "Did you mean 'rank'?"),
 ])
 def test_start_refuses_bad_input_with_a_clear_message(app_client: Client, dataset: str, dataset_name: str, base: str,

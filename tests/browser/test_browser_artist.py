@@ -52,3 +52,38 @@ def test_typing_into_a_caption_cell_replaces_it_and_undo_brings_it_back(pages, a
     expect(page.locator("#dataset-status")).to_contain_text("Undid")
     assert (folder / "a.txt").read_text(encoding="utf-8") == "zxq, soft light\n"
     expect(caption_cell(page, "zxq, soft light")).to_be_visible()
+
+
+def number_box(page: Page, elem_id: str):
+    return page.locator(f"#{elem_id} input[type=number]").first
+
+
+def test_a_preset_change_keeps_typed_values_and_letters_in_a_number_box_are_an_error(pages, app_server) -> None:
+    make_dataset(app_server.projects.root, "presets", {"a": "zxq, one", "b": "zxq, two"})
+    page = pages.open()
+    page.get_by_role("tab", name="2 · Train").click()
+    expect(number_box(page, "setting-rank")).to_have_value("32")  # the default preset, character
+    for elem_id, text in (("setting-steps", "12"), ("setting-save_every", "6")):
+        number_box(page, elem_id).fill(text)
+        number_box(page, elem_id).press("Tab")
+    page.locator("#setting-trigger input, #setting-trigger textarea").first.fill("zxq")
+    page.locator("#setting-sample_prompts textarea").fill("zxq, smiling")
+    page.locator("#train-preset input").click()
+    page.get_by_role("option", name="character-lite").click()
+
+    expect(page.locator("#train-preset-info")).to_contain_text("From the preset: Rank 8, Alpha 4")
+    expect(number_box(page, "setting-rank")).to_have_value("8")
+    expect(number_box(page, "setting-steps")).to_have_value("12")
+    expect(number_box(page, "setting-save_every")).to_have_value("6")
+    expect(page.locator("#setting-trigger input, #setting-trigger textarea").first).to_have_value("zxq")
+    expect(page.locator("#setting-sample_prompts textarea")).to_have_value("zxq, smiling")
+
+    page.locator("#train-dataset input").fill("presets")
+    page.locator("#train-dataset input").press("Enter")
+    rank = number_box(page, "setting-rank")
+    rank.fill("")
+    rank.press_sequentially("abc")
+    rank.press("Tab")
+    page.locator("#train-check").click()
+    expect(page.locator(".toast-body")).to_contain_text('"Rank" needs a number')
+    expect(page.locator("#train-plan")).to_have_text("")
