@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from app.errors import user_errors
+from app.preset_switch import switch_preset
 from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
 from app.run_records import resume_config
 from app.run_view import (
@@ -27,7 +28,6 @@ from app.run_view import (
     status_markdown,
 )
 from app.runs import RunState
-from app.preset_switch import switch_preset
 from app.settings_form import SettingsForm, build_settings_form, config_values
 from app.studio import Studio
 from trainer.config.presets import (
