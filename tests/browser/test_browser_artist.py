@@ -87,3 +87,58 @@ def test_a_preset_change_keeps_typed_values_and_letters_in_a_number_box_are_an_e
     page.locator("#train-check").click()
     expect(page.locator(".toast-body")).to_contain_text('"Rank" needs a number')
     expect(page.locator("#train-plan")).to_have_text("")
+
+
+PROGRESS = "#train-progress .ls-progress"
+
+
+def submit_run(app_server, dataset: str, name: str, **settings) -> str:
+    """A demo-model run queued as the Start button would queue it; returns its id."""
+    from app.projects import DEMO_MODEL_CHOICE
+    from app.run_plan import run_config
+
+    tiny = {"resolution": 64, "rank": 4, "alpha": 4, "sample_every": 0, "save_every": 0, "trigger": "zxq", **settings}
+    config = run_config(app_server.studio, dataset, DEMO_MODEL_CHOICE, "character-lite", name, tiny)
+    return app_server.studio.runs.submit(name, config).id
+
+
+def wait_run(app_server, run_id: str, condition) -> None:
+    runs, seen = app_server.studio.runs, -1
+    for _ in range(2000):
+        run = runs.wait_for_change(run_id, seen, 5.0)
+        if condition(run):
+            return
+        seen = run.version
+    raise AssertionError(f"run {run_id} never got there: {runs.get(run_id)}")
+
+
+def test_the_view_shows_the_picked_run_and_a_reload_brings_back_its_curve_and_settings(pages, app_server) -> None:
+    make_dataset(app_server.projects.root, "runs", {"a": "zxq, one", "b": "zxq, two"})
+    done = submit_run(app_server, "runs", "done", steps=3)
+    wait_run(app_server, done, lambda run: run.status == "finished")
+    long = submit_run(app_server, "runs", "long", steps=400)
+    wait_run(app_server, long, lambda run: run.step >= 3)
+    try:
+        page = pages.open()  # a reload mid-run
+        page.get_by_role("tab", name="2 · Train").click()
+        expect(page.locator("#train-run-select input")).to_have_value(re.compile("long"))
+        page.wait_for_function(f"() => document.querySelector('{PROGRESS}')?.dataset.status === 'training'")
+        expect(page.locator("#train-loss-plot")).to_contain_text("smoothed")  # the curve so far
+        expect(number_box(page, "setting-steps")).to_have_value("400")  # the run's settings in the form
+        expect(page.locator("#train-run-name textarea, #train-run-name input").first).to_have_value("long")
+        expect(page.locator("#train-base input")).to_have_value(re.compile("Demo model"))
+        expect(page.locator("#train-stop")).to_have_text("Stop 'long'")
+
+        page.locator("#train-run-select input").click()
+        page.get_by_role("option", name=re.compile("^done")).click()
+        page.wait_for_function(f"() => document.querySelector('{PROGRESS}')?.dataset.status === 'finished'")
+        step_now = app_server.studio.runs.get(long).step
+        wait_run(app_server, long, lambda run: run.step >= step_now + 3)  # the other run goes on meanwhile
+        expect(page.locator("#train-progress-label")).to_contain_text("finished · step 3 / 3")
+        expect(page.locator("#train-output-file")).to_contain_text(re.compile(r"done ?\.safetensors"))
+        expect(page.locator("#train-open-generate")).to_be_enabled()
+        expect(page.locator("#train-stop")).to_have_text("Stop 'done'")
+        expect(page.locator("#train-stop")).to_be_disabled()
+    finally:
+        app_server.studio.runs.stop(long)
+        wait_run(app_server, long, lambda run: not run.active)
