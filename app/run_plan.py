@@ -73,7 +73,8 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
     """What a run will do and produce, before it starts: steps math, exact file size, device."""
     from trainer.data.lint import lint_dataset
     from trainer.data.scan import scan_dataset
-    from trainer.lora.sizing import architecture_for, lora_size
+    from trainer.lora.sizing import architecture_for
+    from trainer.train.planned_size import planned_file_size
 
     lines = []
     arch = None
@@ -81,14 +82,17 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
         with studio.build_lock:
             arch = architecture_for(config.model.base, config.model.base_config or None)
     except StudioError as exc:
-        size_line = f"**Output file size:** known once the base model can be read ({exc.message})"
-    else:
-        modules, size = lora_size(config, arch, config.output.export_dtype)
-        size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
-                     f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
+        size_error = exc.message
     native = int(arch.unet.config.sample_size) * 8 if arch is not None else 512  # every SD VAE downsamples 8x
     resolution = config.data.resolution or native
     scan = scan_dataset(config.data)
+    if arch is None:
+        size_line = f"**Output file size:** known once the base model can be read ({size_error})"
+    else:
+        with studio.build_lock:  # the optimiser's class is built for its name in the header
+            modules, size = planned_file_size(config, arch, scan, resolution)
+        size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
+                     f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
     report = lint_dataset(scan, config.data, resolution, None, epochs=config.train.epochs,
                           batch_size=config.train.batch_size, steps=config.train.steps)
     if report.steps is not None:

@@ -22,6 +22,7 @@ from app.run_records import resume_config
 from app.run_settings import config_from_file, pickers_for, settings_file
 from app.run_view import (
     RUN_HEADERS,
+    format_bytes,
     loss_frame,
     progress_html,
     resumable_runs,
@@ -45,6 +46,7 @@ WATCH_HEARTBEAT_S = 10.0
 # The loss plot is redrawn from scratch by the browser on every update; on a CPU busy training, a
 # redraw four times a second never finishes, so the curve follows at a calmer pace.
 PLOT_INTERVAL_S = 2.0
+NO_OUTPUT_LABEL = "The trained LoRA appears here"
 
 
 # --- layout and wiring ---------------------------------------------------------------------------
@@ -111,7 +113,10 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         samples = gr.Gallery(label="Sample images (newest first)", columns=3, height=300, elem_id="train-samples",
                              scale=2, object_fit="contain")
     with gr.Row():
-        output_file = gr.File(label="The trained LoRA", interactive=False, elem_id="train-output-file", scale=3)
+        # A download button rather than gr.File: its label carries the size as the plan and the status
+        # write it (gr.File prints its own, in KiB).
+        output_file = gr.DownloadButton(NO_OUTPUT_LABEL, value=None, interactive=False, elem_id="train-output-file",
+                                        scale=3)
         open_in_generate = gr.Button("Open in Generate", elem_id="train-open-generate", scale=1, interactive=False)
     output_path = gr.Textbox(visible=False, elem_id="train-output-path")
     output_base = gr.Textbox(visible=False, elem_id="train-output-base")  # the base it was trained on
@@ -197,7 +202,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
 
     def empty_view() -> dict:
         return {progress: progress_html(None), status: "", loss_plot: loss_frame(None), samples: [],
-                output_file: None, output_path: "", output_base: "", open_in_generate: gr.update(interactive=False),
+                output_file: gr.update(value=None, label=NO_OUTPUT_LABEL, interactive=False), output_path: "", output_base: "", open_in_generate: gr.update(interactive=False),
                 **control_labels(None)}
 
     def control_labels(run: RunState | None) -> dict:
@@ -223,7 +228,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         finished = run.output is not None and run.output.is_file() and not run.active
         if shown.get("finished") != finished:
             shown["finished"] = finished
-            update[output_file] = str(run.output) if finished else None
+            update[output_file] = (gr.update(value=str(run.output), label=output_label(run), interactive=True) if finished
+                                   else gr.update(value=None, label=NO_OUTPUT_LABEL, interactive=False))
             update[output_path] = str(run.output) if finished else ""
             update[output_base] = studio.projects.base_choice_for(run.config.model.base) if finished else ""
             update[open_in_generate] = gr.update(interactive=finished)
@@ -334,6 +340,11 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     load_config.upload(settings_from_file, load_config, [*settings_outputs, plan], api_name="load_settings")
     return TrainTab(dataset=dataset, trigger=form.components["trigger"], output_path=output_path,
                     output_base=output_base, open_in_generate=open_in_generate)
+
+
+def output_label(run: RunState) -> str:
+    """The download button's text: the file and its size, formatted as the plan and the status line do."""
+    return f"⇣ Download {run.output.name} ({format_bytes(run.size_bytes)})"
 
 
 def _require_run(run_id: str) -> str:
