@@ -32,6 +32,8 @@ def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: s
     picked = {"base": studio.projects.resolve_base(base) if base else "", "data": str(folder),
               "output": str(studio.projects.run_output(run_name or "run"))}
     flat = {**(overrides or {}), **picked}
+    if not flat.get("base_config"):  # a baked checkpoint knows its configs
+        flat["base_config"] = studio.projects.base_config_for(picked["base"])
     flat.pop("resume", None)
     for key in PATH_SETTINGS:  # folders typed in the form follow the same rule as the pickers
         if str(flat.get(key) or "").strip():

@@ -7,6 +7,7 @@ in file order: pictures first, then a run, then generation and tools on its LoRA
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def trained(app_server, app_client: Client, dataset: str) -> Path:
     progress, status, *_ = app_client.predict(run_id, api_name="/watch_run")  # returns when the run ends
     assert 'data-status="finished"' in progress, status
     output = app_server.projects.runs_dir / "api-run.safetensors"
-    assert output.is_file() and f"api-run.safetensors ({planned.group(1)})" in status  # the size planned
+    assert output.is_file() and f"api-run.safetensors` ({planned.group(1)})" in status  # the size planned
     return output
 
 
@@ -232,7 +233,7 @@ def test_generate_refuses_bad_lora_files(app_client: Client, tmp_path: Path) -> 
                  api_name="/generate")
 
 
-def test_inspect_merge_and_bake(app_client: Client, app_server, trained: Path) -> None:
+def test_inspect_merge_and_bake(app_client: Client, app_server, trained: Path, dataset: str) -> None:
     summary, plot = app_client.predict(str(trained), api_name="/inspect_lora")
     assert "api-run.safetensors: LoRA for SD 1.x" in summary and "Trigger phrase: zxq" in summary
     assert file_path(plot).stat().st_size > 1000
@@ -241,8 +242,18 @@ def test_inspect_merge_and_bake(app_client: Client, app_server, trained: Path) -
     expect_error("2 files but 1 weights", app_client.predict, [str(trained), str(trained)], "0.5", None, "x",
                  api_name="/merge_loras")
     text, checkpoint = app_client.predict(DEMO, [str(trained)], "1", "demo-baked", api_name="/bake_checkpoint")
-    assert file_path(checkpoint).name == "demo-baked.safetensors"
-    assert (app_server.projects.outputs_dir / "demo-baked.safetensors").stat().st_size > 100_000
+    baked = app_server.projects.models_dir / "demo-baked.safetensors"
+    assert file_path(checkpoint).name == "demo-baked.safetensors" and baked.stat().st_size > 100_000
+    # A baked checkpoint is a base model, listed with them and never with the LoRAs (also one an
+    # earlier version baked into outputs/), and it trains like one: the plan reads its layers.
+    older = app_server.projects.outputs_dir / "older-baked.safetensors"
+    shutil.copyfile(baked, older)
+    projects = app_server.projects
+    assert {str(baked), str(older)} <= set(projects.base_model_choices())
+    assert baked not in projects.lora_files() and older not in projects.lora_files() and trained in projects.lora_files()
+    plan = app_client.predict(DATASET, str(baked), "character-lite", "", TINY, api_name="/check_training")
+    assert "(24 layers, rank 4, fp16)" in plan
+    older.unlink()
     expect_error("Choose at least one LoRA file", app_client.predict, DEMO, [], "", "x", api_name="/bake_checkpoint")
 
 
