@@ -16,6 +16,7 @@ from urllib.parse import quote
 import gradio as gr
 
 from app.bundled import EXAMPLE_DATASET
+from app.dataset_memory import last_dataset, remember_dataset, remember_trigger, remembered_trigger
 from app.dataset_prep import masked_thumbnail
 from app.errors import user_errors
 from app.projects import THUMB_SIDE, safe_name
@@ -181,7 +182,7 @@ class DatasetTab:
     trigger: gr.Textbox
 
 
-def build_dataset_tab(studio: Studio) -> DatasetTab:
+def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
     gr.Markdown("Drop your pictures here, give each a caption, and fix what the check below reports. "
                 "Everything is saved in the project folder as you go.", elem_id="dataset-intro")
     with gr.Row():
@@ -234,6 +235,24 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
     @user_errors
     def show_dataset(dataset: str, trigger_word: str, check_resolution: float):
         return show(dataset_view(studio, dataset, trigger_word, check_resolution))
+
+    @user_errors
+    def open_dataset(dataset: str, typed: str, check_resolution: float):
+        """A dataset picked (or typed): its remembered trigger word comes back with it (a new one keeps the box's)."""
+        word = remembered_trigger(studio.projects, dataset) or typed
+        remember_dataset(studio.projects, dataset)
+        return (*show(dataset_view(studio, dataset, word, check_resolution)), word)
+
+    @user_errors
+    def reopen(check_resolution: float):
+        """On page load: the dataset list as it is now, the dataset opened last and its trigger word."""
+        dataset = last_dataset(studio.projects)
+        word = remembered_trigger(studio.projects, dataset) if dataset else ""
+        return (gr.update(choices=studio.projects.list_datasets(), value=dataset),
+                *show(dataset_view(studio, dataset or "", word, check_resolution)), word)
+
+    def keep_trigger(dataset: str, word: str) -> None:
+        remember_trigger(studio.projects, dataset, word)
 
     @user_errors
     def upload_images(dataset: str, files: list[str] | None, trigger_word: str, check_resolution: float):
@@ -306,8 +325,10 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
                       f"Removed {file_name} and its caption."), "")
 
     lint_inputs = [trigger, resolution]
-    name.change(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name="show_dataset")
-    check.click(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
+    name.change(open_dataset, [name, trigger, resolution], [*view_outputs, status, trigger], api_name=False)
+    check.click(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name="show_dataset")
+    gr.on([trigger.submit, trigger.blur, add_trigger.click], keep_trigger, [name, trigger], None, api_name=False)
+    demo.load(reopen, resolution, [name, *view_outputs, status, trigger], api_name=False)
     resolution.submit(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
     trigger.submit(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
     upload.upload(upload_images, [name, upload, *lint_inputs], [*view_outputs, status, name, upload],

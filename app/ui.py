@@ -43,7 +43,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     f"Everything stays in `{studio.projects.root}`.", elem_id="app-header")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("1 · Dataset", id="dataset", elem_id="tab-dataset"):
-                dataset = build_dataset_tab(studio)
+                dataset = build_dataset_tab(studio, demo)
             with gr.Tab("2 · Train", id="train", elem_id="tab-train") as train_item:
                 train = build_train_tab(studio, demo)
             with gr.Tab("3 · Generate", id="generate", elem_id="tab-generate"):

@@ -52,7 +52,8 @@ class PageSession:
     def __init__(self, browser, url: str) -> None:
         self.browser, self.url = browser, url
         self.requests: list[str] = []
-        self.page_errors: list[str] = []  # uncaught exceptions and console errors, with the page's URL
+        self.page_errors: list[str] = []  # uncaught exceptions and console errors
+        self._unloading: set = set()  # pages being reloaded: their aborted connections log errors
         self.contexts: list = []
 
     def open(self):
@@ -60,12 +61,24 @@ class PageSession:
         context.on("request", lambda request: self.requests.append(request.url))
         self.contexts.append(context)
         page = context.new_page()
-        page.on("pageerror", lambda error: self.page_errors.append(f"uncaught: {error}"))
-        page.on("console", lambda message: self.page_errors.append(f"console.{message.type}: {message.text}")
+        page.on("pageerror", lambda error: self._error(page, f"uncaught: {error}"))
+        page.on("console", lambda message: self._error(page, f"console.error: {message.text}")
                 if message.type == "error" else None)
         page.set_default_timeout(30_000)
         page.goto(self.url)
         return page
+
+    def reload(self, page) -> None:
+        """Reload as the artist does (F5); the old document's streams, cut off, log no error that counts."""
+        self._unloading.add(page)
+        try:
+            page.reload()
+        finally:
+            self._unloading.discard(page)
+
+    def _error(self, page, text: str) -> None:
+        if page not in self._unloading:
+            self.page_errors.append(text)
 
     def outside_requests(self) -> list[str]:
         return [url for url in self.requests

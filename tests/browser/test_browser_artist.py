@@ -142,3 +142,27 @@ def test_the_view_shows_the_picked_run_and_a_reload_brings_back_its_curve_and_se
     finally:
         app_server.studio.runs.stop(long)
         wait_run(app_server, long, lambda run: not run.active)
+
+
+def test_a_reload_shows_the_last_dataset_with_its_trigger_and_fresh_problems(pages, app_server) -> None:
+    folder = make_dataset(app_server.projects.root, "reload", {"a": "zxq, one", "b": "zxq, two"})
+    (folder / "b.txt").unlink()
+    page = pages.open()
+    open_dataset(page, "reload")
+    expect(page.locator("#dataset-table")).to_contain_text("no caption file")
+    trigger = page.locator("#dataset-trigger textarea, #dataset-trigger input").first
+    trigger.fill("zxq")
+    trigger.press("Enter")
+    expect(page.locator("#dataset-report")).to_contain_text('Trigger word "zxq"')
+    # A caption typed for the picture without one: its Problems cell no longer says there is none.
+    page.locator("#dataset-table [data-testid=cell-1-2]").click()
+    page.keyboard.type("zxq, two")
+    page.keyboard.press("Enter")
+    expect(page.locator("#dataset-status")).to_have_text("Saved 1 caption.")
+    expect(page.locator("#dataset-table")).not_to_contain_text("no caption file")
+
+    pages.reload(page)
+    expect(page.locator("#dataset-name input")).to_have_value("reload")
+    expect(page.locator("#dataset-trigger textarea, #dataset-trigger input").first).to_have_value("zxq")
+    expect(page.locator("#dataset-report")).to_contain_text('Trigger word "zxq" is in 2 of 2 captions')
+    expect(caption_cell(page, "zxq, two")).to_be_visible()
