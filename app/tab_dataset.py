@@ -16,7 +16,12 @@ from urllib.parse import quote
 import gradio as gr
 
 from app.bundled import EXAMPLE_DATASET
-from app.dataset_memory import last_dataset, remember_dataset, remember_trigger, remembered_trigger
+from app.dataset_memory import (
+    last_dataset,
+    remember_dataset,
+    remember_trigger,
+    remembered_trigger,
+)
 from app.dataset_prep import masked_thumbnail
 from app.errors import user_errors
 from app.projects import THUMB_SIDE, safe_name
