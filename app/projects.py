@@ -44,6 +44,7 @@ class ImportSummary:
     added: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    kept: list[str] = field(default_factory=list)  # captions in the dataset that differ from the uploaded ones
 
     def text(self) -> str:
         parts = [f"Added {len(self.added)} picture{'s' * (len(self.added) != 1)}"]
@@ -54,6 +55,11 @@ class ImportSummary:
             reasons = "; ".join(f"{name}: {why}" for name, why in self.skipped[:5])
             more = f" (+{len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
             line += f" Skipped {len(self.skipped)}: {reasons}{more}."
+        if self.kept:
+            names = ", ".join(self.kept[:5]) + (f" (+{len(self.kept) - 5} more)" if len(self.kept) > 5 else "")
+            line += (f" Kept {len(self.kept)} caption{'s' * (len(self.kept) != 1)} of the dataset that differ"
+                     f"{'s' * (len(self.kept) == 1)} from the uploaded one{'s' * (len(self.kept) != 1)}: {names}"
+                     " (edit them in the grid if the uploaded text is the one you want).")
         return line
 
 
@@ -164,7 +170,6 @@ class Projects:
             summary.added.append(target.name)
         for path in captions:
             stem = stems.get(path.stem) or safe_name(path.stem, "file name")
-            target = folder / f"{stem}.txt"
             try:
                 text, _ = read_caption_file(path)
             except OSError as exc:
@@ -173,8 +178,17 @@ class Projects:
             except DatasetError as exc:  # not text (NUL bytes): refused, named, never trained on
                 summary.skipped.append((path.name, exc.message.removeprefix(f"{path.name} ")))
                 continue
-            atomic_write_text(target, text + "\n")
-            summary.captions.append(target.name)
+            existing = self.caption_path(folder / f"{stem}.png")  # the stem's .txt or .caption, if any
+            if existing.is_file():  # an upload never overwrites a caption: it may have been edited here
+                try:
+                    same = read_caption_file(existing)[0] == text
+                except (OSError, DatasetError):
+                    same = False
+                if not same:
+                    summary.kept.append(existing.name)
+                continue
+            atomic_write_text(folder / f"{stem}.txt", text + "\n")
+            summary.captions.append(f"{stem}.txt")
         return summary
 
     def import_folder(self, dataset: str, source: str | Path) -> ImportSummary:
@@ -236,7 +250,8 @@ class Projects:
     # --- base models -----------------------------------------------------------------------------
 
     def base_model_choices(self) -> list[str]:
-        """The demo model, then models in ``models/`` (diffusers folders and .safetensors files)."""
+        """The demo model, models in ``models/`` (diffusers folders and .safetensors files, baked ones
+        included), then checkpoints baked into ``outputs/`` by earlier versions."""
         choices = [DEMO_MODEL_CHOICE]
         if self.models_dir.is_dir():
             for entry in sorted(self.models_dir.iterdir()):
@@ -244,7 +259,33 @@ class Projects:
                     continue
                 if (entry.is_dir() and (entry / "model_index.json").is_file()) or entry.suffix == ".safetensors":
                     choices.append(str(entry))
+        if self.outputs_dir.is_dir():
+            choices += [str(p) for p in sorted(self.outputs_dir.glob("*.safetensors")) if is_checkpoint_file(p)]
         return choices
+
+    def base_config_for(self, base: str) -> str:
+        """The config folder a baked checkpoint names in its header (empty for any other base)."""
+        path = Path(str(base or "").strip())
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            return ""
+        from trainer.core.safetensors_header import read_safetensors_header
+        from trainer.tools.bake import BASE_CONFIG_KEY
+
+        try:
+            _, metadata = read_safetensors_header(path)
+        except (OSError, StudioError):
+            return ""
+        folder = metadata.get(BASE_CONFIG_KEY, "")
+        return folder if folder and Path(folder).is_dir() else ""
+
+    def new_model_path(self, stem: str) -> Path:
+        """A ``.safetensors`` path in ``models/`` that does not exist yet (where baked checkpoints go)."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        base = safe_name(stem, "file name")
+        candidate, n = self.models_dir / f"{base}.safetensors", 2
+        while candidate.exists():
+            candidate, n = self.models_dir / f"{base}-{n}.safetensors", n + 1
+        return candidate
 
     def resolve_base(self, choice: str) -> str:
         """What the engine's ``ModelConfig.base`` gets for a base-model field value."""
@@ -301,6 +342,7 @@ class Projects:
         for folder in (self.runs_dir, self.loras_dir, self.outputs_dir):
             if folder.is_dir():
                 found += [p for p in folder.glob("*.safetensors") if not p.name.startswith(".")]
+        found = [p for p in found if not is_checkpoint_file(p)]  # a baked checkpoint is a base, not a LoRA
         return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
     def store_lora_upload(self, upload: str | Path) -> Path:
@@ -334,6 +376,20 @@ def _hub_id_only(text: str) -> bool:
     from trainer.models.loading import HUB_ID
 
     return bool(HUB_ID.match(text)) and not text.startswith((".", "~", "/")) and not Path(text).exists()
+
+
+CHECKPOINT_KEY_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether a .safetensors file is a whole model (LDM keys), read from its header alone."""
+    from trainer.core.safetensors_header import read_safetensors_header
+
+    try:
+        entries, _ = read_safetensors_header(path)
+    except (OSError, StudioError):
+        return False
+    return any(key.startswith(CHECKPOINT_KEY_PREFIXES) for key in entries)
 
 
 def _same_file_content(a: Path, b: Path) -> bool:

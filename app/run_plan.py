@@ -14,10 +14,11 @@ from typing import Any
 
 from app.projects import safe_name
 from app.run_view import format_bytes, format_duration
+from app.settings_form import on_screen_names
 from app.studio import Studio
 from trainer.config.presets import resolve_config
 from trainer.config.schema import StudioConfig
-from trainer.core.errors import DatasetError, StudioError
+from trainer.core.errors import ConfigError, DatasetError, StudioError
 
 PATH_SETTINGS = ("base_config", "reg_data")  # settings that name a file or folder on the server
 
@@ -31,11 +32,16 @@ def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: s
     picked = {"base": studio.projects.resolve_base(base) if base else "", "data": str(folder),
               "output": str(studio.projects.run_output(run_name or "run"))}
     flat = {**(overrides or {}), **picked}
+    if not flat.get("base_config"):  # a baked checkpoint knows its configs
+        flat["base_config"] = studio.projects.base_config_for(picked["base"])
     flat.pop("resume", None)
     for key in PATH_SETTINGS:  # folders typed in the form follow the same rule as the pickers
         if str(flat.get(key) or "").strip():
             studio.projects.paths.check(str(flat[key]).strip(), key.replace("_", " "))
-    return resolve_config(preset or None, None, flat)
+    try:
+        return resolve_config(preset or None, None, flat)
+    except ConfigError as exc:  # "optim.lr = -1.0 ..." reads "Learning rate (UNet)" = -1.0 on the page
+        raise on_screen_names(exc) from None
 
 
 def check_base_exists(studio: Studio, base_choice: str) -> None:
@@ -77,8 +83,9 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
     from trainer.core.devices import check_training_precision, resolve_device
     from trainer.data.lint import lint_dataset
     from trainer.data.scan import scan_dataset
-    from trainer.lora.sizing import architecture_for, lora_size
+    from trainer.lora.sizing import architecture_for
     from trainer.models.text import check_clip_skip
+    from trainer.train.planned_size import planned_file_size
 
     check_training_precision(config.train.precision, resolve_device(config.train.device, "train.device"),
                              "train.precision")
@@ -88,16 +95,19 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
         with studio.build_lock:
             arch = architecture_for(config.model.base, config.model.base_config or None)
     except StudioError as exc:
-        size_line = f"**Output file size:** known once the base model can be read ({exc.message})"
-    else:
-        modules, size = lora_size(config, arch, config.output.export_dtype)
-        size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
-                     f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
+        size_error = exc.message
     if arch is not None:
         check_clip_skip(arch.label, arch.text_encoders.values(), config.model.clip_skip, "model.clip_skip")
     native = int(arch.unet.config.sample_size) * 8 if arch is not None else 512  # every SD VAE downsamples 8x
     resolution = config.data.resolution or native
     scan = scan_dataset(config.data)
+    if arch is None:
+        size_line = f"**Output file size:** known once the base model can be read ({size_error})"
+    else:
+        with studio.build_lock:  # the optimiser's class is built for its name in the header
+            modules, size = planned_file_size(config, arch, scan, resolution)
+        size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
+                     f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
     report = lint_dataset(scan, config.data, resolution, None, epochs=config.train.epochs,
                           batch_size=config.train.batch_size, steps=config.train.steps)
     if report.steps is not None:

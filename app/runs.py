@@ -44,6 +44,9 @@ log = logging.getLogger("lora_studio.runs")
 RunStatus = Literal["queued", "preparing", "training", "stopping", "finished", "stopped", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "preparing", "training", "stopping"})
 MAX_LOSS_POINTS = 2000  # the plot keeps every step up to this, then thins older points
+# Said when Save now / Sample now is clicked, and taken back once done (or once the run has ended).
+SAVE_PENDING = "A checkpoint will be saved after the current step."
+SAMPLES_PENDING = "Sample images will be made after the current step."
 
 TrainFn = Callable[[StudioConfig, RunCommands], Iterator[Event]]
 
@@ -153,7 +156,7 @@ class RunController:
             if run.status not in ("preparing", "training"):
                 raise StudioError(f"'{run.name}' is not training, so there is nothing to save now.")
             run.commands.save_now()
-            run.notices.append("A checkpoint will be saved after the current step.")
+            run.notices.append(SAVE_PENDING)
             self._touch(run)
             return run.snapshot()
 
@@ -163,7 +166,7 @@ class RunController:
             if run.status not in ("preparing", "training"):
                 raise StudioError(f"'{run.name}' is not training, so no samples can be made now.")
             run.commands.sample_now()
-            run.notices.append("Sample images will be made after the current step.")
+            run.notices.append(SAMPLES_PENDING)
             self._touch(run)
             return run.snapshot()
 
@@ -263,6 +266,7 @@ class RunController:
                                         "This is a bug in LoRA Studio; the log in the terminal has the details.")
         else:
             with self._changed:
+                _drop_notices(run, SAVE_PENDING, SAMPLES_PENDING)
                 if run.status not in ("finished", "stopped"):  # the engine ended without RunFinished
                     run.status = "stopped" if run.commands.stop_requested else "finished"
                 run.finished_at = time.time()
@@ -272,6 +276,7 @@ class RunController:
 
     def _finish(self, run: RunState, status: RunStatus, error: str) -> None:
         with self._changed:
+            _drop_notices(run, SAVE_PENDING, SAMPLES_PENDING)
             run.status = status
             run.error = error
             run.finished_at = time.time()
@@ -319,9 +324,11 @@ def apply_event(run: RunState, event: Event) -> None:
         if len(run.losses) > MAX_LOSS_POINTS:
             run.losses = run.losses[::2]
     elif isinstance(event, SamplesMade):
+        _drop_notices(run, SAMPLES_PENDING)
         for path, prompt in zip(event.paths, event.prompts, strict=False):
             run.samples.append((Path(path), f"step {event.step}: {prompt}"))
     elif isinstance(event, CheckpointSaved):
+        _drop_notices(run, SAVE_PENDING)
         run.checkpoints.append((event.step, Path(event.path)))
     elif isinstance(event, Notice):
         run.notices.append(("⚠ " if event.level == "warning" else "") + event.text)
@@ -330,6 +337,12 @@ def apply_event(run: RunState, event: Event) -> None:
         run.output, run.size_bytes = Path(event.output), event.size_bytes
         run.status = "stopped" if event.stopped_early else "finished"
         run.eta_s = 0.0
+        _drop_notices(run, SAVE_PENDING, SAMPLES_PENDING)
+
+
+def _drop_notices(run: RunState, *texts: str) -> None:
+    """Take back "will be done after the current step" notices that are done (or never will be)."""
+    run.notices = [notice for notice in run.notices if notice not in texts]
 
 
 def planned_device(config: StudioConfig) -> str:

@@ -8,6 +8,7 @@ the form with its help text without touching this module.
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,6 +17,7 @@ import gradio as gr
 
 from app.block_table import BLOCK_FIELDS, BLOCK_TABLE, block_table_widget, fields_to_rows, rows_to_fields
 from trainer.config.schema import SECTIONS, StudioConfig, config_to_dict, field_index
+from trainer.core.errors import ConfigError
 
 # Set by the Train tab's own pickers (dataset, base model, run name, Resume button).
 APP_OWNED = frozenset({"base", "data", "output", "resume"})
@@ -130,10 +132,15 @@ class SettingsForm:
     components: dict[str, gr.components.Component]
 
     def overrides(self, values: dict[gr.components.Component, Any]) -> dict[str, Any]:
-        """Flat config overrides from gradio dict inputs; empty number boxes are left out."""
+        """Flat config overrides from gradio dict inputs.
+
+        An empty number box (the browser also empties it for letters typed into it) is an error
+        naming the box: leaving the setting out would silently train with the preset's value.
+        """
         by_component = {component: name for name, component in self.components.items()}
         flat: dict[str, Any] = {}
         table = None
+        empty: list[str] = []
         for component, value in values.items():
             name = by_component.get(component)
             if name == BLOCK_TABLE:  # one table for block_dims, block_alphas and block_lr
@@ -142,6 +149,12 @@ class SettingsForm:
                 converted = widget_to_value(name, value)
                 if converted is not None:
                     flat[name] = converted
+                elif isinstance(component, gr.Number):
+                    empty.append(name)
+        if empty:
+            boxes = ", ".join(f'"{label_of(name)}"' for name in empty)
+            raise ConfigError(f"{boxes} {'needs a number' if len(empty) == 1 else 'need numbers'}.",
+                              hint="Type a number (digits, e.g. 12 or 1e-4); letters are not kept in a number box.")
         if table is not None:  # blank cells take the network's rank and alpha
             flat.update(rows_to_fields(table, flat.get("rank"), flat.get("alpha")))
         return flat
@@ -151,6 +164,23 @@ class SettingsForm:
         values = config_values(config)
         values[BLOCK_TABLE] = fields_to_rows(values)
         return {component: values[name] for name, component in self.components.items()}
+
+
+def label_of(name: str) -> str:
+    """The on-screen label of a config field."""
+    return LABELS.get(name, name.replace("_", " ").capitalize())
+
+
+_FIELD_PATH = re.compile(r"\b(?:" + "|".join(SECTIONS) + r")\.(\w+)\b")
+
+
+def on_screen_names(error: ConfigError) -> ConfigError:
+    """``error`` with config paths (``optim.lr``) replaced by the form's labels ("Learning rate (UNet)")."""
+    def label(match: re.Match) -> str:
+        name = match.group(1)
+        return f'"{label_of(name)}"' if name in field_index() and name not in APP_OWNED else match.group(0)
+
+    return ConfigError(_FIELD_PATH.sub(label, error.message), hint=error.hint and _FIELD_PATH.sub(label, error.hint))
 
 
 def editable_fields() -> list[str]:
@@ -228,7 +258,7 @@ def _is_text_list(name: str) -> bool:
 
 
 def _widget(name: str, f: Any, value: Any) -> gr.components.Component:
-    label = LABELS.get(name, name.replace("_", " ").capitalize())
+    label = label_of(name)
     info = f.metadata.get("help", "")
     common = dict(label=label, info=info, elem_id=f"setting-{name}", interactive=True)
     hint = _type_of(name)

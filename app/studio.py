@@ -115,6 +115,7 @@ class Studio:
     def generator(self, base_choice: str, base_config: str = "") -> Any:
         """The Generator for this base model, kept loaded between requests (reloaded when it changes)."""
         base = self.projects.resolve_base(base_choice)
+        base_config = base_config or self.projects.base_config_for(base)  # a baked checkpoint knows its configs
         key = (base, base_config)
         with self._lock:
             if self._generator is None or self._generator_key != key:

@@ -2,7 +2,8 @@
 
 Handlers are plain functions of the studio and named values; ``build_dataset_tab`` lays out the
 components and wires them. Caption edits in the grid are saved to ``.txt`` sidecars right away,
-so a reload or a closed tab loses nothing.
+so a reload or a closed tab loses nothing, and every change (a cell, add-trigger, find/replace)
+is one step of the dataset's caption undo history.
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ from urllib.parse import quote
 import gradio as gr
 
 from app.bundled import EXAMPLE_DATASET
+from app.dataset_memory import (
+    last_dataset,
+    remember_dataset,
+    remember_trigger,
+    remembered_trigger,
+)
 from app.dataset_prep import masked_thumbnail
 from app.errors import user_errors
 from app.projects import THUMB_SIDE, safe_name
 from app.studio import Studio
 from app.tab_dataset_prep import build_dataset_prep_panel
 from trainer.config.schema import DataConfig
-from trainer.core.atomic import atomic_write_text
 from trainer.core.errors import DatasetError, StudioError
+from trainer.data.caption_undo import CaptionUndo
 from trainer.data.captions import has_trigger, read_caption_file
 from trainer.data.images import image_extensions
 from trainer.data.lint import LintReport, lint_dataset
@@ -113,10 +120,14 @@ def read_caption(studio: Studio, image: Path) -> str:
         return ""
 
 
-def save_captions(studio: Studio, name: str, table: list[list[Any]]) -> int:
-    """Write every caption of the grid that differs from its sidecar; returns how many changed."""
+def save_captions(studio: Studio, name: str, table: list[list[Any]], label: str = "") -> int:
+    """Write every caption of the grid that differs from its sidecar; returns how many changed.
+
+    The writes form one batch of the dataset's caption undo history (``trainer.data.caption_undo``,
+    the one auto-captioning uses), so "Undo the last caption change" takes them back.
+    """
     folder = studio.projects.dataset_dir(name)
-    changed = 0
+    changes: list[tuple[Path, str]] = []
     for row in table or []:
         if len(row) <= CAPTION_COLUMN or not str(row[FILE_COLUMN] or "").strip():
             continue
@@ -126,9 +137,16 @@ def save_captions(studio: Studio, name: str, table: list[list[Any]]) -> int:
                                hint="Reload the dataset to see its current pictures.")
         caption = " ".join(str(row[CAPTION_COLUMN] or "").split())
         if caption != read_caption(studio, image):
-            atomic_write_text(studio.projects.caption_path(image), caption + "\n")
-            changed += 1
-    return changed
+            changes.append((image, caption))
+    if not changes:
+        return 0
+    if not label:
+        label = (f"Edited the caption of {changes[0][0].name}" if len(changes) == 1 else
+                 f"Edited {len(changes)} captions in the grid")
+    with CaptionUndo(folder).batch(label) as writer:
+        for image, caption in changes:
+            writer.write(studio.projects.caption_path(image), caption)
+    return len(changes)
 
 
 def with_trigger(table: list[list[Any]], trigger: str) -> list[list[Any]]:
@@ -172,7 +190,7 @@ class DatasetTab:
     trigger: gr.Textbox
 
 
-def build_dataset_tab(studio: Studio) -> DatasetTab:
+def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
     gr.Markdown("Drop your pictures here, give each a caption, and fix what the check below reports. "
                 "Everything is saved in the project folder as you go.", elem_id="dataset-intro")
     with gr.Row():
@@ -204,6 +222,7 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
         replace_with = gr.Textbox(label="Replace with", elem_id="dataset-replace", scale=2)
         replace_button = gr.Button("Replace in all captions", elem_id="dataset-replace-button", scale=1)
         check = gr.Button("Check again", elem_id="dataset-check", scale=1)
+        undo = gr.Button("Undo the last caption change", elem_id="dataset-undo", scale=1)
     with gr.Row():
         selected = gr.Textbox(label="Selected picture", info="Click a row in the grid to select it.",
                               interactive=False, elem_id="dataset-selected", scale=3)
@@ -224,6 +243,24 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
     @user_errors
     def show_dataset(dataset: str, trigger_word: str, check_resolution: float):
         return show(dataset_view(studio, dataset, trigger_word, check_resolution))
+
+    @user_errors
+    def open_dataset(dataset: str, typed: str, check_resolution: float):
+        """A dataset picked (or typed): its remembered trigger word comes back with it (a new one keeps the box's)."""
+        word = remembered_trigger(studio.projects, dataset) or typed
+        remember_dataset(studio.projects, dataset)
+        return (*show(dataset_view(studio, dataset, word, check_resolution)), word)
+
+    @user_errors
+    def reopen(check_resolution: float):
+        """On page load: the dataset list as it is now, the dataset opened last and its trigger word."""
+        dataset = last_dataset(studio.projects)
+        word = remembered_trigger(studio.projects, dataset) if dataset else ""
+        return (gr.update(choices=studio.projects.list_datasets(), value=dataset),
+                *show(dataset_view(studio, dataset or "", word, check_resolution)), word)
+
+    def keep_trigger(dataset: str, word: str) -> None:
+        remember_trigger(studio.projects, dataset, word)
 
     @user_errors
     def upload_images(dataset: str, files: list[str] | None, trigger_word: str, check_resolution: float):
@@ -256,11 +293,15 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
         changed = save_captions(studio, dataset, rows)
         view = dataset_view(studio, dataset, trigger_word, check_resolution)
         message = f"Saved {changed} caption{'s' * (changed != 1)}." if changed else gr.skip()
-        return view.report, view.issues, message
+        # The grid is redrawn only when its Problems column changed (a caption added or emptied):
+        # redrawing on every edit would throw away a cell the artist has started typing in.
+        stale = [row[-1] for row in rows or []] != [row[-1] for row in view.table]
+        return view.table if stale else gr.skip(), view.report, view.issues, message
 
     @user_errors
     def add_trigger_to_all(dataset: str, rows: list[list[Any]], trigger_word: str, check_resolution: float):
-        changed = save_captions(studio, dataset, with_trigger(rows, trigger_word))
+        changed = save_captions(studio, dataset, with_trigger(rows, trigger_word),
+                                f'Added the trigger word "{str(trigger_word).strip()}" to the captions')
         return show(dataset_view(studio, dataset, trigger_word, check_resolution),
                     f'Added "{trigger_word.strip()}" to {changed} caption{"s" * (changed != 1)}.')
 
@@ -268,9 +309,16 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
     def replace_in_captions(dataset: str, rows: list[list[Any]], find_text: str, replacement: str,
                             trigger_word: str, check_resolution: float):
         new_rows, count = replaced(rows, find_text, replacement)
-        save_captions(studio, dataset, new_rows)
+        save_captions(studio, dataset, new_rows, f'Replaced "{find_text}" with "{replacement}" in the captions')
         return show(dataset_view(studio, dataset, trigger_word, check_resolution),
                     f'Replaced "{find_text}" in {count} caption{"s" * (count != 1)}.')
+
+    @user_errors
+    def undo_last_change(dataset: str, trigger_word: str, check_resolution: float):
+        from trainer.data.captioning.autocaption import undo_last_captioning
+
+        message = undo_last_captioning(studio.projects.dataset_dir(dataset))
+        return show(dataset_view(studio, dataset, trigger_word, check_resolution), message)
 
     def select_row(rows: list[list[Any]], evt: gr.SelectData) -> str:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -285,8 +333,10 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
                       f"Removed {file_name} and its caption."), "")
 
     lint_inputs = [trigger, resolution]
-    name.change(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name="show_dataset")
-    check.click(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
+    name.change(open_dataset, [name, trigger, resolution], [*view_outputs, status, trigger], api_name=False)
+    check.click(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name="show_dataset")
+    gr.on([trigger.submit, trigger.blur, add_trigger.click], keep_trigger, [name, trigger], None, api_name=False)
+    demo.load(reopen, resolution, [name, *view_outputs, status, trigger], api_name=False)
     resolution.submit(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
     trigger.submit(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
     upload.upload(upload_images, [name, upload, *lint_inputs], [*view_outputs, status, name, upload],
@@ -294,7 +344,8 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
     import_button.click(import_folder, [name, folder, *lint_inputs], [*view_outputs, status, name],
                         api_name="import_folder")
     examples_button.click(add_examples, [name, *lint_inputs], [*view_outputs, status, name], api_name="add_examples")
-    table.input(save_caption_edits, [name, table, *lint_inputs], [report, issues, status], api_name="save_captions",
+    table.input(save_caption_edits, [name, table, *lint_inputs], [table, report, issues, status],
+                api_name="save_captions",
                 trigger_mode="always_last")
     table.select(select_row, [table], selected, api_name=False)
     remove.click(remove_picture, [name, selected, *lint_inputs], [*view_outputs, status, selected],
@@ -302,9 +353,10 @@ def build_dataset_tab(studio: Studio) -> DatasetTab:
     add_trigger.click(add_trigger_to_all, [name, table, *lint_inputs], [*view_outputs, status], api_name="add_trigger")
     replace_button.click(replace_in_captions, [name, table, find, replace_with, *lint_inputs],
                          [*view_outputs, status], api_name="replace_in_captions")
+    undo.click(undo_last_change, [name, *lint_inputs], [*view_outputs, status], api_name="undo_caption_change")
     build_dataset_prep_panel(
         studio, name=name, trigger=trigger, lint_inputs=lint_inputs,
         refresh=lambda *args: show_dataset(*args)[:3], refresh_outputs=view_outputs,
         refresh_triggers=[name.change, check.click, trigger.submit, table.input, add_trigger.click,
-                          replace_button.click, upload.upload, import_button.click, examples_button.click])
+                          replace_button.click, undo.click, upload.upload, import_button.click, examples_button.click])
     return DatasetTab(name=name, trigger=trigger)

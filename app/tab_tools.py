@@ -67,7 +67,8 @@ def build_tools_tab(studio: Studio) -> ToolsTab:
     from trainer.tools.resize import merge_loras, resize_lora
 
     gr.Markdown("Look inside a LoRA, make it smaller, mix several into one, or bake them into a checkpoint. "
-                f"Results are saved in `{studio.projects.outputs_dir}`.", elem_id="tools-intro")
+                f"Results are saved in `{studio.projects.outputs_dir}`; baked checkpoints go to "
+                f"`{studio.projects.models_dir}`, with the base models.", elem_id="tools-intro")
     with gr.Row():
         uploads = gr.File(file_count="multiple", file_types=[".safetensors"], type="filepath",
                           label="Upload LoRA files to use here (.safetensors)", elem_id="tools-upload", height=100,
@@ -175,7 +176,8 @@ def build_tools_tab(studio: Studio) -> ToolsTab:
 
         chosen = weighted_files(studio, files, weights)
         base_path = studio.projects.resolve_base(base)
-        out = output_name(studio, name, f"{Path(base_path).stem}-baked")
+        # Into models/: a baked checkpoint is a base model (listed with them, never with the LoRAs).
+        out = studio.projects.new_model_path(Path(str(name or "").strip() or f"{Path(base_path).stem}-baked").stem)
         progress(0.1, desc="Loading the base model and adding the LoRAs…")
         with studio.build_lock:
             report = bake_loras(base_path, [LoraSpec(p, w) for p, w in zip(chosen.paths, chosen.weights, strict=True)],

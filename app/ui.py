@@ -43,7 +43,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     f"Everything stays in `{studio.projects.root}`.", elem_id="app-header")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("1 · Dataset", id="dataset", elem_id="tab-dataset"):
-                dataset = build_dataset_tab(studio)
+                dataset = build_dataset_tab(studio, demo)
             with gr.Tab("2 · Train", id="train", elem_id="tab-train") as train_item:
                 train = build_train_tab(studio, demo)
             with gr.Tab("3 · Generate", id="generate", elem_id="tab-generate"):
@@ -83,6 +83,7 @@ def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, auth: t
         prevent_thread_lock=True, allowed_paths=[str(studio.projects.root)], show_error=False, quiet=quiet,
         ssr_mode=False, pwa=False, mcp_server=False, footer_links=["api", "settings"],
         theme=theme(), css_paths=[asset_path("style.css")], favicon_path=asset_path("favicon.png"),
+        js=asset_path("spreadsheet_typing.js").read_text(encoding="utf-8"),
     )
     if block:
         try:

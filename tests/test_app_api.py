@@ -6,6 +6,8 @@ in file order: pictures first, then a run, then generation and tools on its LoRA
 
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -42,11 +44,11 @@ def dataset(app_client: Client, tmp_path_factory: pytest.TempPathFactory) -> str
 def trained(app_server, app_client: Client, dataset: str) -> Path:
     """A finished demo-model run's LoRA file, trained through the endpoints."""
     run_id, plan, _ = app_client.predict(DATASET, DEMO, "character-lite", "api-run", TINY, api_name="/start_training")
-    assert "api-run.safetensors, 26.8 kB (24 layers, rank 4, fp16)" in plan
+    planned = re.search(r"api-run\.safetensors, (\d+\.\d kB) \(24 layers, rank 4, fp16\)", plan)
     progress, status, *_ = app_client.predict(run_id, api_name="/watch_run")  # returns when the run ends
     assert 'data-status="finished"' in progress, status
     output = app_server.projects.runs_dir / "api-run.safetensors"
-    assert output.is_file() and "api-run.safetensors" in status
+    assert output.is_file() and f"api-run.safetensors` ({planned.group(1)})" in status  # the size planned
     return output
 
 
@@ -102,7 +104,7 @@ def test_upload_pictures_then_edit_captions(app_client: Client, app_server, tmp_
     folder = app_server.projects.dataset_dir(EDITED)
 
     data[2][2] = "zxq, picture 2, smiling"
-    _, _, status = app_client.predict(EDITED, as_table(data, headers), "zxq", 64, api_name="/save_captions")
+    _, _, _, status = app_client.predict(EDITED, as_table(data, headers), "zxq", 64, api_name="/save_captions")
     assert status == "Saved 1 caption."
     assert (folder / "pic02.txt").read_text(encoding="utf-8").strip() == "zxq, picture 2, smiling"
 
@@ -149,7 +151,7 @@ def test_preset_settings_and_plan(app_client: Client, dataset: str) -> None:
     values = app_client.predict("style", api_name="/preset_settings")
     assert 64 in values and "full" in values  # rank 64 on every transformer layer
     plan = app_client.predict(DATASET, DEMO, "character-lite", "", TINY, api_name="/check_training")
-    assert "6 images per epoch" in plan and "26.8 kB" in plan and "Estimate on CPU" in plan
+    assert "6 images per epoch" in plan and re.search(r"\d+\.\d kB \(24 layers", plan) and "Estimate on CPU" in plan
     assert "Demo model" in plan
 
 
@@ -158,7 +160,7 @@ def test_preset_settings_and_plan(app_client: Client, dataset: str) -> None:
     ("never-made", DEMO, {}, "There is no dataset called 'never-made'"),
     (DATASET, "", {}, "No base model is chosen"),
     (DATASET, "/no/such/model.safetensors", {}, "Base model not found: /no/such/model.safetensors"),
-    (DATASET, DEMO, {"rank": 0}, "network.rank = 0 is out of range"),
+    (DATASET, DEMO, {"rank": 0}, "\"Rank\" = 0 is out of range"),
     (DATASET, DEMO, {"rnk": 4}, "Did you mean 'rank'?"),
 ])
 def test_start_refuses_bad_input_with_a_clear_message(app_client: Client, dataset: str, dataset_name: str, base: str,
@@ -231,7 +233,7 @@ def test_generate_refuses_bad_lora_files(app_client: Client, tmp_path: Path) -> 
                  api_name="/generate")
 
 
-def test_inspect_merge_and_bake(app_client: Client, app_server, trained: Path) -> None:
+def test_inspect_merge_and_bake(app_client: Client, app_server, trained: Path, dataset: str) -> None:
     summary, plot = app_client.predict(str(trained), api_name="/inspect_lora")
     assert "api-run.safetensors: LoRA for SD 1.x" in summary and "Trigger phrase: zxq" in summary
     assert file_path(plot).stat().st_size > 1000
@@ -240,8 +242,18 @@ def test_inspect_merge_and_bake(app_client: Client, app_server, trained: Path) -
     expect_error("2 files but 1 weights", app_client.predict, [str(trained), str(trained)], "0.5", None, "x",
                  api_name="/merge_loras")
     text, checkpoint = app_client.predict(DEMO, [str(trained)], "1", "demo-baked", api_name="/bake_checkpoint")
-    assert file_path(checkpoint).name == "demo-baked.safetensors"
-    assert (app_server.projects.outputs_dir / "demo-baked.safetensors").stat().st_size > 100_000
+    baked = app_server.projects.models_dir / "demo-baked.safetensors"
+    assert file_path(checkpoint).name == "demo-baked.safetensors" and baked.stat().st_size > 100_000
+    # A baked checkpoint is a base model, listed with them and never with the LoRAs (also one an
+    # earlier version baked into outputs/), and it trains like one: the plan reads its layers.
+    older = app_server.projects.outputs_dir / "older-baked.safetensors"
+    shutil.copyfile(baked, older)
+    projects = app_server.projects
+    assert {str(baked), str(older)} <= set(projects.base_model_choices())
+    assert baked not in projects.lora_files() and older not in projects.lora_files() and trained in projects.lora_files()
+    plan = app_client.predict(DATASET, str(baked), "character-lite", "", TINY, api_name="/check_training")
+    assert "(24 layers, rank 4, fp16)" in plan
+    older.unlink()
     expect_error("Choose at least one LoRA file", app_client.predict, DEMO, [], "", "x", api_name="/bake_checkpoint")
 
 

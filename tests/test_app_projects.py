@@ -71,6 +71,25 @@ def test_same_picture_twice_is_skipped_and_a_different_one_is_numbered(tmp_path:
     assert not (projects.dataset_dir("set") / "pic.txt").exists()
 
 
+def test_an_upload_never_overwrites_a_caption_and_names_those_that_differ(tmp_path: Path, image_folder: Path) -> None:
+    projects = Projects(tmp_path / "projects").ensure()
+    png = {name: (image_folder / f"img0{i}.png").read_bytes() for i, name in enumerate(("a.png", "b.png", "c.png"))}
+    captions = {"a.txt": b"zxq, soft light", "b.txt": b"zxq, hard light", "c.txt": b"zxq, no light"}
+    projects.add_files("set", _upload_dir(tmp_path / "first", {**png, **captions}))
+    folder = projects.dataset_dir("set")
+    (folder / "a.txt").write_text("zxq, soft light, edited here\n", encoding="utf-8")  # edited in the grid
+    (folder / "c.txt").unlink()  # emptied: a caption may come back from the upload
+
+    summary = projects.add_files("set", _upload_dir(tmp_path / "again", {**png, **captions}))
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "zxq, soft light, edited here\n"
+    assert (folder / "c.txt").read_text(encoding="utf-8") == "zxq, no light\n"
+    assert summary.kept == ["a.txt"] and summary.captions == ["c.txt"]
+    assert summary.text() == ("Added 0 pictures and 1 caption file. Skipped 3: a.png: already in the dataset; "
+                              "b.png: already in the dataset; c.png: already in the dataset. Kept 1 caption of the "
+                              "dataset that differs from the uploaded one: a.txt (edit them in the grid if the "
+                              "uploaded text is the one you want).")
+
+
 def test_a_dataset_name_with_path_parts_stays_inside_the_datasets_folder(tmp_path: Path, image_folder: Path) -> None:
     projects = Projects(tmp_path / "projects").ensure()
     projects.add_files("../../outside", [image_folder / "img00.png"])

@@ -146,12 +146,15 @@ def test_save_and_sample_now_need_a_training_run(tmp_path: Path) -> None:
     run = controller.submit("r", make_config(tmp_path, "r"))
     wait_for(controller, run.id, lambda r: r.status == "training")
     controller.save_now(run.id)
+    assert "A checkpoint will be saved after the current step." in controller.sample_now(run.id).notices
     engine.gate.release()
     state = wait_for(controller, run.id, lambda r: r.step == 1 and r.checkpoints)
     assert state.checkpoints == [(1, state.run_dir / "checkpoints" / "step-000001")]
+    assert "A checkpoint will be saved after the current step." not in state.notices  # done: no longer promised
     engine.gate.release()
     engine.gate.release()
-    wait_for(controller, run.id, lambda r: not r.active)
+    final = wait_for(controller, run.id, lambda r: not r.active)
+    assert not [n for n in final.notices if "after the current step" in n]  # nothing promised under a finished run
     with pytest.raises(StudioError, match="not training"):
         controller.save_now(run.id)
     with pytest.raises(StudioError, match="not training"):

@@ -121,3 +121,11 @@ def test_bad_toml_and_missing_files_are_clear(tmp_path: Path):
         resolve_config(None, tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="Unknown preset 'charactr'"):
         load_preset("charactr")
+
+
+@pytest.mark.parametrize("preset", [None, *[p.name for p in list_presets()]])
+def test_a_first_run_makes_sample_images_without_being_asked(preset) -> None:
+    # 20 pictures x 10 epochs at batch 1 (a preset's typical short run) shows pictures along the way
+    config = resolve_config(preset)
+    every = config.output.sample_every
+    assert every > 0 and 200 // every >= 2, every

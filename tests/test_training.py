@@ -74,7 +74,8 @@ def _pipeline(model_dir: Path, lora: Path | None = None):
 
 def test_training_learns_and_the_exported_file_carries_it(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
     """Would fail if the optimizer held the wrong params, B never moved, or alpha/r were lost at export."""
-    config = _config(tiny_sd1_dir, image_folder, tmp_path, steps=60, lr=3e-3, te_lr=3e-3, targets="full", rank=8, alpha=4)
+    config = _config(tiny_sd1_dir, image_folder, tmp_path, steps=60, lr=3e-3, te_lr=3e-3, targets="full", rank=8, alpha=4,
+                     sample_every=0)
     events = _run(config)
     finished = events[-1]
     assert isinstance(finished, RunFinished) and not finished.stopped_early

@@ -3,6 +3,8 @@
 No Playwright browser download: ``/usr/bin/chromium`` is required, and its absence is a test
 failure with the command that installs it, not a skip. Every request each page makes is recorded
 and checked after the test: the app must never reach beyond 127.0.0.1 (no CDN, fonts, analytics).
+Every uncaught script error and every console error of those pages fails the test too: a page
+that logs ``Cannot read properties of undefined`` has stopped updating something the artist sees.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class PageSession:
     def __init__(self, browser, url: str) -> None:
         self.browser, self.url = browser, url
         self.requests: list[str] = []
+        self.page_errors: list[str] = []  # uncaught exceptions and console errors
+        self._unloading: set = set()  # pages being reloaded: their aborted connections log errors
         self.contexts: list = []
 
     def open(self):
@@ -57,9 +61,24 @@ class PageSession:
         context.on("request", lambda request: self.requests.append(request.url))
         self.contexts.append(context)
         page = context.new_page()
+        page.on("pageerror", lambda error: self._error(page, f"uncaught: {error}"))
+        page.on("console", lambda message: self._error(page, f"console.error: {message.text}")
+                if message.type == "error" else None)
         page.set_default_timeout(30_000)
         page.goto(self.url)
         return page
+
+    def reload(self, page) -> None:
+        """Reload as the artist does (F5); the old document's streams, cut off, log no error that counts."""
+        self._unloading.add(page)
+        try:
+            page.reload()
+        finally:
+            self._unloading.discard(page)
+
+    def _error(self, page, text: str) -> None:
+        if page not in self._unloading:
+            self.page_errors.append(text)
 
     def outside_requests(self) -> list[str]:
         return [url for url in self.requests
@@ -78,3 +97,4 @@ def pages(chromium, app_server: AppServer) -> Iterator[PageSession]:
     outside = session.outside_requests()
     assert session.requests, "the page made no requests at all: was it loaded?"
     assert not outside, f"the page requested URLs outside 127.0.0.1: {outside}"
+    assert not session.page_errors, f"the page reported errors: {session.page_errors}"

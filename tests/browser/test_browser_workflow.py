@@ -16,6 +16,7 @@ from playwright.sync_api import Page, expect
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from app.run_view import format_bytes
 from browser.app_server import write_pictures
 
 pytestmark = pytest.mark.browser
@@ -124,7 +125,8 @@ def test_train_the_demo_model_and_watch_it(pages, app_server, artifacts) -> None
     page.locator("#train-check").click()
     plan = page.locator("#train-plan")
     expect(plan).to_contain_text("8 images per epoch")
-    expect(plan).to_contain_text(f"{FIRST_RUN}.safetensors, 26.8 kB (24 layers, rank 4, fp16)")
+    expect(plan).to_contain_text(re.compile(rf"{FIRST_RUN}\.safetensors, \d+\.\d kB \(24 layers, rank 4, fp16\)"))
+    planned = re.search(r"safetensors, (\d+\.\d kB)", plan.inner_text()).group(1)
     expect(plan).to_contain_text("Estimate on CPU")
 
     page.locator("#train-start").click()
@@ -139,12 +141,12 @@ def test_train_the_demo_model_and_watch_it(pages, app_server, artifacts) -> None
     expect(label).to_contain_text("finished · step 12 / 12")
     expect(page.locator("#train-loss-plot")).to_contain_text("smoothed")  # the curve's legend: data arrived
     expect(page.locator("#train-samples img")).to_have_count(2)  # steps 6 and 12
-    # the plan's 26.8 kB is an estimate of the header; the written file is within half a kB of it (issue 18 makes it exact)
-    expect(page.locator("#train-status")).to_contain_text(re.compile(rf"Finished: {FIRST_RUN}\.safetensors \(2[67]\.\d kB\)"))
-    expect(page.locator("#train-output-file")).to_contain_text(FIRST_RUN)
+    # One file, one size: the plan's, the status line's and the download button's agree with the file's.
+    expect(page.locator("#train-status")).to_contain_text(f"Finished: {FIRST_RUN}.safetensors ({planned})")
+    expect(page.locator("#train-output-file")).to_contain_text(f"{FIRST_RUN}.safetensors ({planned})")
     expect(page.locator("#train-open-generate")).to_be_enabled()
     size = (app_server.projects.runs_dir / f"{FIRST_RUN}.safetensors").stat().st_size
-    assert abs(size - 26_800) < 500  # as planned: the weights exactly, the metadata within a few hundred bytes
+    assert format_bytes(size) == planned
     shot(page, artifacts, "03-train-finished.png")
 
 

@@ -154,7 +154,8 @@ class OutputConfig:
     output: str = field(default="output/lora.safetensors", metadata={"help": "Final LoRA file."})
     save_every: int = field(default=0, metadata={"help": "Write a resumable checkpoint every N steps; 0 = only at the end."})
     keep_last: int = field(default=3, metadata={"help": "Checkpoints kept (older ones are deleted)."})
-    sample_every: int = field(default=0, metadata={"help": "Make sample images every N steps; 0 = off."})
+    # On by default: a first run shows pictures (every 1-2 epochs of 20-50 pictures, 4-12 sets in a preset's run).
+    sample_every: int = field(default=50, metadata={"help": "Make sample images every N steps; 0 = off."})
     sample_prompts: tuple[str, ...] = field(default=(), metadata={"help": "Prompts for sample images (the trigger word alone when empty)."})
     sample_seed: int = field(default=1234, metadata={"help": "Seed of the sample images (fixed, so samples are comparable)."})
     sample_steps: int = field(default=20, metadata={"help": "Denoising steps per sample image."})

@@ -70,8 +70,10 @@ def architecture_for(base: str | None, base_config: str | None = None) -> Archit
                          hint="Pass a local model path, or leave --base out for SD 1.5 sizes.")
 
 
-def lora_size(config: StudioConfig | NetworkConfig, arch: Architecture, dtype: str = "fp16") -> tuple[int, int]:
-    """(modules, exact bytes) of the file a run with this network config exports."""
+def lora_size(config: StudioConfig | NetworkConfig, arch: Architecture, dtype: str = "fp16",
+              metadata: dict[str, str] | None = None) -> tuple[int, int]:
+    """(modules, exact bytes) of the file a run with this network config exports (with this header
+    ``metadata``; without it, a typical small run's, see ``lora_file_size``)."""
     network = config.network if isinstance(config, StudioConfig) else config
     plan = plan_lora(network, arch.unet, arch.text_encoders)
     components = {"unet": arch.unet, **arch.text_encoders}
@@ -80,7 +82,7 @@ def lora_size(config: StudioConfig | NetworkConfig, arch: Architecture, dtype: s
               for shape in lora_shapes(component, components[component], paths, arch.family, kind,
                                        plan.ranks.get(component))]
     alpha = network.alpha * (network.rank ** 0.5 if network.rslora else 1.0)
-    return len(shapes), lora_file_size(shapes, network.rank, dtype, alpha=alpha)
+    return len(shapes), lora_file_size(shapes, network.rank, dtype, alpha=alpha, metadata=metadata)
 
 
 def preset_sizes(base: str | None = None, base_config: str | None = None) -> list[PresetSize]:

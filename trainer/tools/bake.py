@@ -30,6 +30,10 @@ from trainer.generate.requests import LoraSpec
 from trainer.lora.reading import check_lora_fits, read_lora_file
 from trainer.lora.writing import EXPORT_DTYPES
 
+# Header key naming the folder whose configs load this checkpoint (the base's own folder when it was
+# one): a baked tiny or custom model is not among the bundled configs, and is then a base like any other.
+BASE_CONFIG_KEY = "lora_studio.base_config"
+
 
 @dataclass(frozen=True)
 class BakedLora:
@@ -77,6 +81,9 @@ def bake_loras(base: str, loras: Sequence[LoraSpec], out: str | Path, *, base_co
     baked = tuple(add_lora_to_weights(model, spec) for spec in loras if spec.enabled)
     metadata = {"lora_studio.baked_loras": json.dumps([
         {"name": b.name, "te": b.te_weight, "unet": b.unet_weight, "hash": b.short_hash} for b in baked])}
+    config_folder = base_config or (base if Path(base).is_dir() else "")
+    if config_folder:  # the configs a loader needs for this single file (a tiny or custom model is not bundled)
+        metadata[BASE_CONFIG_KEY] = str(Path(config_folder).resolve())
     save_single_file(model, out, dtype=EXPORT_DTYPES[dtype], metadata=metadata)
     return BakeReport(out, baked, dtype)
 

@@ -4,7 +4,7 @@
 loop itself; ``losses`` the objective, ``loss_weighting`` its per-timestep weights, ``noise`` the noise
 and timesteps; ``optim`` optimisers, parameter groups and schedules; ``ema`` the weights' average; ``checkpoints`` resumable,
 pickle-free state; ``fingerprint`` what a checkpoint may be resumed with; ``transfers`` host/device traffic without syncs; ``sampling`` the sample images;
-``export`` the LoRA file at the end; ``events`` the typed interface to clients; ``estimate`` and
-``step_profile`` memory and time before anything is loaded. Imports every package above it
+``export`` the LoRA file at the end; ``planned_size`` that file's exact size before the run; ``events``
+the typed interface to clients; ``estimate`` and ``step_profile`` memory and time before anything is loaded. Imports every package above it
 (``core``, ``config``, ``data``, ``models``, ``lora``, ``generate``), never ``tools`` or ``cli``.
 """
