@@ -27,6 +27,7 @@ from trainer.config.schema import StudioConfig, config_to_dict
 from trainer.config.validation import check_resolution_multiple
 from trainer.core.errors import CheckpointError, ConfigError
 from trainer.data.caches import LatentCache, TextEmbeddingCache, encode_latents
+from trainer.data.holdout import split_validation
 from trainer.data.lint import LintReport, lint_dataset
 from trainer.data.masks import latent_mask
 from trainer.data.regularization import scan_regularization
@@ -103,6 +104,7 @@ class Session:
     noise_generator: torch.Generator
     idle_encoders: ParkedModules  # the VAE / frozen text encoders whose outputs are all cached
     grad_checkpointing: bool  # asked for, or turned on because the run would not fit without it
+    validation_scan: DatasetScan | None = None  # held-out pictures (data.validation_split / validation_data)
     ema: LoraEma | None = None  # the average of the LoRA weights that samples and export use (optim.ema_decay)
     batch_cursor: int = 0  # batches consumed by this process so far (drives data order on resume)
     loss_ema: float | None = None
@@ -312,7 +314,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     resolution = config.data.resolution or model.native_resolution
     check_resolution_multiple(resolution, model.resolution_multiple)
 
-    scan = scan_dataset(config.data)
+    scan, validation_scan = split_validation(scan_dataset(config.data), config.data, config.train.seed)
     reg_scan = scan_regularization(config.data)
     training_set = TrainingSet(scan, config.data, resolution, bucket_step=model.resolution_multiple, reg=reg_scan)
     batches_per_epoch = training_set.steps_per_epoch(config.train.batch_size)
@@ -386,6 +388,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         run_dir=run_dir, resolution=resolution, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
         fingerprint=run_fingerprint(config, training_set), noise_generator=noise_generator,
         idle_encoders=ParkedModules(idle, accelerator.device), grad_checkpointing=checkpointing, ema=ema,
+        validation_scan=validation_scan,
     )
 
 
@@ -419,6 +422,9 @@ def run_fingerprint(config: StudioConfig, training_set: TrainingSet) -> str:
     # one extended with more steps or epochs.
     for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing", "compile", "steps", "epochs"):
         settings["train"].pop(volatile)
+    for held_out in ("validation_split", "validation_data"):  # newer fields: off, they leave old runs' identity alone
+        if not settings["data"].get(held_out):
+            settings["data"].pop(held_out, None)
     data = [(i.sha256, i.caption, i.repeats) for i in training_set.items]
     blob = json.dumps({"settings": settings, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
