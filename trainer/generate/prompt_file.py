@@ -40,7 +40,7 @@ class SamplePrompt:
         parts = [self.prompt]
         for flag, value in (("n", self.negative), ("w", self.width), ("h", self.height), ("d", self.seed),
                             ("l", self.cfg), ("s", self.steps), ("ss", self.sampler)):
-            if value not in (None, "", 0):
+            if value is not None and value != "" and not (flag in ("w", "h", "s") and value == 0):
                 parts.append(f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}")
         return " ".join(parts)
 
