@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from app.epoch_panel import build_epoch_panel, build_prompt_rows
 from app.errors import user_errors
 from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
 from app.run_records import resume_config
@@ -77,6 +78,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
                               elem_id="train-run-name", scale=2)
     preset_info = gr.Markdown(presets[DEFAULT_PRESET].description, elem_id="train-preset-info")
     form: SettingsForm = build_settings_form(default)
+    build_prompt_rows(studio, dataset, form.components["trigger"], form.components["sample_prompts"])
     overrides = gr.JSON(value={}, visible=False, elem_id="train-overrides")
     with gr.Row():
         check = gr.Button("Check plan", elem_id="train-check", scale=1)
@@ -102,6 +104,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         open_in_generate = gr.Button("Open in Generate", elem_id="train-open-generate", scale=1, interactive=False)
     output_path = gr.Textbox(visible=False, elem_id="train-output-path")
     output_base = gr.Textbox(visible=False, elem_id="train-output-base")  # the base it was trained on
+    build_epoch_panel(studio, output_path, run_select)
 
     with gr.Accordion("All runs, and resume a run", open=False, elem_id="train-runs-accordion"):
         runs = gr.Dataframe(headers=RUN_HEADERS, value=runs_table(studio), type="array", interactive=False,
