@@ -8,6 +8,7 @@ epoch panel works on a run by name, so it serves this session's runs and earlier
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,7 @@ def rows_to_lines(rows: Any) -> str:
 
     lines = []
     for number, row in enumerate(_table_rows(rows), start=1):
-        cells = [("" if cell is None or cell != cell else str(cell)).strip() for cell in (list(row) + [None] * 5)[:5]]
-        prompt, negative, seed, width, height = cells  # (cell != cell: a NaN from an empty number cell)
+        prompt, negative, seed, width, height = [_cell(cell) for cell in (list(row) + [None] * 5)[:5]]
         if not prompt:
             continue
         where = f"Sample prompt row {number}"
@@ -85,6 +85,14 @@ def lines_to_rows(text: str) -> list[list[Any]]:
             rest = replace(p, negative="", seed=None, width=0, height=0).text()
             rows.append([rest, p.negative, p.seed, p.width or None, p.height or None])
     return rows
+
+
+def _cell(value: Any) -> str:
+    """A cell as text; an empty number cell arrives as None or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = str(value).strip()
+    return text[:-2] if isinstance(value, float) and text.endswith(".0") else text
 
 
 def _table_rows(rows: Any) -> list:
@@ -164,7 +172,7 @@ def use_epoch(studio: Studio, name: str, epoch_path: str) -> Path:
     if chosen not in [s.path for s in list_saved_loras(output)]:
         raise StudioError("Choose one of the run's epoch files first.",
                           hint="Runs save them with 'Save a LoRA file every N epochs'.")
-    if output.is_file() and not any(_same_bytes(output, s.path) for s in list_saved_loras(output)):
+    if output.is_file() and not any(_same_weights(output, s.path) for s in list_saved_loras(output)):
         last = output.with_name(f"{output.stem}-last.safetensors")
         shutil.copyfile(output, last)
         move_sidecars(output, last)
@@ -174,8 +182,15 @@ def use_epoch(studio: Studio, name: str, epoch_path: str) -> Path:
     return output
 
 
-def _same_bytes(a: Path, b: Path) -> bool:
-    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+def _same_weights(a: Path, b: Path) -> bool:
+    """Same tensors: the same sshs_model_hash (the hash of the bytes after the header)."""
+    from trainer.core.safetensors_header import read_safetensors_header
+
+    try:
+        first, second = read_safetensors_header(a)[1].get("sshs_model_hash"), read_safetensors_header(b)[1].get("sshs_model_hash")
+    except (OSError, StudioError):
+        return False
+    return bool(first) and first == second
 
 
 def continue_config(studio: Studio, name: str, amount: float, unit: str) -> StudioConfig:
