@@ -301,3 +301,47 @@ def test_the_parity_check_passes_the_written_file_and_catches_a_corrupted_one(th
     bad = image_difference(sample, render_from_file(config.model.base, "", broken, prompt, 1, "cpu", "fp32"))
     assert good.difference < 0.5 and not bad.ok
     assert "renders differently from the in-training sample" in bad.warning(broken)
+
+
+# --- the epoch grid ------------------------------------------------------------------------------
+
+
+def test_the_grid_has_a_labelled_cell_per_file_prompt_and_weight(three_epochs, tmp_path):
+    from trainer.generate.generator import Generator
+    from trainer.generate.grid import grid_files, render_grid
+
+    config, _ = three_epochs
+    out = Path(config.output.output).parent
+    files = grid_files([str(out / "zxq*.safetensors")])
+    assert [f.name for f in files] == ["zxq-000001.safetensors", "zxq-000002.safetensors", "zxq-000003.safetensors",
+                                       "zxq.safetensors"]  # epochs in order, the final file last
+    prompts = [parse_prompt_line(line).with_defaults(seed=9, width=64, height=64, cfg=7.0, steps=2, sampler="Euler")
+               for line in ("zxq, portrait", "zxq on the moon --w 32")]
+    progress = []
+    grid = render_grid(Generator.from_base(config.model.base, precision="fp32", device="cpu"), files[::3], prompts,
+                       [0.5, 1.0], on_progress=progress.append)
+    assert grid.row_labels == ("zxq-000001", "zxq")
+    assert grid.column_labels == ("zxq, portrait @ 0.5", "zxq, portrait @ 1", "zxq on the moon @ 0.5", "zxq on the moon @ 1")
+    assert [p.done for p in progress] == list(range(9)) and progress[-1].total == 8
+    left, top = grid.origin
+    assert grid.cell_size == (64, 64) and grid.image.size == (left + 4 * 64, top + 2 * 64)
+    cells = [[grid.image.crop((left + c * 64, top + r * 64, left + c * 64 + 32, top + r * 64 + 64)) for c in range(4)]
+             for r in range(2)]
+    assert cells[0][1].tobytes() != cells[1][1].tobytes()  # rows differ by the file only
+    margin = grid.image.crop((0, top, left, top + 64)).convert("L")
+    assert min(margin.getdata()) < 128  # a row label is drawn
+
+
+def test_grid_command_writes_the_picture_and_refuses_a_pattern_without_files(three_epochs, tmp_path, capsys):
+    from trainer.cli.main import main
+
+    config, _ = three_epochs
+    out = Path(config.output.output).parent
+    picture = tmp_path / "grid.png"
+    code = main(["grid", "--base", config.model.base, "--lora", str(out / "zxq-00000[13].safetensors"), "--prompt",
+                 "zxq --d 3", "--steps", "1", "--device", "cpu", "--out", str(picture)])
+    assert code == 0 and "2 rows x 1 columns" in capsys.readouterr().out
+    assert Image.open(picture).size[1] > 2 * 64
+    assert main(["grid", "--base", config.model.base, "--lora", str(out / "nope-*.safetensors"), "--prompt", "zxq",
+                 "--out", str(picture)]) == 2
+    assert "No LoRA file matches" in capsys.readouterr().err

@@ -10,7 +10,14 @@ from conftest import make_pattern_image
 from playwright.sync_api import expect
 
 from browser.app_server import write_pictures
-from browser.test_browser_workflow import choose, open_tab, progress_reached, set_number, shot, type_into
+from browser.test_browser_workflow import (
+    choose,
+    open_tab,
+    progress_reached,
+    set_number,
+    shot,
+    type_into,
+)
 
 pytestmark = pytest.mark.browser
 APP_PORT = 7990  # app_server's first port for this module
