@@ -29,7 +29,7 @@ def build_prompt_rows(studio: Studio, dataset: gr.components.Component, trigger:
     with gr.Accordion("Sample prompts (one row each; the same seeds every epoch)", open=True,
                       elem_id="train-prompts-accordion"):
         rows = gr.Dataframe(headers=run_epochs.PROMPT_HEADERS, datatype=["str", "str", "number", "number", "number"],
-                            column_count=(5, "fixed"), row_count=(2, "dynamic"), interactive=True, wrap=True,
+                            column_count=(5, "fixed"), row_count=2, interactive=True, wrap=True,
                             elem_id="train-prompt-rows",
                             label="Empty seed: the sample seed + the row's index; empty size: the training size.")
         suggest = gr.Button("Suggest prompts from the dataset", elem_id="train-prompts-suggest", size="sm")

@@ -180,8 +180,9 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         """Updates for the parts of the page that changed since the last yield."""
         update: dict = {progress: progress_html(run), status: status_markdown(run)}
         plot_due = time.monotonic() - shown.get("plotted_at", 0.0) >= PLOT_INTERVAL_S or not run.active
-        if shown.get("losses") != len(run.losses) and plot_due:
-            shown["losses"], shown["plotted_at"] = len(run.losses), time.monotonic()
+        points = (len(run.losses), len(run.val_losses))  # a validation loss can come after the last step
+        if shown.get("losses") != points and plot_due:
+            shown["losses"], shown["plotted_at"] = points, time.monotonic()
             update[loss_plot] = loss_frame(run)
         if shown.get("samples") != len(run.samples):
             shown["samples"] = len(run.samples)
