@@ -345,3 +345,22 @@ def test_grid_command_writes_the_picture_and_refuses_a_pattern_without_files(thr
     assert main(["grid", "--base", config.model.base, "--lora", str(out / "nope-*.safetensors"), "--prompt", "zxq",
                  "--out", str(picture)]) == 2
     assert "No LoRA file matches" in capsys.readouterr().err
+
+
+# --- TensorBoard ---------------------------------------------------------------------------------
+
+
+def test_tensorboard_logs_through_accelerates_tracker_or_names_the_missing_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    from trainer.train.metrics import open_tracker
+
+    assert open_tracker("", tmp_path) is None
+    if importlib.util.find_spec("tensorboard") is not None:
+        tracker = open_tracker("tensorboard", tmp_path / "logs")
+        tracker.log({"val_loss": 0.5}, step=3)
+        tracker.finish()
+        assert list((tmp_path / "logs" / "lora-studio").glob("events.out.tfevents.*"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ConfigError, match=r"needs the tensorboard package.*lora-studio\[tensorboard\]"):
+        open_tracker("tensorboard", tmp_path / "logs")
