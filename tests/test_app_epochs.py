@@ -118,3 +118,13 @@ def test_the_epoch_grid_of_a_run(studio_run):
     # rows: epoch 1, epoch 2, the final file; columns: one prompt x two weights; cells 64 px
     assert [event.done for event in seen] == [0, 1, 2, 3, 4, 5, 6] and seen[-1].total == 6
     assert width > 2 * 64 and height > 3 * 64 and (width - 2 * 64) < 200 and (height - 3 * 64) < 100
+
+
+def test_epoch_files_are_offered_in_generate_but_are_not_runs(studio_run):
+    from app.run_records import runs_on_disk
+    from app.tab_generate import lora_choices
+
+    studio, _, _ = studio_run
+    assert [record.name for record in runs_on_disk(studio.projects.runs_dir)] == [RUN]  # one run, not three
+    offered = {Path(path).name for _, path in lora_choices(studio)}
+    assert {f"{RUN}.safetensors", f"{RUN}-000001.safetensors", f"{RUN}-000002.safetensors"} <= offered

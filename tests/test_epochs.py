@@ -364,3 +364,19 @@ def test_tensorboard_logs_through_accelerates_tracker_or_names_the_missing_packa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(ConfigError, match=r"needs the tensorboard package.*lora-studio\[tensorboard\]"):
         open_tracker("tensorboard", tmp_path / "logs")
+
+
+def test_the_train_command_reports_epoch_files_validation_and_the_hint(tiny_sd1_dir, tmp_path, capsys):
+    from trainer.cli.main import main
+
+    data = write_image_folder(tmp_path / "data")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zxq, portrait --d 4\n", encoding="utf-8")
+    code = main(["train", "--base", str(tiny_sd1_dir), "--data", str(data), "--output", str(tmp_path / "o" / "zxq.safetensors"),
+                 "--rank", "2", "--alpha", "1", "--epochs", "2", "--batch-size", "3", "--save-lora-every", "1",
+                 "--validation-split", "0.25", "--sample-prompts", str(prompts), "--sample-steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "epoch 1 LoRA (step 2): " in out and "epoch 2 LoRA (step 4): " in out
+    assert "validation loss at step 4 (epoch 2): " in out and "Lowest validation loss: epoch" in out
+    assert (tmp_path / "o" / "zxq_run" / "samples" / "step-000002-0.png").is_file()

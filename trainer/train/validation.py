@@ -83,7 +83,7 @@ class ValidationSet:
                 for item in self.items:
                     latents, noise = to_device(item.latents, session.device), to_device(item.noise, session.device)
                     noisy = scheduler.add_noise(latents, noise, self.timesteps)
-                    hidden, pooled = item.embeddings or session.text_embeddings_for([item.caption])
+                    hidden, pooled = item.embeddings or _encode_unwrapped(session, item.caption)
                     hidden = hidden.expand(VALIDATION_TIMESTEPS, *hidden.shape[1:])
                     added = None
                     if pooled is not None:
@@ -96,6 +96,21 @@ class ValidationSet:
             for module, mode in zip(modules, modes):
                 module.train(mode)
         return total / max(len(self.items), 1)
+
+
+def _encode_unwrapped(session, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The caption through the trained text encoder(s), unwrapped: a DDP forward on the main process
+    alone could wait for the others (buffer broadcast)."""
+    from dataclasses import replace
+
+    from trainer.train.session import encode_captions
+
+    unwrap = session.accelerator.unwrap_model
+    model = session.model
+    model = replace(model, text_encoder=unwrap(model.text_encoder),
+                    text_encoder_2=None if model.text_encoder_2 is None else unwrap(model.text_encoder_2))
+    hidden, pooled = encode_captions(model, [caption], session.config.model.clip_skip)
+    return to_device(hidden, session.device), None if pooled is None else to_device(pooled, session.device)
 
 
 def validation_due(session, step: int) -> bool:
