@@ -353,12 +353,13 @@ def test_grid_command_writes_the_picture_and_refuses_a_pattern_without_files(thr
 def test_tensorboard_logs_through_accelerates_tracker_or_names_the_missing_package(tmp_path, monkeypatch):
     import importlib.util
 
-    from trainer.train.metrics import open_tracker
+    from trainer.train.metrics import log_images, open_tracker
 
     assert open_tracker("", tmp_path) is None
     if importlib.util.find_spec("tensorboard") is not None:
         tracker = open_tracker("tensorboard", tmp_path / "logs")
         tracker.log({"val_loss": 0.5}, step=3)
+        log_images(tracker, 3, {"sample_0": Image.new("RGB", (16, 24), "red"), "sample_1": Image.new("RGB", (8, 8))})
         tracker.finish()
         assert list((tmp_path / "logs" / "lora-studio").glob("events.out.tfevents.*"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)

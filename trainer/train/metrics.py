@@ -55,15 +55,20 @@ class MetricsLog:
     def add_images(self, step: int, images: dict[str, Any]) -> None:
         """Sample images, for TensorBoard (the run folder has them as files already)."""
         if self.tracker is not None:
-            import numpy as np
-
-            self.tracker.log_images({name: np.asarray(image) for name, image in images.items()}, step=step,
-                                    dataformats="HWC")
+            log_images(self.tracker, step, images)
 
     def close(self) -> None:
         if self.tracker is not None:
             self.tracker.finish()
             self.tracker = None
+
+
+def log_images(tracker, step: int, images: dict[str, Any]) -> None:
+    """PIL images to the tracker, one batch of one per name (the prompts' sizes may differ)."""
+    import numpy as np
+
+    for name, image in images.items():
+        tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
 
 
 def open_tracker(log_with: str, logging_dir: Path):
