@@ -73,7 +73,17 @@ def loss_frame(run: RunState | None) -> pd.DataFrame | None:
     for step, loss, smoothed in run.losses[::stride]:
         rows.append({"step": step, "loss": loss, "curve": "loss per step"})
         rows.append({"step": step, "loss": smoothed, "curve": "smoothed"})
+    rows += [{"step": step, "loss": loss, "curve": "validation"} for step, loss in validation_points(run)]
     return pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": "int64", "loss": "float64"})
+
+
+def validation_points(run: RunState) -> list[tuple[int, float]]:
+    """The run's validation losses: live, or from its metrics.jsonl for a run of an earlier session."""
+    if run.val_losses or run.active:
+        return run.val_losses
+    from trainer.train.metrics import read_metrics
+
+    return [(row["step"], row["val_loss"]) for row in read_metrics(run.run_dir) if "val_loss" in row]
 
 
 def status_markdown(run: RunState | None) -> str:

@@ -30,12 +30,14 @@ from trainer.core.errors import StudioError
 from trainer.train.events import (
     CheckpointSaved,
     Event,
+    LoraSaved,
     Notice,
     RunCommands,
     RunFinished,
     RunStarted,
     SamplesMade,
     StepProgress,
+    ValidationMeasured,
 )
 from trainer.train.session import run_dir_for
 
@@ -70,6 +72,9 @@ class RunState:
     losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, smoothed)
     samples: list[tuple[Path, str]] = field(default_factory=list)  # (image, caption), oldest first
     checkpoints: list[tuple[int, Path]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    lora_files: list[tuple[int, Path]] = field(default_factory=list)  # (epoch, file) written during the run
+    suggestion: str = ""  # the best-epoch hint at the end
     notices: list[str] = field(default_factory=list)
     output: Path | None = None
     size_bytes: int = 0
@@ -330,13 +335,17 @@ def apply_event(run: RunState, event: Event) -> None:
     elif isinstance(event, CheckpointSaved):
         _drop_notices(run, SAVE_PENDING)
         run.checkpoints.append((event.step, Path(event.path)))
+    elif isinstance(event, ValidationMeasured):
+        run.val_losses.append((event.step, event.loss))
+    elif isinstance(event, LoraSaved):
+        run.lora_files.append((event.epoch, Path(event.path)))
     elif isinstance(event, Notice):
         run.notices.append(("⚠ " if event.level == "warning" else "") + event.text)
     elif isinstance(event, RunFinished):
         run.step = event.step
         run.output, run.size_bytes = Path(event.output), event.size_bytes
         run.status = "stopped" if event.stopped_early else "finished"
-        run.eta_s = 0.0
+        run.eta_s, run.suggestion = 0.0, event.suggestion
         _drop_notices(run, SAVE_PENDING, SAMPLES_PENDING)
 
 

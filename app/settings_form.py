@@ -24,7 +24,8 @@ APP_OWNED = frozenset({"base", "data", "output", "resume"})
 
 # Shown open at the top of the tab; everything else sits in one closed accordion per section.
 ESSENTIALS = ("trigger", "resolution", "rank", "alpha", "targets", "train_text_encoder", "lr", "steps", "epochs",
-              "batch_size", "sample_every", "sample_prompts", "save_every", "sample_steps", "seed")
+              "batch_size", "sample_every", "sample_prompts", "save_every", "sample_steps", "seed",
+              "save_lora_every", "validation_split")
 
 SECTION_TITLES = {
     "model": "Base model details",
@@ -52,7 +53,16 @@ LABELS = {
     "epochs": "Epochs",
     "batch_size": "Batch size",
     "sample_every": "Sample images every N steps",
-    "sample_prompts": "Sample prompts (one per line)",
+    "sample_prompts": "Sample prompts (one per line; kohya's --n --w --h --d --l --s)",
+    "sampler": "Sampler of the samples",
+    "save_lora_every": "Save a LoRA file every N epochs",
+    "save_lora_every_steps": "Save a LoRA file every N steps",
+    "keep_lora_last": "Epoch files to keep (0 = all)",
+    "validation_split": "Validation pictures (share held out)",
+    "validation_data": "Validation pictures folder",
+    "validate_every": "Validation loss every N steps (0 = per epoch)",
+    "check_export": "Re-render the written file to check it",
+    "log_with": "Also log to (tensorboard)",
     "sample_steps": "Denoising steps per sample",
     "sample_seed": "Sample seed",
     "save_every": "Checkpoint every N steps",

@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from app.epoch_panel import build_epoch_panel, build_prompt_rows
 from app.errors import user_errors
 from app.preset_switch import switch_preset
 from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
@@ -82,6 +83,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
                               elem_id="train-run-name", scale=2)
     preset_info = gr.Markdown(presets[DEFAULT_PRESET].description, elem_id="train-preset-info")
     form: SettingsForm = build_settings_form(default)
+    build_prompt_rows(studio, dataset, form.components["trigger"], form.components["sample_prompts"])
     overrides = gr.JSON(value={}, visible=False, elem_id="train-overrides")
     shown_settings = gr.JSON(value={}, visible=False, elem_id="train-shown-settings")  # the form before a preset change
     applied_preset = gr.State(DEFAULT_PRESET)  # the preset the form's untouched values come from
@@ -120,6 +122,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         open_in_generate = gr.Button("Open in Generate", elem_id="train-open-generate", scale=1, interactive=False)
     output_path = gr.Textbox(visible=False, elem_id="train-output-path")
     output_base = gr.Textbox(visible=False, elem_id="train-output-base")  # the base it was trained on
+    build_epoch_panel(studio, output_path, run_select)
 
     with gr.Accordion("All runs, and resume a run", open=False, elem_id="train-runs-accordion"):
         runs = gr.Dataframe(headers=RUN_HEADERS, value=runs_table(studio), type="array", interactive=False,
@@ -218,8 +221,9 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         """Updates for the parts of the page that changed since the last yield."""
         update: dict = {progress: progress_html(run), status: status_markdown(run)}
         plot_due = time.monotonic() - shown.get("plotted_at", 0.0) >= PLOT_INTERVAL_S or not run.active
-        if shown.get("losses") != len(run.losses) and plot_due:
-            shown["losses"], shown["plotted_at"] = len(run.losses), time.monotonic()
+        points = (len(run.losses), len(run.val_losses))  # a validation loss can come after the last step
+        if shown.get("losses") != points and plot_due:
+            shown["losses"], shown["plotted_at"] = points, time.monotonic()
             update[loss_plot] = loss_frame(run)
         if shown.get("samples") != len(run.samples):
             shown["samples"] = len(run.samples)

@@ -31,7 +31,8 @@ ENDPOINTS = {"/show_dataset", "/upload_images", "/import_folder", "/save_caption
              "/watch_run",
              "/stop_training", "/save_checkpoint_now", "/make_samples_now", "/resume_training", "/list_runs",
              "/generate", "/open_in_generate", "/upload_loras", "/inspect_lora", "/resize_lora", "/merge_loras",
-             "/bake_checkpoint"}
+             "/bake_checkpoint", "/suggest_sample_prompts", "/sample_prompt_lines", "/epoch_files", "/use_epoch",
+             "/epoch_grid", "/continue_run"}
 
 
 @pytest.fixture(scope="module")

@@ -324,16 +324,15 @@ def test_ema_and_dropout_runs_resume_exactly_and_export_the_average(tiny_sd1_dir
     from tiny_runs import run_config
 
     from trainer.train import sampling
-    from trainer.train.events import SamplesMade
 
     seen = {}
 
-    def spy(session, step):  # what the sample images would be rendered with
+    def spy(session, prompts):  # what the sample images would be rendered with
         seen["sampled"] = [p.detach().clone() for p in session.ema.params]
         seen["average"] = [s.clone() for s in session.ema.shadow]
-        return SamplesMade(step, (), ())
+        return []
 
-    monkeypatch.setattr(sampling, "_render_samples", spy)
+    monkeypatch.setattr(sampling, "_render", spy)
     settings = dict(steps=6, seed=5, lr=3e-3, batch_size=2, ema_decay=0.6, ema_export_raw=True, sample_every=6,
                     save_every=3, **METHODS)
     straight = _run(run_config(tiny_sd1_dir, image_folder, tmp_path / "a", **settings))[-1]

@@ -1,7 +1,7 @@
 """The engine's ``lora-studio`` commands: thin clients of the API, like the GUI.
 
 ``main`` parses and dispatches; ``train`` holds train/presets, ``tools`` generate/inspect/resize/
-merge/bake/extract, ``console`` what they share (exit codes, the parser, quiet libraries).
+merge/bake/extract, ``grid`` the epoch grid, ``prep`` caption/tags/reg-images, ``console`` what they share (exit codes, the parser, quiet libraries).
 ``python -m trainer.cli train ...`` runs them without the app (e.g. under ``accelerate launch``);
 the console script in ``app.cli`` adds the ``app`` command. May import all of ``trainer``, never ``app``.
 """

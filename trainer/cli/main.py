@@ -2,7 +2,7 @@
 
 ``main`` parses the command line and dispatches to the sub-commands defined next to what they
 drive (``trainer.cli.train``: train, presets; ``trainer.cli.tools``: generate, inspect, resize,
-merge, bake, extract; ``trainer.cli.prep``: caption, tags, reg-images). The console script lives in ``app.cli``, which adds the ``app`` command
+merge, bake, extract; ``trainer.cli.prep``: caption, tags, reg-images; ``trainer.cli.grid``: grid). The console script lives in ``app.cli``, which adds the ``app`` command
 (and makes it the default) on top of these, so the engine never imports the GUI. User errors end
 with one actionable line and exit code 2, never a traceback.
 """
@@ -15,13 +15,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from trainer.cli import prep, tools, train
+from trainer.cli import grid, prep, tools, train
 from trainer.cli.console import EXIT_INTERRUPTED, EXIT_USER_ERROR, StudioArgumentParser
 from trainer.core.errors import StudioError
 
 Command = Callable[[argparse.Namespace], int]
 Registrar = Callable[[Any], None]  # adds sub-commands to an argparse sub-parsers object
-ENGINE_COMMANDS: tuple[Registrar, ...] = (train.register, tools.register, prep.register)
+ENGINE_COMMANDS: tuple[Registrar, ...] = (train.register, tools.register, grid.register, prep.register)
 
 
 def main(argv: Sequence[str] | None = None, *, extra_commands: Sequence[Registrar] = (),

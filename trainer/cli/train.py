@@ -110,12 +110,14 @@ def _train_with_progress_bar(config) -> int:
 
     from trainer.train.events import (
         CheckpointSaved,
+        LoraSaved,
         Notice,
         RunCommands,
         RunFinished,
         RunStarted,
         SamplesMade,
         StepProgress,
+        ValidationMeasured,
     )
     from trainer.train.loop import train
 
@@ -148,6 +150,11 @@ def _train_with_progress_bar(config) -> int:
                 tqdm.write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
             elif isinstance(event, CheckpointSaved):
                 tqdm.write(f"checkpoint: {event.path}")
+            elif isinstance(event, LoraSaved):
+                tqdm.write(f"epoch {event.epoch} LoRA (step {event.step}): {event.path}"
+                           + "".join(f"; removed {p.name}" for p in event.removed))
+            elif isinstance(event, ValidationMeasured):
+                (tqdm.write if bar else print)(f"validation loss at step {event.step} (epoch {event.epoch}): {event.loss:.4f}")
             elif isinstance(event, RunFinished):
                 if bar:
                     bar.close()

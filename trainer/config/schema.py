@@ -71,6 +71,8 @@ class DataConfig:
     reg_data: str = field(default="", metadata={"help": "Folder of regularization (class) pictures for prior preservation; 'N_name' sub-folders repeat N times. As many are drawn per epoch as there are training samples."})
     class_prompt: str = field(default="", metadata={"help": "Caption of regularization pictures without a caption file (e.g. 'a woman'; an 'N_name' folder's name otherwise)."})
     prior_loss_weight: float = field(default=1.0, metadata={"help": "Loss weight of the regularization pictures (kohya's prior_loss_weight)."})
+    validation_split: float = field(default=0.0, metadata={"help": "Hold out this share of the pictures (e.g. 0.1), picked reproducibly from the seed and never trained on, to measure a validation loss; 0 = off."})
+    validation_data: str = field(default="", metadata={"help": "Folder of held-out pictures (with captions) for the validation loss, instead of validation_split."})
 
 
 @dataclass(frozen=True)
@@ -156,9 +158,16 @@ class OutputConfig:
     keep_last: int = field(default=3, metadata={"help": "Checkpoints kept (older ones are deleted)."})
     # On by default: a first run shows pictures (every 1-2 epochs of 20-50 pictures, 4-12 sets in a preset's run).
     sample_every: int = field(default=50, metadata={"help": "Make sample images every N steps; 0 = off."})
-    sample_prompts: tuple[str, ...] = field(default=(), metadata={"help": "Prompts for sample images (the trigger word alone when empty)."})
+    sample_prompts: tuple[str, ...] = field(default=(), metadata={"help": "Prompts for sample images, or a .txt file of them, one a line, in kohya's syntax ('a zxq girl --n blurry --w 512 --h 768 --d 42 --l 7.5 --s 28'); the trigger word alone when empty."})
     sample_seed: int = field(default=1234, metadata={"help": "Seed of the sample images (fixed, so samples are comparable)."})
     sample_steps: int = field(default=20, metadata={"help": "Denoising steps per sample image."})
+    sampler: str = field(default="DPM++ 2M", metadata={"help": "Sampler of the sample images, an A1111 name the Generate tab knows (e.g. 'Euler a', 'DPM++ 2M Karras')."})
+    save_lora_every: int = field(default=0, metadata={"help": "Write a loadable LoRA every N epochs, named as kohya does (name-000004.safetensors), with samples; 0 = off."})
+    save_lora_every_steps: int = field(default=0, metadata={"help": "Write a loadable LoRA every N steps (name-step00000500.safetensors); 0 = off."})
+    keep_lora_last: int = field(default=0, metadata={"help": "Keep only the newest K epoch/step LoRA files (older ones are deleted); 0 = keep all."})
+    validate_every: int = field(default=0, metadata={"help": "With validation pictures: compute the validation loss every N steps; 0 = at the end of every epoch."})
+    check_export: bool = field(default=True, metadata={"help": "After export, render the first sample prompt from the written file as Generate loads it and warn if it differs from the in-training sample."})
+    log_with: str = field(default="", metadata={"help": "Also log metrics and samples to 'tensorboard' (run folder/logs; needs the tensorboard extra); empty = off."})
     export_dtype: ExportDtype = field(default="fp16", metadata={"help": "dtype of the exported LoRA tensors."})
     export_peft: bool = field(default=False, metadata={"help": "Also write a PEFT folder 'name-peft/' next to the output (peft's save_pretrained layout per component, plus diffusers' pytorch_lora_weights.safetensors) for Python code; A1111/Forge/ComfyUI use the .safetensors file."})
     resume: str = field(default="", metadata={"help": "'auto' = latest checkpoint of this output, or a checkpoint folder."})

@@ -68,6 +68,21 @@ def validate(config: StudioConfig) -> None:
     _require(out.sample_steps >= 1, "output.sample_steps", out.sample_steps, "Use 1 or more.")
     _require(out.output.endswith(".safetensors"), "output.output", out.output,
              "Name the output file with a .safetensors extension.")
+    validate_epoch_outputs(config)
+
+
+def validate_epoch_outputs(config: StudioConfig) -> None:
+    """Epoch files, validation pictures and trackers (the sampler's name is checked by the session,
+    which knows the samplers)."""
+    out, d = config.output, config.data
+    for name in ("save_lora_every", "save_lora_every_steps", "keep_lora_last", "validate_every"):
+        _require(getattr(out, name) >= 0, f"output.{name}", getattr(out, name), "Use 0 (off) or a positive number.")
+    _require(0 <= d.validation_split < 1, "data.validation_split", d.validation_split,
+             "Use 0 (off) or a share below 1, such as 0.1.")
+    _require(not (d.validation_split and d.validation_data.strip()), "data.validation_split", d.validation_split,
+             "Use either validation_split or validation_data, not both.")
+    _require(out.log_with in ("", "tensorboard"), "output.log_with", out.log_with,
+             "Use 'tensorboard' or leave it empty.")
 
 
 def validate_methods(config: StudioConfig) -> None:

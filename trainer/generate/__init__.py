@@ -4,7 +4,8 @@
 what comes back; ``matching`` fits a file's layers to a model's; ``generator`` holds a base model
 and its pipeline while files come and go (fused or packed, ``packed``); ``pipeline`` and
 ``schedulers`` build the diffusers pipeline with A1111-named samplers (the training samples use
-them too); ``infotext`` writes and parses A1111's PNG parameters. Imports ``trainer.core``,
+them too); ``infotext`` writes and parses A1111's PNG parameters; ``prompt_file`` reads kohya's
+sample-prompt lines; ``grid`` renders an X/Y grid of LoRA files × prompts × weights. Imports ``trainer.core``,
 ``trainer.config``, ``trainer.models`` and ``trainer.lora``.
 
 The public API is importable from here (``from trainer.generate import Generator``).

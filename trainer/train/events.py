@@ -50,6 +50,26 @@ class CheckpointSaved:
 
 
 @dataclass(frozen=True)
+class LoraSaved:
+    """A loadable LoRA written during the run (``output.save_lora_every`` / ``save_lora_every_steps``)."""
+
+    step: int
+    epoch: int  # whole epochs done at ``step``
+    path: Path
+    removed: tuple[Path, ...] = ()  # older files deleted to keep ``output.keep_lora_last``
+
+
+@dataclass(frozen=True)
+class ValidationMeasured:
+    """The loss on the held-out pictures at fixed timesteps and noise (comparable across evaluations)."""
+
+    step: int
+    epoch: int
+    loss: float
+    train_loss: float | None  # the smoothed training loss at that step, for the same plot
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something the user should read (a fallback taken, a skipped file, a phase started)."""
 
@@ -64,9 +84,12 @@ class RunFinished:
     size_bytes: int
     stopped_early: bool
     extra_outputs: tuple[Path, ...] = ()
+    suggestion: str = ""  # which saved epoch had the lowest validation loss (a hint), when measured
+    parity_warning: str = ""  # the written file renders differently from the in-training sample
 
 
-Event = RunStarted | StepProgress | SamplesMade | CheckpointSaved | Notice | RunFinished
+Event = (RunStarted | StepProgress | SamplesMade | CheckpointSaved | LoraSaved | ValidationMeasured | Notice
+         | RunFinished)
 
 
 @dataclass

@@ -38,11 +38,8 @@ def export_lora(session, step: int) -> tuple[Path, list[Path]]:
     cfg = session.config
     unwrap = session.accelerator.unwrap_model
     models = {component: unwrap(model) for component, model in session.trainable_models().items()}
-    with averaged(session.ema):
-        modules = collect_modules(session)
-    info = export_info(session, step)
     output = Path(cfg.output.output)
-    writing.save_kohya_lora(modules, build_metadata(info), output, dtype=cfg.output.export_dtype)
+    info, modules = save_lora_file(session, step, output)
     _remove_old_peft_copy(output)
     extras: list[Path] = []
     if cfg.output.export_peft:
@@ -58,6 +55,17 @@ def export_lora(session, step: int) -> tuple[Path, list[Path]]:
     if cfg.output.sidecars:
         extras += write_sidecars(output, sidecar_for_export(info), preview=last_sample(session.run_dir, step))
     return output, extras
+
+
+def save_lora_file(session, step: int, path: Path) -> tuple[ExportInfo, list]:
+    """The kohya file of the weights now (the EMA's average when there is one) at ``path``, written
+    atomically; the final file and the epoch files all come from here, so they share keys,
+    metadata and dtype. Returns (its metadata, its modules)."""
+    with averaged(session.ema):
+        modules = collect_modules(session)
+    info = export_info(session, step)
+    writing.save_kohya_lora(modules, build_metadata(info), path, dtype=session.config.output.export_dtype)
+    return info, modules
 
 
 def collect_modules(session) -> list:

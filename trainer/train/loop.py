@@ -34,7 +34,7 @@ from trainer.train.events import (
 from trainer.train.export import export_lora
 from trainer.train.losses import diffusion_loss, prediction_target
 from trainer.train.noise import noisy_latents, sample_noise, sample_timesteps
-from trainer.train.sampling import make_samples
+from trainer.train.run_outputs import RunOutputs
 from trainer.train.session import Session, open_session
 from trainer.train.transfers import Reading, StepReadback, to_device
 
@@ -81,6 +81,7 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
             raise write_error(session.run_dir, exc) from None
         save_toml(config, session.run_dir / "config.toml")
         atomic_write_text(session.run_dir / "dataset-report.txt", session.lint.summary_text())
+    outputs = RunOutputs(session) if is_main else None  # samples, epoch files, validation, metrics
     yield Notice("info", "Preparing latents and text embeddings…")
     with session.accelerator.main_process_first(), out_of_memory_as_training_error(session, "while preparing latents"):
         session.warm_caches(lambda level, text: notices.append(Notice(level, text)))  # others read the main's disk cache
@@ -93,6 +94,8 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
                              "the learning-rate schedule follows the new length from here.")
     yield RunStarted(session.total_steps, start_step, len(session.training_set.items), config.train.batch_size,
                      session.run_dir, str(session.device), sum(p.numel() for g in session.optimizer.param_groups for p in g["params"]))
+    if outputs:
+        yield from outputs.start(start_step)
 
     params = [p for group in session.optimizer.param_groups for p in group["params"]]
     step = saved_step = start_step
@@ -108,30 +111,39 @@ def train(config: StudioConfig, commands: RunCommands | None = None) -> Iterator
         # commands travel with it as votes, so that all of them act at the same step; a single
         # process acts on a command as soon as its client has seen this step's events.
         for reading in readback.push(step, step_values(session, loss, commands), session.lr_scheduler.get_last_lr()[0]):
-            yield progress.update(reading)
+            yield tracked(outputs, progress.update(reading))
         if session.accelerator.num_processes == 1:
             progress.take_commands(commands)
 
         every = config.output
-        if is_main and (commands.take_sample_request() or (every.sample_every and step % every.sample_every == 0)):
-            yield make_samples(session, step)
+        if outputs:  # samples, epoch files (their samples first: a file's preview), validation loss
+            yield from outputs.after_step(step, commands.take_sample_request()
+                                          or bool(every.sample_every and step % every.sample_every == 0))
         if progress.save_voted or (every.save_every and step % every.save_every == 0):
             for reading in readback.drain():  # a NaN in a pending step must not reach a checkpoint
-                yield progress.update(reading)
+                yield tracked(outputs, progress.update(reading))
             yield save_run_checkpoint(session, step)
             saved_step, progress.save_voted = step, False
         stopped = progress.stop_voted
 
     for reading in readback.drain():
-        yield progress.update(reading)
+        yield tracked(outputs, progress.update(reading))
     if saved_step != step:
         yield save_run_checkpoint(session, step)  # a stopped or finished run can always be resumed
     session.accelerator.wait_for_everyone()
     if is_main:
         output, extras = export_lora(session, step)
+        events, suggestion, parity_warning = outputs.finish(step, output)  # best-epoch hint, the file re-rendered
+        yield from events
+        yield from (Notice(level, text) for level, text in (("info", suggestion), ("warning", parity_warning)) if text)
         yield RunFinished(step, output, output.stat().st_size, stopped_early=step < session.total_steps,
-                          extra_outputs=tuple(extras))
+                          extra_outputs=tuple(extras), suggestion=suggestion, parity_warning=parity_warning)
     session.accelerator.end_training()
+
+
+def tracked(outputs: RunOutputs | None, event: StepProgress) -> StepProgress:
+    """The step's progress, also written to metrics.jsonl on the main process."""
+    return outputs.track(event) if outputs else event
 
 
 def optimizer_step(session: Session, params: list[torch.Tensor]) -> torch.Tensor:

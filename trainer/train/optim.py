@@ -74,7 +74,7 @@ def build_optimizer(
     name = o.optimizer
     if name == "adamw8bit":
         try:
-            import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency
+            import bitsandbytes as bnb
 
             if device.type != "cuda":
                 raise RuntimeError("8-bit optimiser states need a CUDA GPU")
@@ -85,7 +85,7 @@ def build_optimizer(
             name = "adamw"
     if name == "prodigy":
         try:
-            from prodigyopt import Prodigy  # noqa: PLC0415 - optional dependency
+            from prodigyopt import Prodigy
 
             # Prodigy finds its own step size: the configured lr acts as a multiplier (1.0 typical).
             return Prodigy(param_groups, lr=o.lr, weight_decay=o.weight_decay)
@@ -93,7 +93,7 @@ def build_optimizer(
             notify("Prodigy is not installed; using AdamW ('pip install lora-studio[prodigy]' to enable it).")
             name = "adamw"
     if name == "adafactor":
-        from transformers.optimization import Adafactor  # noqa: PLC0415
+        from transformers.optimization import Adafactor
 
         return Adafactor(param_groups, lr=o.lr, weight_decay=o.weight_decay,
                          scale_parameter=False, relative_step=False, warmup_init=False)

@@ -24,7 +24,8 @@ from trainer.lora.inject import plan_lora
 from trainer.lora.metadata import build_metadata
 from trainer.lora.sizing import Architecture, lora_size
 from trainer.train.export import export_info
-from trainer.train.session import choose_precision, run_fingerprint
+from trainer.train.fingerprint import run_fingerprint
+from trainer.train.session import choose_precision
 
 
 def planned_file_size(config: StudioConfig, arch: Architecture, scan: DatasetScan, resolution: int) -> tuple[int, int]:
@@ -56,7 +57,7 @@ def _planned_session(config: StudioConfig, arch: Architecture, scan: DatasetScan
         plan=plan_lora(config.network, arch.unet, arch.text_encoders),
         model=SimpleNamespace(family=arch.family,
                               prediction_type=prediction if prediction != "auto" else "epsilon"),
-        started_at=time.time(), fingerprint=run_fingerprint(config, training_set),
+        started_at=time.time(), fingerprint=run_fingerprint(config, training_set, None),  # a hash: the same length whatever the base
         batches_per_epoch=training_set.steps_per_epoch(config.train.batch_size),
         total_steps=_total_steps(config, training_set), grad_checkpointing=config.train.grad_checkpointing,
         optimizer=optimizer, latent_cache=object() if config.train.cache_latents else None, ema=None)

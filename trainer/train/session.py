@@ -27,6 +27,7 @@ from trainer.config.validation import check_resolution_multiple
 from trainer.core.devices import check_training_precision, resolve_device
 from trainer.core.errors import CheckpointError, ConfigError
 from trainer.data.caches import LatentCache, TextEmbeddingCache, encode_latents
+from trainer.data.holdout import split_validation
 from trainer.data.lint import LintReport, lint_dataset
 from trainer.data.masks import latent_mask
 from trainer.data.regularization import scan_regularization
@@ -115,6 +116,7 @@ class Session:
     grad_checkpointing: bool  # asked for, or turned on because the run would not fit without it
     base_hash: str | None = None  # content hash of the base model's weights (None for a hub id)
     legacy_fingerprint: str | None = None  # what a checkpoint of the earlier scheme holds for this run
+    validation_scan: DatasetScan | None = None  # held-out pictures (data.validation_split / validation_data)
     ema: LoraEma | None = None  # the average of the LoRA weights that samples and export use (optim.ema_decay)
     batch_cursor: int = 0  # batches consumed by this process so far (drives data order on resume)
     loss_ema: float | None = None
@@ -332,7 +334,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
     resolution = config.data.resolution or model.native_resolution
     check_resolution_multiple(resolution, model.resolution_multiple)
 
-    scan = scan_dataset(config.data)
+    scan, validation_scan = split_validation(scan_dataset(config.data), config.data, config.train.seed)
     reg_scan = scan_regularization(config.data)
     training_set = TrainingSet(scan, config.data, resolution, bucket_step=model.resolution_multiple, reg=reg_scan)
     batches_per_epoch = training_set.steps_per_epoch(config.train.batch_size)
@@ -408,6 +410,7 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         fingerprint=run_fingerprint(config, training_set, base_hash), base_hash=base_hash,
         legacy_fingerprint=legacy_fingerprint(config, training_set), noise_generator=noise_generator,
         idle_encoders=ParkedModules(idle, accelerator.device), grad_checkpointing=checkpointing, ema=ema,
+        validation_scan=validation_scan,
     )
 
 
