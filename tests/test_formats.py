@@ -146,12 +146,15 @@ def test_kohya_names_and_their_inverse(component, path, family, expected):
 def test_names_that_cannot_be_mapped_are_refused():
     with pytest.raises(ValueError, match="second text encoder"):
         kohya_module_name("text_encoder_2", "encoder.layers.0.self_attn.q_proj", "sd1")
-    with pytest.raises(ValueError, match="attention blocks"):
-        kohya_module_name("unet", "down_blocks.0.resnets.0.conv1", "sdxl")
+    with pytest.raises(ValueError, match="attention, resnet and sampler blocks"):
+        kohya_module_name("unet", "time_embedding.linear_1", "sdxl")
     with pytest.raises(ValueError):
         parse_kohya_module_name("lora_foo_down_blocks_0")
     with pytest.raises(ValueError, match="not supported"):
-        parse_kohya_module_name("lora_unet_input_blocks_1_0_in_layers_2")
+        parse_kohya_module_name("lora_unet_out_2")
+    # SDXL resnet layers (LoCon) map both ways, in sd-scripts' SGM naming
+    assert kohya_module_name("unet", "down_blocks.0.resnets.0.conv1", "sdxl") == "lora_unet_input_blocks_1_0_in_layers_2"
+    assert parse_kohya_module_name("lora_unet_input_blocks_1_0_in_layers_2") == ("unet", "down_blocks.0.resnets.0.conv1")
     # SD1 non-attention layers (LoCon) still parse: the path is diffusers' own
     assert parse_kohya_module_name("lora_unet_down_blocks_0_resnets_1_time_emb_proj") == (
         "unet", "down_blocks.0.resnets.1.time_emb_proj")

@@ -146,7 +146,7 @@ def _undo_underscores(stem: str) -> str:
 
 
 def _sgm_path(path: str) -> str:
-    """diffusers UNet path -> SGM path (SDXL kohya naming); attention blocks only."""
+    """diffusers UNet path -> SGM path (SDXL kohya naming): attention, resnet and sampler blocks."""
     per_block = _LAYERS_PER_BLOCK + 1
     if m := _DIFFUSERS_ATTN.match(path):
         kind, block, attn, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
@@ -166,7 +166,7 @@ def _sgm_path(path: str) -> str:
         if m.group(1) == "down_blocks":
             return f"input_blocks.{per_block * (block + 1)}.0.op"
         return f"output_blocks.{per_block * block + 2}.2.conv"
-    raise ValueError(f"SDXL kohya names are only mapped for attention blocks, not {path!r}")
+    raise ValueError(f"SDXL kohya names are mapped for the attention, resnet and sampler blocks, not {path!r}")
 
 
 def _diffusers_path(path: str) -> str:

@@ -53,6 +53,7 @@ def base_weights_hash(base: str, cache_file: Path | None = None) -> str | None:
     if not source.exists():
         return None
     cache = _read_cache(cache_file)
+    known = dict(cache)
     parts = []
     for path in weight_files(source):
         stat = path.stat()
@@ -64,7 +65,8 @@ def base_weights_hash(base: str, cache_file: Path | None = None) -> str | None:
             cache[key] = entry
         relative = path.name if source.is_file() else path.relative_to(source).as_posix()
         parts.append(f"{relative}:{entry['sha256']}")
-    _write_cache(cache_file, cache)
+    if cache != known:
+        _write_cache(cache_file, cache)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -63,7 +63,7 @@ def check_fits(file: LoraFile, base: str | None = None, base_config: str = "") -
 
 def shape_family(file: LoraFile) -> str | None:
     """The family the UNet cross-attention key/value widths name, if they agree on one."""
-    widths = {_CROSS_ATTN_WIDTH.get(int(module.down.shape[1])) for name, module in file.modules.items()
+    widths = {_CROSS_ATTN_WIDTH.get(module.out_in[1]) for name, module in file.modules.items()
               if name.startswith("lora_unet_") and name.endswith(("attn2_to_k", "attn2_to_v"))}
     known = widths - {None}  # an odd width among them is a misfit the check then names
     return known.pop() if len(known) == 1 else None

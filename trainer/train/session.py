@@ -59,7 +59,7 @@ from trainer.train.transfers import ParkedModules, to_device
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use "aot_eager", which compiles in seconds
 Notify = Callable[[str, str], None]  # (level, text)
-BASE_HASH_CACHE = ".base-weights-hashes.json"  # next to the runs' outputs: each base model is hashed once
+BASE_HASH_CACHE = "base-weights-hashes.json"  # in the run folder: a resume does not hash the base again
 
 
 def run_dir_for(output: str | Path) -> Path:
@@ -390,7 +390,8 @@ def open_session(config: StudioConfig, notify: Notify) -> Session:
         ema = LoraEma([p for group in optimizer.param_groups for p in group["params"]], config.optim.ema_decay)
 
     run_dir = run_dir_for(config.output.output)
-    base_hash = base_weights_hash(config.model.base, run_dir.parent / BASE_HASH_CACHE)  # shared by the folder's runs
+    hash_cache = run_dir / BASE_HASH_CACHE if accelerator.is_main_process else None  # only the main process writes
+    base_hash = base_weights_hash(config.model.base, hash_cache)
     latent_cache = LatentCache(model.vae, run_dir / "cache") if config.train.cache_latents else None
     text_cache = None
     if config.train.cache_text and not trained_encoders and training_set.is_caption_static:
