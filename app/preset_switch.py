@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from app.block_table import BLOCK_TABLE, fields_to_rows, rows_to_fields
 from app.settings_form import config_values, label_of, widget_to_value
 from trainer.config.presets import load_preset, resolve_config
 
@@ -39,6 +40,10 @@ def switch_preset(old: str | None, new: str, current: dict[str, Any]) -> PresetS
     """The form's values for preset ``new`` when it showed ``current`` under preset ``old``."""
     before = config_values(resolve_config(old or None))
     after = config_values(resolve_config(new or None))
+    current = dict(current)
+    table = current.pop(BLOCK_TABLE, None)
+    if table is not None:  # the per-block table stands for its three comma-separated fields
+        current.update(rows_to_fields(table, current.get("rank"), current.get("alpha")))
     values, from_preset, kept = {}, [], []
     for name, shown in current.items():
         untouched = name not in before or _same(name, shown, before[name])
@@ -50,6 +55,7 @@ def switch_preset(old: str | None, new: str, current: dict[str, Any]) -> PresetS
             values[name] = shown
             if not _same(name, before[name], after[name]):
                 kept.append(name)
+    values[BLOCK_TABLE] = fields_to_rows(values)  # the form shows the three fields as the table
     return PresetSwitch(values, from_preset, kept)
 
 

@@ -83,7 +83,7 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
     from trainer.core.devices import check_training_precision, resolve_device
     from trainer.data.lint import lint_dataset
     from trainer.data.scan import scan_dataset
-    from trainer.lora.sizing import architecture_for
+    from trainer.lora.sizing import architecture_for, lora_size
     from trainer.models.text import check_clip_skip
     from trainer.train.planned_size import planned_file_size
 
@@ -104,8 +104,11 @@ def plan_markdown(studio: Studio, config: StudioConfig, base_choice: str) -> str
     if arch is None:
         size_line = f"**Output file size:** known once the base model can be read ({size_error})"
     else:
-        with studio.build_lock:  # the optimiser's class is built for its name in the header
-            modules, size = planned_file_size(config, arch, scan, resolution)
+        try:
+            with studio.build_lock:  # the optimiser's class is built for its name in the header
+                modules, size = planned_file_size(config, arch, scan, resolution)
+        except DatasetError:  # no usable picture yet: the tensors are known, the header's dataset part is typical
+            modules, size = lora_size(config, arch, config.output.export_dtype)
         size_line = (f"**Output file:** {Path(config.output.output).name}, {format_bytes(size)} "
                      f"({modules} layers, rank {config.network.rank}, {config.output.export_dtype}) for {arch.label}.")
     report = lint_dataset(scan, config.data, resolution, None, epochs=config.train.epochs,

@@ -15,7 +15,13 @@ from typing import Any, Literal
 
 import gradio as gr
 
-from app.block_table import BLOCK_FIELDS, BLOCK_TABLE, block_table_widget, fields_to_rows, rows_to_fields
+from app.block_table import (
+    BLOCK_FIELDS,
+    BLOCK_TABLE,
+    block_table_widget,
+    fields_to_rows,
+    rows_to_fields,
+)
 from trainer.config.schema import SECTIONS, StudioConfig, config_to_dict, field_index
 from trainer.core.errors import ConfigError
 

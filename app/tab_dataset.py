@@ -252,10 +252,11 @@ def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
         return (*show(dataset_view(studio, dataset, word, check_resolution)), word)
 
     @user_errors
-    def reopen(check_resolution: float):
-        """On page load: the dataset list as it is now, the dataset opened last and its trigger word."""
-        dataset = last_dataset(studio.projects)
-        word = remembered_trigger(studio.projects, dataset) if dataset else ""
+    def reopen(shown: str | None, typed_word: str | None, check_resolution: float):
+        """On page load: the dataset list as it is now, the dataset opened last and its trigger word
+        (what the artist typed before the page finished loading is kept)."""
+        dataset = str(shown or "").strip() or last_dataset(studio.projects)
+        word = (str(typed_word or "").strip() or remembered_trigger(studio.projects, dataset) or "") if dataset else ""
         return (gr.update(choices=studio.projects.list_datasets(), value=dataset),
                 *show(dataset_view(studio, dataset or "", word, check_resolution)), word)
 
@@ -336,7 +337,7 @@ def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
     name.change(open_dataset, [name, trigger, resolution], [*view_outputs, status, trigger], api_name=False)
     check.click(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name="show_dataset")
     gr.on([trigger.submit, trigger.blur, add_trigger.click], keep_trigger, [name, trigger], None, api_name=False)
-    demo.load(reopen, resolution, [name, *view_outputs, status, trigger], api_name=False)
+    demo.load(reopen, [name, trigger, resolution], [name, *view_outputs, status, trigger], api_name=False)
     resolution.submit(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
     trigger.submit(show_dataset, [name, *lint_inputs], [*view_outputs, status], api_name=False)
     upload.upload(upload_images, [name, upload, *lint_inputs], [*view_outputs, status, name, upload],

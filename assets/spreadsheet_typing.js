@@ -5,13 +5,17 @@
   // "Typed over" became "<old caption>yped over". The key is remembered here and, when the editor
   // takes the focus (before the next key arrives), becomes its whole text.
   const EDITOR = 'textarea[aria-label="Edit cell"], input[aria-label="Edit cell"]';
+  // Keys typed before the editor has the focus (a fast typist, a busy computer) are all kept, in order.
   let pending = null;
   document.addEventListener("keydown", (event) => {
-    pending = null;
     const target = event.target;
-    if (!(target instanceof Element) || target.matches(EDITOR) || !target.closest("[role=grid], .table-container")) return;
-    if (event.key.length !== 1 || event.ctrlKey || event.metaKey || event.altKey) return;
-    pending = { key: event.key, at: performance.now() };
+    const onGrid = target instanceof Element && !target.matches(EDITOR) && target.closest("[role=grid], .table-container");
+    if (!onGrid || event.key.length !== 1 || event.ctrlKey || event.metaKey || event.altKey) {
+      if (!(target instanceof Element && target.matches(EDITOR))) pending = null;
+      return;
+    }
+    const now = performance.now();
+    pending = pending && now - pending.at <= 1000 ? { key: pending.key + event.key, at: now } : { key: event.key, at: now };
   }, true);
   document.addEventListener("focusin", (event) => {
     const editor = event.target;

@@ -1142,7 +1142,7 @@ PLAN_CASES = [
     PlanCase("device not here", "demo", True, {"device": "cuda:7"}, "train.device = 'cuda:7': there is no CUDA device"),
     PlanCase("device cuda without CUDA", "demo", True, {"device": "cuda"}, "there is no CUDA device here",
              without_cuda=True),
-    PlanCase("device bogus", "demo", True, {"device": "bogus"}, "train.device = 'bogus' is not a device"),
+    PlanCase("device bogus", "demo", True, {"device": "bogus"}, "\"Device\" = 'bogus' is not a device"),
     PlanCase("fp16 on the CPU", "demo", True, {"device": "cpu", "precision": "fp16"}, "does not run on the CPU"),
     PlanCase("clip skip deeper than the text encoder", "demo", True, {"clip_skip": 50},
              "whose text encoder has 2 layers. Use a clip skip from 1 to 2"),

@@ -264,20 +264,19 @@ def test_validation_data_folder_and_a_split_that_leaves_nothing(tiny_sd1_dir, tm
 
 
 def test_fingerprint_of_a_run_without_the_new_settings_is_unchanged(tiny_sd1_dir, tmp_path):
-    from trainer.config.schema import config_to_dict
-    from trainer.train.session import open_session, run_fingerprint
+    """Held-out pictures are new settings: off, a run keeps the identity the earlier release gave it."""
+    from dataclasses import replace
+
+    from trainer.train.fingerprint import legacy_fingerprint, run_fingerprint
+    from trainer.train.session import open_session
 
     data = write_image_folder(tmp_path / "data")
     session = open_session(_config(tiny_sd1_dir, data, tmp_path / "o", validation_split=0.0), lambda level, text: None)
-    settings = config_to_dict(session.config)
-    settings.pop("output")
-    for volatile in ("device", "cache_latents", "cache_text", "grad_checkpointing", "compile", "steps", "epochs"):
-        settings["train"].pop(volatile)
-    for new in ("validation_split", "validation_data"):
-        settings["data"].pop(new)  # what a config of the previous release held
-    data_rows = [(i.sha256, i.caption, i.repeats) for i in session.training_set.items]
-    blob = json.dumps({"settings": settings, "data": data_rows}, sort_keys=True, default=str)
-    assert run_fingerprint(session.config, session.training_set) == hashlib.sha256(blob.encode()).hexdigest()
+    assert session.legacy_fingerprint is not None  # checkpoints of the earlier scheme still resume
+    assert session.legacy_fingerprint == legacy_fingerprint(session.config, session.training_set)
+    held_out = replace(session.config, data=replace(session.config.data, validation_split=0.25))
+    assert legacy_fingerprint(held_out, session.training_set) is None  # no earlier checkpoint held pictures out
+    assert run_fingerprint(held_out, session.training_set, session.base_hash) != session.fingerprint
 
 
 # --- parity of the written file ------------------------------------------------------------------

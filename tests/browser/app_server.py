@@ -66,3 +66,13 @@ def write_pictures(folder: Path, count: int, make_image, caption: str = "zxq, pi
         (folder / f"pic{i:02d}.txt").write_text(caption.format(i=i), encoding="utf-8")
         files += [folder / f"pic{i:02d}.png", folder / f"pic{i:02d}.txt"]
     return files
+
+
+def wait_for_page_load_events(page) -> None:
+    """The app fills its boxes on page load (the last dataset, the runs); a person types after they
+    appear, so a test does too (typing earlier races the load's answer, which would replace it)."""
+    import re
+
+    from playwright.sync_api import expect
+
+    expect(page.locator("#dataset-report")).to_contain_text(re.compile("Choose a dataset|usable pictures"))

@@ -13,6 +13,8 @@ import pytest
 from conftest import make_pattern_image
 from playwright.sync_api import Page, expect
 
+from browser.app_server import wait_for_page_load_events
+
 pytestmark = pytest.mark.browser
 APP_PORT = 8030  # app_server's first port for this module
 
@@ -27,6 +29,7 @@ def make_dataset(root: Path, name: str, captions: dict[str, str]) -> Path:
 
 
 def open_dataset(page: Page, name: str) -> None:
+    wait_for_page_load_events(page)  # the page's own load fills the box: type after it, as a person does
     box = page.locator("#dataset-name input")
     box.fill(name)
     box.press("Enter")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from app.run_view import format_bytes
-from browser.app_server import write_pictures
+from browser.app_server import wait_for_page_load_events, write_pictures
 
 pytestmark = pytest.mark.browser
 APP_PORT = 7890  # app_server's first port for this module
@@ -70,6 +70,7 @@ def shot(page: Page, artifacts: Path, name: str) -> None:
 def test_upload_pictures_and_edit_a_caption(pages, app_server, artifacts, tmp_path: Path) -> None:
     page = pages.open()
     expect(page.locator("#dataset-name")).to_be_visible()
+    wait_for_page_load_events(page)
     type_into(page, "dataset-name", DATASET)
     page.locator("#dataset-name input").press("Enter")
     files = write_pictures(tmp_path / "pictures", 8, make_pattern_image)
@@ -140,7 +141,8 @@ def test_train_the_demo_model_and_watch_it(pages, app_server, artifacts) -> None
     label = page.locator("#train-progress-label")
     expect(label).to_contain_text("finished · step 12 / 12")
     expect(page.locator("#train-loss-plot")).to_contain_text("smoothed")  # the curve's legend: data arrived
-    expect(page.locator("#train-samples img")).to_have_count(2)  # steps 6 and 12
+    # the two suggested prompts (caption-like, new context; a preset change keeps them) at steps 6 and 12
+    expect(page.locator("#train-samples img")).to_have_count(4)
     # One file, one size: the plan's, the status line's and the download button's agree with the file's.
     expect(page.locator("#train-status")).to_contain_text(f"Finished: {FIRST_RUN}.safetensors ({planned})")
     expect(page.locator("#train-output-file")).to_contain_text(f"{FIRST_RUN}.safetensors ({planned})")
