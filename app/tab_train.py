@@ -46,7 +46,7 @@ WATCH_INTERVAL_S = 0.25  # at most four page updates a second, however fast the 
 WATCH_HEARTBEAT_S = 10.0
 # The loss plot is redrawn from scratch by the browser on every update; on a CPU busy training, a
 # redraw four times a second never finishes, so the curve follows at a calmer pace.
-PLOT_INTERVAL_S = 2.0
+PLOT_INTERVAL_S = 2.0  # the loss plot is redrawn at most this often (a busy CPU cannot redraw it 4x a second)
 NO_OUTPUT_LABEL = "The trained LoRA appears here"
 
 
@@ -137,6 +137,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
 
     started = gr.Textbox(visible=False, elem_id="train-started-run")  # the id a Start or Resume returns
     watch_token = gr.State({"n": 0})
+    plotted = gr.State({})  # the run and the number of points the page's loss plot shows
+    plot_timer = gr.Timer(PLOT_INTERVAL_S)
     form_inputs = set(form.components.values())
 
     # --- handlers (named inputs; the form arrives as a dict and is read by field name) ---
@@ -203,7 +205,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
             time.sleep(WATCH_INTERVAL_S)
 
     def empty_view() -> dict:
-        return {progress: progress_html(None), status: "", loss_plot: loss_frame(None), samples: [],
+        return {progress: progress_html(None), status: "", samples: [],
                 output_file: gr.update(value=None, label=NO_OUTPUT_LABEL, interactive=False), output_path: "", output_base: "", open_in_generate: gr.update(interactive=False),
                 **control_labels(None)}
 
@@ -220,11 +222,6 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     def run_view(run: RunState, shown: dict[str, Any]) -> dict:
         """Updates for the parts of the page that changed since the last yield."""
         update: dict = {progress: progress_html(run), status: status_markdown(run)}
-        plot_due = time.monotonic() - shown.get("plotted_at", 0.0) >= PLOT_INTERVAL_S or not run.active
-        points = (len(run.losses), len(run.val_losses))  # a validation loss can come after the last step
-        if shown.get("losses") != points and plot_due:
-            shown["losses"], shown["plotted_at"] = points, time.monotonic()
-            update[loss_plot] = loss_frame(run)
         if shown.get("samples") != len(run.samples):
             shown["samples"] = len(run.samples)
             update[samples] = [(str(path), caption) for path, caption in reversed(run.samples)]
@@ -297,6 +294,19 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         return update
 
     @user_errors
+    def plot_run(run_id: str, state: dict):
+        """The shown run's loss plot, sent whole and only when it changed. Not part of the streaming
+        watcher: gradio streams a generator's outputs as patches on the page's last value, and two
+        watchers (a run picked while another streams) patching one plot broke it in the page."""
+        try:
+            run = studio.runs.get(run_id) if run_id else None
+        except StudioError:  # a run of an earlier page state: nothing to plot
+            run = None
+        points = (run_id, len(run.losses), len(run.val_losses)) if run is not None else (run_id, 0, 0)
+        if state.get("points") == list(points):
+            return gr.skip(), state
+        return loss_frame(run), {"points": list(points)}
+
     def settings_of_run(run_id: str) -> dict:
         run = studio.runs.get(_require_run(run_id))
         return {**settings_view(run.config, run.name), plan: f"Loaded the settings of run **{run.name}**."}
@@ -323,12 +333,15 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         start_training, [dataset, base, preset, run_name_box, overrides], [started, plan, runs],
         api_name="start_training").success(show_run, started, run_select, api_name=False)
     run_select.change(watch_run, [run_select, watch_token],
-                      [progress, status, loss_plot, samples, output_file, output_path, output_base, open_in_generate,
+                      [progress, status, samples, output_file, output_path, output_base, open_in_generate,
                        runs, resume_select, run_select, stop, save_now, sample_now],
                       api_name="watch_run", concurrency_limit=None, show_progress="hidden",
                       # A change's default, "always_last", would start the new watcher only after the old
                       # one ends, i.e. when the run it follows finishes: the view kept showing the old run.
                       trigger_mode="multiple")
+    for plot_event in (run_select.change, plot_timer.tick):
+        plot_event(plot_run, [run_select, plotted], [loss_plot, plotted], api_name=False, show_progress="hidden",
+                   concurrency_limit=None)
     stop.click(stop_training, [run_select], status, api_name="stop_training", concurrency_limit=None)
     save_now.click(save_checkpoint_now, [run_select], status, api_name="save_checkpoint_now", concurrency_limit=None)
     sample_now.click(make_samples_now, [run_select], status, api_name="make_samples_now", concurrency_limit=None)

@@ -98,4 +98,3 @@ def pages(chromium, app_server: AppServer) -> Iterator[PageSession]:
     assert session.requests, "the page made no requests at all: was it loaded?"
     assert not outside, f"the page requested URLs outside 127.0.0.1: {outside}"
     assert not session.page_errors, f"the page reported errors: {session.page_errors}"
-
