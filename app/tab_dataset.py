@@ -232,7 +232,7 @@ def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
                          wrap=True, max_height=720, label="Pictures and captions (edits are saved as .txt files)",
                          elem_id="dataset-table", row_count=0)
     issues = gr.Dataframe(headers=ISSUE_HEADERS, datatype=["str", "str", "str", "str"], type="array",
-                          interactive=False, wrap=True, column_widths=["40px", "18%", "45%", "37%"],
+                          interactive=False, wrap=True, column_widths=["6%", "18%", "40%", "36%"],
                           label="Problems found, with what to do", elem_id="dataset-issues", row_count=0)
 
     view_outputs = [table, report, issues]

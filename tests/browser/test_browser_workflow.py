@@ -60,6 +60,19 @@ def progress_reached(page: Page, condition: str, timeout: float = 120_000) -> No
         timeout=timeout)
 
 
+def assert_inside(page: Page, inner: str, outer: str) -> None:
+    """``inner`` lies within ``outer`` (nothing cut off at the right or the bottom)."""
+    a, b = page.locator(inner).first.bounding_box(), page.locator(outer).first.bounding_box()
+    assert a["x"] + a["width"] <= b["x"] + b["width"] + 1 and a["y"] + a["height"] <= b["y"] + b["height"] + 1, \
+        f"{inner} {a} sticks out of {outer} {b}"
+
+
+def assert_below(page: Page, lower: str, upper: str) -> None:
+    """``lower`` starts below ``upper`` ends (a floating label does not cover it)."""
+    a, b = page.locator(lower).first.bounding_box(), page.locator(upper).first.bounding_box()
+    assert a["y"] >= b["y"] + b["height"] - 1, f"{lower} {a} is under {upper} {b}"
+
+
 def shot(page: Page, artifacts: Path, name: str) -> None:
     page.screenshot(path=str(artifacts / name), full_page=True)
 
@@ -91,6 +104,8 @@ def test_upload_pictures_and_edit_a_caption(pages, app_server, artifacts, tmp_pa
     # At the default 512 px check the 64 px pictures are flagged, with what to do about it.
     expect(page.locator("#dataset-table")).to_contain_text("smaller than the 512 px training resolution")
     expect(page.locator("#dataset-issues")).to_contain_text("Replace it with a larger original")
+    # Layout: the problems table fits its box ("What to do" is not cut off at the right).
+    assert_inside(page, "#dataset-issues table", "#dataset-issues")
 
     page.locator("#dataset-table").get_by_text("zxq, picture 3", exact=True).dblclick()
     editor = page.locator("#dataset-table textarea, #dataset-table input[type=text]").first
@@ -245,5 +260,6 @@ def test_tools_inspect_shows_the_spectrum(pages, app_server, artifacts) -> None:
     expect(summary).to_have_value(re.compile(rf"{FIRST_RUN}\.safetensors: LoRA for SD 1\.x"))
     expect(summary).to_have_value(re.compile("Trigger phrase: zxq"))
     expect(page.locator("#tools-inspect-plot img")).to_be_visible()
+    assert_below(page, "#tools-inspect-plot img", "#tools-inspect-plot [data-testid=block-label]")  # title not hidden
     assert first.is_file()
     shot(page, artifacts, "07-tools-inspect.png")
