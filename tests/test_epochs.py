@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 from conftest import write_image_folder
 from PIL import Image
+from tiny_runs import run_events
 
 from trainer.config.presets import resolve_config
 from trainer.core.errors import ConfigError
@@ -29,12 +30,9 @@ from trainer.train.epoch_files import epoch_file, list_saved_loras
 from trainer.train.events import (
     LoraSaved,
     Notice,
-    RunCommands,
     RunFinished,
-    StepProgress,
     ValidationMeasured,
 )
-from trainer.train.loop import train
 from trainer.train.metrics import read_metrics
 
 PROMPTS = ["zxq, portrait --d 5 --n blurry", "zxq reading a book --w 64 --h 96 --l 5 --s 3"]
@@ -47,21 +45,12 @@ def _config(model: Path, data: Path, out: Path, **overrides):
     return resolve_config("character", overrides={**settings, **overrides})
 
 
-def _run(config, stop_after: int | None = None) -> list:
-    commands, events = RunCommands(), []
-    for event in train(config, commands):
-        events.append(event)
-        if stop_after is not None and isinstance(event, StepProgress) and event.step == stop_after:
-            commands.stop()
-    return events
-
-
 @pytest.fixture(scope="module")
 def three_epochs(tiny_sd1_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("epochs")
     data = write_image_folder(root / "data")
     config = _config(tiny_sd1_dir, data, root / "out")
-    return config, _run(config)
+    return config, run_events(config)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -120,17 +109,17 @@ def test_every_epoch_has_a_sample_per_prompt_with_the_prompt_lines_settings(thre
 def test_keep_lora_last_bounds_the_files_and_resume_keeps_the_numbering(tiny_sd1_dir, tmp_path):
     data = write_image_folder(tmp_path / "data")
     common = {"keep_lora_last": 2, "save_every": 2, "validation_split": 0.0, "sample_prompts": PROMPTS[:1]}
-    straight = _run(_config(tiny_sd1_dir, data, tmp_path / "a", epochs=4, **common))
+    straight = run_events(_config(tiny_sd1_dir, data, tmp_path / "a", epochs=4, **common))
     assert [p.name for p in (s.path for s in list_saved_loras(tmp_path / "a" / "zxq.safetensors"))] == [
         "zxq-000003.safetensors", "zxq-000004.safetensors"]
     assert [r.name for e in straight if isinstance(e, LoraSaved) for r in e.removed] == [
         "zxq-000001.safetensors", "zxq-000002.safetensors"]
     assert not json_path(tmp_path / "a" / "zxq-000001.safetensors").exists()  # sidecars go with their file
 
-    killed = _run(_config(tiny_sd1_dir, data, tmp_path / "b", epochs=4, **common), stop_after=3)
+    killed = run_events(_config(tiny_sd1_dir, data, tmp_path / "b", epochs=4, **common), stop_after=3)
     assert killed[-1].step == 3
     assert [s.epoch for s in list_saved_loras(tmp_path / "b" / "zxq.safetensors")] == [1]  # 3 steps an epoch
-    resumed = _run(_config(tiny_sd1_dir, data, tmp_path / "b", epochs=4, resume="auto", **common))
+    resumed = run_events(_config(tiny_sd1_dir, data, tmp_path / "b", epochs=4, resume="auto", **common))
     assert [(e.epoch, e.path.name) for e in resumed if isinstance(e, LoraSaved)] == [
         (2, "zxq-000002.safetensors"), (3, "zxq-000003.safetensors"), (4, "zxq-000004.safetensors")]
     assert [s.epoch for s in list_saved_loras(tmp_path / "b" / "zxq.safetensors")] == [3, 4]
@@ -185,9 +174,9 @@ def test_a_prompt_file_is_read_line_by_line(tmp_path):
 def test_a_bad_prompt_line_stops_the_run_before_training(tiny_sd1_dir, tmp_path):
     data = write_image_folder(tmp_path / "data")
     with pytest.raises(ConfigError, match="sample prompt 2: unknown option --q"):
-        _run(_config(tiny_sd1_dir, data, tmp_path / "out", sample_prompts=["zxq", "zxq --q 1"]))
+        run_events(_config(tiny_sd1_dir, data, tmp_path / "out", sample_prompts=["zxq", "zxq --q 1"]))
     with pytest.raises(ConfigError, match="Unknown sampler"):
-        _run(_config(tiny_sd1_dir, data, tmp_path / "out", sampler="Warp 9"))
+        run_events(_config(tiny_sd1_dir, data, tmp_path / "out", sampler="Warp 9"))
 
 
 # --- validation ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_runs import run_events
 
 from trainer.config.presets import resolve_config
 from trainer.config.schema import NetworkConfig
@@ -293,18 +294,6 @@ METHODS = dict(loss="huber", huber_schedule="snr", debiased_estimation=True, tim
                module_dropout=0.1, loraplus_ratio=4.0)
 
 
-def _run(config, stop_after: int | None = None) -> list:
-    from trainer.train.events import RunCommands, StepProgress
-    from trainer.train.loop import train
-
-    commands, events = RunCommands(), []
-    for event in train(config, commands):
-        events.append(event)
-        if stop_after is not None and isinstance(event, StepProgress) and event.step == stop_after:
-            commands.stop()
-    return events
-
-
 def test_a_run_with_the_methods_on_learns(tiny_sd1_dir, image_folder, tmp_path):
     """Huber loss, debiased weights, logit-normal timesteps, multires and input noise, the three
     dropouts and LoRA+ together still fit the training images (the file loads in diffusers)."""
@@ -312,7 +301,7 @@ def test_a_run_with_the_methods_on_learns(tiny_sd1_dir, image_folder, tmp_path):
     from tiny_runs import run_config
 
     config = run_config(tiny_sd1_dir, image_folder, tmp_path, steps=30, seed=3, lr=4e-3, te_lr=4e-3, **METHODS)
-    finished = _run(config)[-1]
+    finished = run_events(config)[-1]
     base_loss = _eval_loss(_pipeline(tiny_sd1_dir), image_folder)
     lora_loss = _eval_loss(_pipeline(tiny_sd1_dir, finished.output), image_folder)
     assert lora_loss < 0.9 * base_loss, (base_loss, lora_loss)
@@ -335,13 +324,13 @@ def test_ema_and_dropout_runs_resume_exactly_and_export_the_average(tiny_sd1_dir
     monkeypatch.setattr(sampling, "_render", spy)
     settings = dict(steps=6, seed=5, lr=3e-3, batch_size=2, ema_decay=0.6, ema_export_raw=True, sample_every=6,
                     save_every=3, **METHODS)
-    straight = _run(run_config(tiny_sd1_dir, image_folder, tmp_path / "a", **settings))[-1]
+    straight = run_events(run_config(tiny_sd1_dir, image_folder, tmp_path / "a", **settings))[-1]
     assert all(torch.equal(a, b) for a, b in zip(seen["sampled"], seen["average"])), "samples show the EMA"
     assert [p.name for p in straight.extra_outputs if p.suffix == ".safetensors"] == ["lora.raw.safetensors"]
 
-    interrupted = _run(run_config(tiny_sd1_dir, image_folder, tmp_path / "b", **settings), stop_after=3)[-1]
+    interrupted = run_events(run_config(tiny_sd1_dir, image_folder, tmp_path / "b", **settings), stop_after=3)[-1]
     assert interrupted.step == 3 and interrupted.stopped_early
-    resumed = _run(run_config(tiny_sd1_dir, image_folder, tmp_path / "b", resume="auto", **settings))[-1]
+    resumed = run_events(run_config(tiny_sd1_dir, image_folder, tmp_path / "b", resume="auto", **settings))[-1]
     assert resumed.step == 6
     for name in ("lora.safetensors", "lora.raw.safetensors"):
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)

@@ -29,6 +29,19 @@ def run_config(model: Path, data: Path, out: Path, *, steps: int, seed: int, **o
     return resolve_config("character", overrides={**settings, **overrides})
 
 
+def run_events(config: StudioConfig, stop_after: int | None = None) -> list:
+    """Every event of a training run of ``config``, stopped (as Stop does) after step ``stop_after``."""
+    from trainer.train.events import RunCommands, StepProgress
+    from trainer.train.loop import train
+
+    commands, events = RunCommands(), []
+    for event in train(config, commands):
+        events.append(event)
+        if stop_after is not None and isinstance(event, StepProgress) and event.step == stop_after:
+            commands.stop()
+    return events
+
+
 def load_pipeline(model_dir: Path):
     """The diffusers pipeline model_index.json names (StableDiffusionPipeline, StableDiffusionXLPipeline)."""
     from diffusers import DiffusionPipeline
