@@ -207,7 +207,7 @@ def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
         # No file_types filter: one stray file in a dropped batch is skipped with a reason, not the whole batch.
         upload = gr.File(file_count="multiple", type="filepath",
                          label="Drop pictures (and .txt captions) here, or click to choose files",
-                         elem_id="dataset-upload", height=140, scale=3)
+                         elem_id="dataset-upload", elem_classes="ls-upload", height=140, scale=3)
         with gr.Column(scale=2):
             folder = gr.Textbox(label="…or copy in a folder from this computer", placeholder="/home/me/Pictures/zxq",
                                 elem_id="dataset-folder")

@@ -73,6 +73,12 @@ def assert_below(page: Page, lower: str, upper: str) -> None:
     assert a["y"] >= b["y"] + b["height"] - 1, f"{lower} {a} is under {upper} {b}"
 
 
+def assert_upload_prompt_shown(page: Page, upload: str) -> None:
+    """The empty upload area shows its whole prompt: not cut off, not under the component's label."""
+    assert_inside(page, f"{upload} [data-testid=upload-text]", f"{upload} .upload-container")
+    assert_below(page, f"{upload} [data-testid=upload-icon]", f"{upload} [data-testid=block-label]")
+
+
 def shot(page: Page, artifacts: Path, name: str) -> None:
     page.screenshot(path=str(artifacts / name), full_page=True)
 
@@ -86,6 +92,10 @@ def test_upload_pictures_and_edit_a_caption(pages, app_server, artifacts, tmp_pa
     wait_for_page_load_events(page)
     type_into(page, "dataset-name", DATASET)
     page.locator("#dataset-name input").press("Enter")
+    assert_upload_prompt_shown(page, "#dataset-upload")
+    page.set_viewport_size({"width": 520, "height": 1000})  # a narrow window: the label takes two lines
+    assert_upload_prompt_shown(page, "#dataset-upload")
+    page.set_viewport_size({"width": 1400, "height": 1000})
     files = write_pictures(tmp_path / "pictures", 8, make_pattern_image)
     duplicate = tmp_path / "pictures" / "pic00_copy.png"
     duplicate.write_bytes(files[0].read_bytes())
@@ -253,6 +263,7 @@ def test_closed_tab_keeps_training_and_stop_leaves_a_resumable_checkpoint(pages,
 def test_tools_inspect_shows_the_spectrum(pages, app_server, artifacts) -> None:
     page = pages.open()
     open_tab(page, "4 · Tools")
+    assert_upload_prompt_shown(page, "#tools-upload")
     first = app_server.projects.runs_dir / f"{FIRST_RUN}.safetensors"
     choose(page, "tools-inspect-file", f"{FIRST_RUN}.safetensors")
     page.locator("#tools-inspect-run").click()
