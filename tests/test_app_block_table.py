@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import gradio as gr
 import pytest
 
-from app.block_table import fields_to_rows, rows_to_fields
+from app.block_table import HEADERS, block_table_widget, fields_to_rows, rows_to_fields
 from trainer.config.presets import resolve_config
 
 
@@ -30,3 +31,10 @@ def test_edited_cells_become_full_lists_with_the_network_values_elsewhere() -> N
 def test_the_table_follows_the_family_of_a_saved_list(count, first, last) -> None:
     rows = fields_to_rows({"block_lr": ",".join(["1"] * count)})
     assert (len(rows), rows[0][0], rows[-1][0]) == (count, first, last)
+
+
+def test_the_table_has_its_four_columns_fixed() -> None:
+    """The artist edits cells; they cannot add or delete a column (gradio 6 ignores ``col_count``)."""
+    with gr.Blocks():
+        table = block_table_widget({})
+    assert list(table.get_config()["col_count"]) == [len(HEADERS), "fixed"] == [4, "fixed"]
