@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import run_events
 
 from trainer.config.presets import resolve_config
 from trainer.core.errors import CheckpointError, StudioError
@@ -15,13 +16,11 @@ from trainer.models.text import encode_text, tokenize
 from trainer.train.events import (
     CheckpointSaved,
     Notice,
-    RunCommands,
     RunFinished,
     RunStarted,
     SamplesMade,
     StepProgress,
 )
-from trainer.train.loop import train
 
 
 def _config(model: Path, data: Path, out: Path, **overrides):
@@ -29,16 +28,6 @@ def _config(model: Path, data: Path, out: Path, **overrides):
                     steps=6, seed=7, min_snr_gamma=0.0)
     settings.update(overrides)
     return resolve_config("character", overrides=settings)
-
-
-def _run(config, commands=None, stop_after=None):
-    commands = commands or RunCommands()
-    events = []
-    for event in train(config, commands):
-        events.append(event)
-        if stop_after is not None and isinstance(event, StepProgress) and event.step == stop_after:
-            commands.stop()
-    return events
 
 
 def _eval_loss(pipe, data: Path, seed: int = 0) -> float:
@@ -76,7 +65,7 @@ def test_training_learns_and_the_exported_file_carries_it(tiny_sd1_dir: Path, im
     """Would fail if the optimizer held the wrong params, B never moved, or alpha/r were lost at export."""
     config = _config(tiny_sd1_dir, image_folder, tmp_path, steps=60, lr=3e-3, te_lr=3e-3, targets="full", rank=8, alpha=4,
                      sample_every=0)
-    events = _run(config)
+    events = run_events(config)
     finished = events[-1]
     assert isinstance(finished, RunFinished) and not finished.stopped_early
     base_loss = _eval_loss(_pipeline(tiny_sd1_dir), image_folder)
@@ -99,7 +88,7 @@ def test_training_learns_and_the_exported_file_carries_it(tiny_sd1_dir: Path, im
 def test_events_samples_checkpoints_and_run_folder(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
     config = _config(tiny_sd1_dir, image_folder, tmp_path, steps=4, save_every=2, sample_every=2, keep_last=1,
                      sample_steps=2, sample_prompts=["zxq, portrait", "zxq, full body"], trigger="zxq")
-    events = _run(config)
+    events = run_events(config)
     started = next(e for e in events if isinstance(e, RunStarted))
     assert (started.total_steps, started.start_step, started.num_images) == (4, 0, 8)
     samples = [e for e in events if isinstance(e, SamplesMade)]
@@ -117,11 +106,11 @@ def test_events_samples_checkpoints_and_run_folder(tiny_sd1_dir: Path, image_fol
 
 def test_stop_then_resume_matches_an_uninterrupted_run(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
     common = dict(steps=8, lr=2e-3, flip=True, shuffle_captions=True, caption_dropout=0.2, batch_size=2)
-    straight = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "a", **common))[-1]
+    straight = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "a", **common))[-1]
 
-    interrupted = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "b", **common), stop_after=3)[-1]
+    interrupted = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "b", **common), stop_after=3)[-1]
     assert interrupted.stopped_early and interrupted.step == 3
-    resumed_events = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "b", resume="auto", **common))
+    resumed_events = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "b", resume="auto", **common))
     assert next(e for e in resumed_events if isinstance(e, RunStarted)).start_step == 3
     resumed = resumed_events[-1]
     assert resumed.step == 8 and not resumed.stopped_early
@@ -134,10 +123,10 @@ def test_stop_then_resume_matches_an_uninterrupted_run(tiny_sd1_dir: Path, image
 
 def test_a_finished_run_can_be_extended_with_more_steps(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
     common = dict(lr=2e-3, scheduler="constant", batch_size=2)
-    straight = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "a", steps=6, **common))[-1]
-    first = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "b", steps=4, **common))[-1]
+    straight = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "a", steps=6, **common))[-1]
+    first = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "b", steps=4, **common))[-1]
     assert first.step == 4 and not first.stopped_early
-    extended = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "b", steps=6, resume="auto", **common))
+    extended = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "b", steps=6, resume="auto", **common))
     assert next(e for e in extended if isinstance(e, RunStarted)).start_step == 4
     assert any(isinstance(e, Notice) and "planned for 4 steps and now runs to 6" in e.text for e in extended)
     assert extended[-1].step == 6
@@ -147,24 +136,24 @@ def test_a_finished_run_can_be_extended_with_more_steps(tiny_sd1_dir: Path, imag
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
-    _run(_config(tiny_sd1_dir, image_folder, tmp_path, steps=2))
+    run_events(_config(tiny_sd1_dir, image_folder, tmp_path, steps=2))
     with pytest.raises(CheckpointError, match="different config or dataset"):
-        _run(_config(tiny_sd1_dir, image_folder, tmp_path, steps=2, rank=8, resume="auto"))
+        run_events(_config(tiny_sd1_dir, image_folder, tmp_path, steps=2, rank=8, resume="auto"))
     with pytest.raises(CheckpointError, match="No checkpoint folder"):
-        _run(_config(tiny_sd1_dir, image_folder, tmp_path, steps=2, resume=str(tmp_path / "nope")))
+        run_events(_config(tiny_sd1_dir, image_folder, tmp_path, steps=2, resume=str(tmp_path / "nope")))
 
 
 def test_missing_dataset_is_a_clear_error(tiny_sd1_dir: Path, tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(StudioError, match="0 images"):
-        _run(_config(tiny_sd1_dir, empty, tmp_path))
+        run_events(_config(tiny_sd1_dir, empty, tmp_path))
 
 
 def test_gradient_checkpointing_trades_compute_not_results(tiny_sd1_dir: Path, image_folder: Path, tmp_path: Path):
     """Checkpointing (UNet and text encoder) recomputes activations; the trained weights must not change."""
-    plain = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "plain", steps=3, lr=1e-3))[-1]
-    checkpointed = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "ckpt", steps=3, lr=1e-3,
+    plain = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "plain", steps=3, lr=1e-3))[-1]
+    checkpointed = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "ckpt", steps=3, lr=1e-3,
                                 grad_checkpointing=True))[-1]
     a, b = load_file(plain.output), load_file(checkpointed.output)
     assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
@@ -187,9 +176,9 @@ def test_a_compiled_unet_trains_to_the_same_weights(tiny_sd1_dir: Path, image_fo
         return original_compile(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "compile", recording_compile)
-    plain = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "plain", steps=3, lr=2e-3))
+    plain = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "plain", steps=3, lr=2e-3))
     assert compiled_modules == []
-    compiled = _run(_config(tiny_sd1_dir, image_folder, tmp_path / "compiled", steps=3, lr=2e-3, compile=True))
+    compiled = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "compiled", steps=3, lr=2e-3, compile=True))
     assert compiled_modules == ["UNet2DConditionModel"]
 
     def losses(events):

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from tiny_runs import run_events
 
 import trainer.train.loop as loop
 from trainer.config.presets import resolve_config
 from trainer.core.errors import TrainingError
 from trainer.data.caches import LatentCache, TextEmbeddingCache
 from trainer.train.checkpoints import list_checkpoints
-from trainer.train.events import CheckpointSaved, RunCommands, RunFinished, StepProgress
+from trainer.train.events import CheckpointSaved, RunFinished, StepProgress
 from trainer.train.transfers import ParkedModules, StepReadback
 
 
@@ -46,24 +47,15 @@ def _config(model: Path, data: Path, out: Path, **overrides):
     return resolve_config("character", overrides=settings)
 
 
-def _events(config, stop_after: int | None = None) -> list:
-    commands, events = RunCommands(), []
-    for event in loop.train(config, commands):
-        events.append(event)
-        if stop_after is not None and isinstance(event, StepProgress) and event.step == stop_after:
-            commands.stop()
-    return events
-
-
 def _lagged(monkeypatch) -> None:
     monkeypatch.setattr(loop, "StepReadback", functools.partial(StepReadback, lag=1))
 
 
 def test_a_lagged_run_reports_every_step_once_with_the_same_losses(tiny_sd1_dir: Path, image_folder: Path,
                                                                   tmp_path: Path, monkeypatch):
-    at_once = _events(_config(tiny_sd1_dir, image_folder, tmp_path / "a"))
+    at_once = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "a"))
     _lagged(monkeypatch)
-    lagged = _events(_config(tiny_sd1_dir, image_folder, tmp_path / "b"))
+    lagged = run_events(_config(tiny_sd1_dir, image_folder, tmp_path / "b"))
 
     def progress(events):
         return [(e.step, e.loss) for e in events if isinstance(e, StepProgress)]
@@ -79,7 +71,7 @@ def test_a_lagged_run_reports_every_step_once_with_the_same_losses(tiny_sd1_dir:
 def test_a_lagged_run_stops_at_the_step_the_stop_was_asked_at(tiny_sd1_dir: Path, image_folder: Path,
                                                              tmp_path: Path, monkeypatch):
     _lagged(monkeypatch)
-    events = _events(_config(tiny_sd1_dir, image_folder, tmp_path, steps=8), stop_after=3)
+    events = run_events(_config(tiny_sd1_dir, image_folder, tmp_path, steps=8), stop_after=3)
     finished = events[-1]
     # step 3's progress comes out while step 4 runs: the run stops after step 4, and says so
     assert finished.stopped_early and finished.step == 4
