@@ -8,7 +8,6 @@ comma-separated strings, so TOML files and the CLI read the same thing.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -56,19 +55,10 @@ def rows_to_fields(rows: Any, rank: Any = None, alpha: Any = None) -> dict[str, 
     return fields
 
 
-def _fixed_columns(count: int) -> dict[str, Any]:
-    """Keyword arguments that stop the artist from adding or deleting columns. Gradio 6 ignores
-    ``col_count`` (it only warns) and takes ``(n, "fixed")`` through ``column_count``, since its
-    ``column_limits`` is not implemented yet; gradio 5 knows only ``col_count``."""
-    if "column_count" in inspect.signature(gr.Dataframe.__init__).parameters:
-        return {"column_count": (count, "fixed")}
-    return {"col_count": (count, "fixed")}
-
-
 def block_table_widget(values: dict[str, Any]) -> gr.Dataframe:
     return gr.Dataframe(
         value=fields_to_rows(values), headers=HEADERS, datatype=["str", "number", "number", "number"],
-        **_fixed_columns(len(HEADERS)), interactive=True, elem_id="setting-block-table",
+        column_count=(len(HEADERS), "fixed"), interactive=True, elem_id="setting-block-table",
         label="Per-block rank, alpha and learning-rate factor (kohya block_dims / block_alphas / block_lr)",
         show_label=True)
 
