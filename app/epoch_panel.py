@@ -49,9 +49,16 @@ def build_prompt_rows(studio: Studio, dataset: gr.components.Component, trigger:
     def write_lines(rows_value) -> str:
         return run_epochs.rows_to_lines(rows_value)
 
+    def follow_text(text: str, rows_value):
+        rows_value = run_epochs.rows_following(text, rows_value)
+        return gr.skip() if rows_value is None else rows_value
+
     suggest.click(suggest_rows, [dataset, trigger], [rows, sample_prompts], api_name="suggest_sample_prompts")
     dataset.change(fill_if_empty, [dataset, trigger, sample_prompts], [rows, sample_prompts], api_name=False)
     rows.input(write_lines, [rows], [sample_prompts], api_name="sample_prompt_lines")
+    # Both are editors of one setting: a later edit of a row must not undo lines typed in the box.
+    sample_prompts.change(follow_text, [sample_prompts, rows], [rows], api_name=False, trigger_mode="always_last",
+                          show_progress="hidden")
     return PromptRows(rows, suggest)
 
 

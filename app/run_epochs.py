@@ -87,6 +87,18 @@ def lines_to_rows(text: str) -> list[list[Any]]:
     return rows
 
 
+def rows_following(text: str, rows: Any) -> list[list[Any]] | None:
+    """The rows for the sample-prompt text when it was typed, loaded from a run or a TOML file, or
+    set by a preset; None when the rows already say the same, or while a line is still being typed
+    and does not parse yet (Check plan and Start report it then)."""
+    try:
+        if rows_to_lines(rows) == str(text or "").strip():
+            return None
+        return lines_to_rows(text)
+    except StudioError:
+        return None
+
+
 def _cell(value: Any) -> str:
     """A cell as text; an empty number cell arrives as None or NaN."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -128,3 +128,14 @@ def test_epoch_files_are_offered_in_generate_but_are_not_runs(studio_run):
     assert [record.name for record in runs_on_disk(studio.projects.runs_dir)] == [RUN]  # one run, not three
     offered = {Path(path).name for _, path in lora_choices(studio)}
     assert {f"{RUN}.safetensors", f"{RUN}-000001.safetensors", f"{RUN}-000002.safetensors"} <= offered
+
+
+def test_the_prompt_rows_follow_lines_typed_in_the_text_box():
+    rows = [["zxq, a girl", "lowres", None, None, None]]
+    assert run_epochs.rows_following("zxq, a girl --n lowres", rows) is None  # the rows wrote it: no redraw
+    typed = "zxq, a girl --n lowres\nzxq, smiling --w 64 --h 96"
+    assert run_epochs.rows_following(typed, rows) == [["zxq, a girl", "lowres", None, None, None],
+                                                      ["zxq, smiling", "", None, 64, 96]]
+    assert run_epochs.rows_to_lines(run_epochs.rows_following(typed, rows)) == typed  # a row edit keeps both lines
+    assert run_epochs.rows_following("zxq, smiling --w", rows) is None  # half-typed: the rows wait
+    assert run_epochs.rows_following("", rows) == []

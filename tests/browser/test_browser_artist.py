@@ -70,7 +70,14 @@ def test_a_preset_change_keeps_typed_values_and_letters_in_a_number_box_are_an_e
         number_box(page, elem_id).fill(text)
         number_box(page, elem_id).press("Tab")
     page.locator("#setting-trigger input, #setting-trigger textarea").first.fill("zxq")
-    page.locator("#setting-sample_prompts textarea").fill("zxq, smiling")
+    page.locator("#setting-sample_prompts textarea").fill("zxq, smiling --n blurry")
+    expect(page.locator("#train-prompt-rows")).to_contain_text("zxq, smiling")
+    # A line typed later shows in the prompt rows too, so a later edit of a row keeps it.
+    page.locator("#setting-sample_prompts textarea").press("End")
+    page.locator("#setting-sample_prompts textarea").press("Enter")
+    page.locator("#setting-sample_prompts textarea").press_sequentially("zxq, waving --w 64")
+    expect(page.locator("#train-prompt-rows")).to_contain_text("zxq, waving")
+    expect(page.locator("#train-prompt-rows")).to_contain_text("blurry")
     page.locator("#train-preset input").click()
     page.get_by_role("option", name="character-lite").click()
 
@@ -79,7 +86,7 @@ def test_a_preset_change_keeps_typed_values_and_letters_in_a_number_box_are_an_e
     expect(number_box(page, "setting-steps")).to_have_value("12")
     expect(number_box(page, "setting-save_every")).to_have_value("6")
     expect(page.locator("#setting-trigger input, #setting-trigger textarea").first).to_have_value("zxq")
-    expect(page.locator("#setting-sample_prompts textarea")).to_have_value("zxq, smiling")
+    expect(page.locator("#setting-sample_prompts textarea")).to_have_value("zxq, smiling --n blurry\nzxq, waving --w 64")
 
     page.locator("#train-dataset input").fill("presets")
     page.locator("#train-dataset input").press("Enter")
