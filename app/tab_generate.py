@@ -120,7 +120,7 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
         for index, slot in enumerate(slots or []):
             sid = slot.get("id") or str(index)
             with gr.Group(key=f"slot-{sid}", elem_id=f"gen-lora-{index}"):
-                with gr.Row(key=f"row-{sid}"):
+                with gr.Row(key=f"row-{sid}", equal_height=True):
                     file = gr.Dropdown(choices=choices, value=slot.get("file") or None, allow_custom_value=True,
                                        label=f"LoRA {index + 1}", key=f"file-{sid}", elem_id=f"gen-lora-{index}-file",
                                        interactive=True, scale=4)
@@ -179,7 +179,8 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
     with gr.Row():
         gallery = gr.Gallery(label="Images", columns=4, height=420, object_fit="contain", elem_id="gen-gallery",
                              scale=3)
-        infotext = gr.Textbox(label="Generation parameters (A1111 infotext of the selected image)", lines=8,
+        infotext = gr.Textbox(label="Generation parameters (A1111 infotext)", lines=8,
+                              info="Of the selected image; also saved in its PNG, where A1111/Forge's PNG Info reads it.",
                               buttons=["copy"], elem_id="gen-infotext", scale=2)
     infotexts = gr.State([])
 

@@ -73,6 +73,13 @@ def assert_below(page: Page, lower: str, upper: str) -> None:
     assert a["y"] >= b["y"] + b["height"] - 1, f"{lower} {a} is under {upper} {b}"
 
 
+def assert_apart(page: Page, one: str, other: str) -> None:
+    """``one`` and ``other`` do not overlap (a long label does not run under a button)."""
+    a, b = page.locator(one).first.bounding_box(), page.locator(other).first.bounding_box()
+    assert (a["x"] + a["width"] <= b["x"] + 1 or b["x"] + b["width"] <= a["x"] + 1
+            or a["y"] + a["height"] <= b["y"] + 1 or b["y"] + b["height"] <= a["y"] + 1), f"{one} {a} overlaps {other} {b}"
+
+
 def assert_upload_prompt_shown(page: Page, upload: str) -> None:
     """The empty upload area shows its whole prompt: not cut off, not under the component's label."""
     assert_inside(page, f"{upload} [data-testid=upload-text]", f"{upload} .upload-container")
@@ -217,6 +224,11 @@ def test_generate_with_the_new_lora_and_a_second_one(pages, app_server, artifact
     expect(infotext).to_have_value(re.compile(r"Seed: 7,"))
     expect(page.locator("#gen-notes")).to_contain_text("Made 2 images with first × 0.8, inverse × -0.5")
     assert len(list((app_server.projects.outputs_dir / "images").glob("*.png"))) == 2
+    # Layout: a slot's buttons fill its row (no grey gap under them); the copy button is not under the label.
+    for button in ("upload", "remove"):
+        assert page.locator(f"#gen-lora-1-{button}").bounding_box()["height"] >= \
+            page.locator("#gen-lora-1-weight").bounding_box()["height"] - 1
+    assert_apart(page, "#gen-infotext label > span", "#gen-infotext button[title=Copy]")
     shot(page, artifacts, "04-generate.png")
 
 
