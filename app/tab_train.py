@@ -220,8 +220,10 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
                                       interactive=live)}
 
     def run_view(run: RunState, shown: dict[str, Any]) -> dict:
-        """Updates for the parts of the page that changed since the last yield."""
-        update: dict = {progress: progress_html(run), status: status_markdown(run)}
+        """Updates for the parts of the page that changed since the last yield. The progress, the
+        status and the control buttons are sent every time: an update of an earlier watcher of this
+        page arriving late (a run picked twice in a row) is put right by the next step."""
+        update: dict = {progress: progress_html(run), status: status_markdown(run), **control_labels(run)}
         if shown.get("samples") != len(run.samples):
             shown["samples"] = len(run.samples)
             update[samples] = [(str(path), caption) for path, caption in reversed(run.samples)]
@@ -235,7 +237,6 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
             update[open_in_generate] = gr.update(interactive=finished)
         if shown.get("status") != run.status:
             shown["status"] = run.status
-            update.update(control_labels(run))
             update[runs] = runs_table(studio)
             update[resume_select] = gr.update(choices=resumable_runs(studio))
             update[run_select] = gr.update(choices=run_choices(studio))
