@@ -1042,6 +1042,143 @@ def test_the_console_script_refuses_an_sdxl_lora_on_an_sd1_base(tmp_path: Path, 
     assert "made for SDXL but the loaded model is SD 1.x" in result.stderr
 
 
+# --- outputs that would replace an input, or are not the kind of file written ---------------------
+
+
+def _single_file(folder: Path, name: str = "model.safetensors") -> Path:
+    """A file where a single-file checkpoint goes (these checks run before anything is loaded)."""
+    path = folder / name
+    path.write_bytes(b"\x10\0\0\0\0\0\0\0" + b'{"a":"b"}       ')
+    return path
+
+
+OUTPUT_CASES = [  # (name, argv from (scratch, LoRA, tiny model), words)
+    ("resize --out is its input", lambda s, lora, m: ["resize", str(lora), "--rank", "1", "--out", str(lora)],
+     ("The resized LoRA {lora} is the LoRA file it reads; writing there would replace that file. "
+      "Choose a new name for the output.")),
+    ("resize --out the input through ..", lambda s, lora, m: ["resize", str(lora), "--rank", "1", "--out",
+                                                               str(s / ".." / s.name / lora.name)],
+     "is the LoRA file it reads"),
+    ("merge --out is one of its inputs", lambda s, lora, m: ["merge", f"{lora}:0.5", f"{_tiny_lora(s, 'b.safetensors')}:1",
+                                                              "--out", str(s / "b.safetensors")],
+     "The merged LoRA {scratch}/b.safetensors is the LoRA file it reads"),
+    ("bake --out is the LoRA baked in", lambda s, lora, m: ["bake", "--base", str(m), "--lora", f"{lora}:1", "--out",
+                                                             str(lora)],
+     "The checkpoint {lora} is the LoRA file it reads"),
+    ("bake --out is the base checkpoint", lambda s, lora, m: ["bake", "--base", str(_single_file(s)), "--lora",
+                                                               f"{lora}:1", "--out", str(s / "model.safetensors")],
+     "The checkpoint {scratch}/model.safetensors is the base model it reads"),
+    ("extract --out is the tuned checkpoint", lambda s, lora, m: ["extract", "--base", str(m), "--tuned",
+                                                                   str(_single_file(s)), "--out",
+                                                                   str(s / "model.safetensors")],
+     "The extracted LoRA {scratch}/model.safetensors is the fine-tuned model it reads"),
+    ("inspect --plot is the LoRA", lambda s, lora, m: ["inspect", str(lora), "--plot", str(lora)],
+     "The plot must be a .png file, not tiny.safetensors. Name it with the .png extension, e.g. tiny.png."),
+    ("grid --out is the LoRA", lambda s, lora, m: ["grid", "--base", str(m), "--lora", str(lora), "--prompt", "zxq",
+                                                    "--steps", "1", "--out", str(lora)],
+     "The grid picture must be a .png file, not tiny.safetensors"),
+    ("resize --out .ckpt", lambda s, lora, m: ["resize", str(lora), "--rank", "1", "--out", str(s / "small.ckpt")],
+     ("The resized LoRA must be a .safetensors file, not small.ckpt. Name it with the .safetensors extension, "
+      "e.g. small.safetensors.")),
+    ("merge --out a picture", lambda s, lora, m: ["merge", str(lora), "--out", str(s / "img00.png")],
+     "The merged LoRA must be a .safetensors file, not img00.png"),
+    ("extract --out .pt", lambda s, lora, m: ["extract", "--base", str(m), "--tuned", str(m), "--out",
+                                              str(s / "diff.pt")], "The extracted LoRA must be a .safetensors file"),
+    ("resize --out a folder", lambda s, lora, m: ["resize", str(lora), "--rank", "1", "--out", str(s)],
+     "The resized LoRA {scratch} is a folder. Name the file to write, e.g. {scratch}/name.safetensors."),
+    ("grid --out a folder", lambda s, lora, m: ["grid", "--base", str(m), "--lora", str(lora), "--prompt", "zxq",
+                                                 "--steps", "1", "--out", str(s)], "The grid picture {scratch} is a folder"),
+]
+
+
+@pytest.mark.parametrize(("argv", "words"), [c[1:] for c in OUTPUT_CASES], ids=[c[0] for c in OUTPUT_CASES])
+def test_an_output_that_would_replace_an_input_or_is_the_wrong_kind_is_refused(argv, words: str, tmp_path: Path,
+                                                                               tiny_sd1_dir: Path, capsys) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    lora = _tiny_lora(scratch)
+    argv = argv(scratch, lora, tiny_sd1_dir)
+    before = {p: p.read_bytes() for p in scratch.iterdir()}
+    code, out, err = _cli(argv, capsys)
+    assert code == 2, out + err
+    _one_error_line(err, words.format(lora=lora, scratch=scratch))
+    assert {p: p.read_bytes() for p in scratch.iterdir()} == before, "no input changed, nothing new written"
+
+
+def test_train_refuses_to_save_the_lora_over_its_base_checkpoint(tmp_path: Path, image_folder: Path, capsys) -> None:
+    base = _single_file(tmp_path)
+    content = base.read_bytes()
+    code, out, err = _cli(["train", "--preset", "character-lite", "--base", str(base), "--data", str(image_folder),
+                           "--steps", "1", "--output", str(image_folder / ".." / base.name)], capsys)
+    assert code == 2, out + err
+    _one_error_line(err, f"output.output = '{image_folder}/../model.safetensors' is the base model's file; saving the "
+                         "LoRA there would replace the checkpoint. Choose another output file")
+    assert base.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model.safetensors"]
+
+
+# --- flags whose value is of the wrong kind, through main() -------------------------------------
+
+ODD_VALUE_CASES = [  # (name, argv from (scratch, LoRA, tiny model), words)
+    ("generate --out is a file", lambda s, lora, m: ["generate", "--base", str(m), "--prompt", "zxq", "--steps", "1",
+                                                      "--out", str(lora)],
+     "The image folder {lora} is a file, not a folder. Give a folder (it is made if missing)"),
+    ("generate --out under a file", lambda s, lora, m: ["generate", "--base", str(m), "--prompt", "zxq", "--steps", "1",
+                                                         "--out", str(lora / "images")],
+     "The image folder {lora}/images cannot be made: {lora} is a file."),
+    ("reg-images --out is a file", lambda s, lora, m: ["reg-images", "--base", str(m), "--class-prompt", "a cat", "-n",
+                                                        "1", "--steps", "1", "--out", str(lora)],
+     "The regularization folder {lora} is a file, not a folder."),
+    ("grid --prompt-file is a folder", lambda s, lora, m: ["grid", "--base", str(m), "--lora", str(lora),
+                                                            "--prompt-file", str(s), "--steps", "1", "--out",
+                                                            str(s / "grid.png")],
+     "{scratch} is a folder, not a prompt file. Give a .txt file with one prompt a line."),
+    ("generate --lora FILE:abc", lambda s, lora, m: ["generate", "--base", str(m), "--prompt", "zxq", "--steps", "1",
+                                                      "--lora", f"{lora}:abc", "--out", str(s / "images")],
+     "--lora {lora}:abc: the weight 'abc' is not a number. Give FILE:WEIGHT, e.g. {lora}:0.8."),
+    ("merge FILE:abc", lambda s, lora, m: ["merge", f"{lora}:abc", "--out", str(s / "m.safetensors")],
+     "the weight 'abc' is not a number"),
+    ("generate --width 7", lambda s, lora, m: ["generate", "--base", str(m), "--prompt", "zxq", "--steps", "1",
+                                                "--width", "7", "--out", str(s / "images")],
+     "The width 7 is not a multiple of 8, which this model needs. Use 8 (or another multiple of 8)."),
+    ("tags --top -1", lambda s, lora, m: ["tags", str(s), "--top", "-1"],
+     "--top -1 prints no rows. Give the number of rows to print, 1 or more (default 40)."),
+]
+
+
+@pytest.mark.parametrize(("argv", "words"), [c[1:] for c in ODD_VALUE_CASES], ids=[c[0] for c in ODD_VALUE_CASES])
+def test_a_flag_value_of_the_wrong_kind_ends_with_one_clear_line(argv, words: str, tmp_path: Path, tiny_sd1_dir: Path,
+                                                                 capsys) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    lora = _tiny_lora(scratch)
+    picture(scratch / "img00.png", "zxq, red")
+    argv = argv(scratch, lora, tiny_sd1_dir)
+    before = {p: p.read_bytes() for p in scratch.iterdir()}
+    code, out, err = _cli(argv, capsys)
+    assert code == 2, out + err
+    _one_error_line(err, words.format(lora=lora, scratch=scratch))
+    assert {p: p.read_bytes() for p in scratch.iterdir()} == before
+
+
+def test_running_out_of_memory_while_generating_names_the_size(tmp_path: Path, tiny_sd1_dir: Path, capsys,
+                                                              monkeypatch) -> None:
+    """The CPU allocator's error for a picture too large (--width 100000 asks for 40 GB in the first conv)."""
+    from diffusers import StableDiffusionPipeline
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", allocate)
+    code, out, err = _cli(["generate", "--base", str(tiny_sd1_dir), "--prompt", "zxq", "--steps", "1", "--device", "cpu",
+                           "--width", "4096", "--height", "2048", "--out", str(tmp_path / "images")], capsys)
+    assert code == 2, out + err
+    _one_error_line(err, "Ran out of CPU memory rendering a 4096×2048 picture. Use a smaller size (this model's "
+                         "native size is 64×64), or close other programs using the CPU.")
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+
+
 # --- the same corpus through the GUI's endpoints (gradio_client, a real server) ------------------
 
 DEMO_SETTINGS = {"steps": 1, "rank": 4, "alpha": 4, "resolution": 64, "sample_every": 0, "save_every": 0}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 
@@ -42,6 +41,7 @@ def run_grid(args: argparse.Namespace) -> int:
     from trainer.cli.console import quiet_libraries
     from trainer.core.atomic import atomic_path
     from trainer.core.errors import ConfigError
+    from trainer.core.output_paths import check_output_file
     from trainer.generate.generator import Generator
     from trainer.generate.grid import grid_files, parse_weights, render_grid
     from trainer.generate.prompt_file import parse_prompt_lines, read_prompt_file
@@ -49,6 +49,8 @@ def run_grid(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     files = grid_files(args.lora)
+    out = check_output_file(args.out, suffix=".png", label="The grid picture",
+                            inputs=[("base model", args.base), *(("LoRA file", path) for path in files)])
     weights = parse_weights(args.weights)
     lines = parse_prompt_lines(args.prompt, "--prompt") + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not lines:
@@ -71,7 +73,6 @@ def run_grid(args: argparse.Namespace) -> int:
         grid = render_grid(generator, files, prompts, weights, clip_skip=args.clip_skip, on_progress=progress)
     finally:
         bar.close()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         grid.image.save(tmp, format="PNG")

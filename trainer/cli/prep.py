@@ -125,6 +125,8 @@ def run_tags(args: argparse.Namespace) -> int:
     from trainer.data.scan import scan_dataset
     from trainer.data.tag_stats import tag_table
 
+    if args.top < 1:
+        raise StudioError(f"--top {args.top} prints no rows.", hint="Give the number of rows to print, 1 or more (default 40).")
     scan = scan_dataset(DataConfig(data=args.dir, trigger=args.trigger))
     table = tag_table((item.caption for item in scan.items), args.trigger)
     width = max((len(row.tag) for row in table.rows[:args.top]), default=3)
@@ -141,11 +143,13 @@ def run_reg_images(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from trainer.cli.console import quiet_libraries
+    from trainer.core.output_paths import check_output_folder
     from trainer.generate.generator import Generator
     from trainer.generate.reg_images import RegImagesRequest, make_reg_images
 
     request = RegImagesRequest(args.class_prompt, args.n, seed=args.seed, negative_prompt=args.negative,
                                steps=args.steps, cfg_scale=args.cfg, width=args.width, height=args.height)
+    check_output_folder(args.out, label="The regularization folder")  # before the model loads
     quiet_libraries()
     generator = Generator.from_base(args.base, device=args.device)
     with tqdm(total=args.n, unit="picture", dynamic_ncols=True) as bar:

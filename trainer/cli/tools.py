@@ -85,6 +85,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from trainer.cli.console import quiet_libraries
+    from trainer.core.output_paths import check_output_folder
     from trainer.generate.generator import Generator
     from trainer.generate.requests import GenerationRequest, parse_lora_arg, save_images
 
@@ -94,6 +95,7 @@ def run_generate(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, scheduler=args.scheduler, batch_count=args.n,
         loras=tuple(parse_lora_arg(text) for text in args.lora), compare_without_loras=args.compare,
         clip_skip=args.clip_skip)
+    check_output_folder(args.out, label="The image folder")  # before the model loads
     generator = Generator.from_base(args.base, base_config=args.base_config, precision=args.precision,
                                     device=args.device)
     for note in generator.prepare(request):

@@ -11,6 +11,7 @@ from typing import Any
 
 from trainer.core.devices import check_device_name
 from trainer.core.errors import ConfigError
+from trainer.core.output_paths import same_file
 
 MAX_TRAINING_SEED = 2**32 - 1  # numpy's seed range; torch and Python take it as well
 
@@ -68,6 +69,9 @@ def validate(config: StudioConfig) -> None:
     _require(out.sample_steps >= 1, "output.sample_steps", out.sample_steps, "Use 1 or more.")
     _require(out.output.endswith(".safetensors"), "output.output", out.output,
              "Name the output file with a .safetensors extension.")
+    if config.model.base.strip() and same_file(out.output, config.model.base.strip()):
+        raise ConfigError(f"output.output = {out.output!r} is the base model's file; saving the LoRA there would "
+                          "replace the checkpoint.", hint="Choose another output file, e.g. output/lora.safetensors.")
     validate_epoch_outputs(config)
 
 

@@ -66,6 +66,17 @@ def check_training_precision(precision: str, device: torch.device, label: str = 
                           hint=f"Use {_flag(label)} fp16 (or auto) on this GPU.")
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU and MPS allocators raise a plain RuntimeError."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        words in text for words in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
 def _setting(label: str, value: str) -> str:
     """How the message names the value: ``--device cuda:7`` for a flag, ``train.device = 'cuda:7'`` for a setting."""
     return f"{label} {value}" if label.startswith("--") else f"{label} = {value!r}"

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from trainer.core.devices import resolve_device
-from trainer.core.errors import ConfigError, LoraFileError
+from trainer.core.devices import is_out_of_memory, resolve_device
+from trainer.core.errors import ConfigError, LoraFileError, StudioError
 from trainer.core.hashing import file_sha256
 from trainer.generate.infotext import (
     Infotext,
@@ -346,7 +346,7 @@ class Generator:
             if value % factor:
                 low, high = value // factor * factor, (value // factor + 1) * factor
                 raise ConfigError(f"The {label} {value} is not a multiple of {factor}, which this model needs.",
-                                  hint=f"Use {low or high} or {high}.")
+                                  hint=f"Use {low} or {high}." if low else f"Use {high} (or another multiple of {factor}).")
         return width, height
 
     def _render(self, request: GenerationRequest, seed: int, width: int, height: int,
@@ -357,18 +357,29 @@ class Generator:
             progress(step + 1)
             return kwargs
 
-        with torch.inference_mode():
-            result = self.pipe(
-                prompt=strip_lora_tags(request.prompt),
-                negative_prompt=request.negative_prompt or None,
-                num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale,
-                width=width,
-                height=height,
-                generator=generator,
-                clip_skip=request.clip_skip - 1 or None,
-                callback_on_step_end=step_end if progress else None,
-            )
+        try:
+            with torch.inference_mode():
+                result = self.pipe(
+                    prompt=strip_lora_tags(request.prompt),
+                    negative_prompt=request.negative_prompt or None,
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.cfg_scale,
+                    width=width,
+                    height=height,
+                    generator=generator,
+                    clip_skip=request.clip_skip - 1 or None,
+                    callback_on_step_end=step_end if progress else None,
+                )
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            where = "GPU" if self.device.type in ("cuda", "mps") else "CPU"
+            native = self.model.native_resolution
+            raise StudioError(f"Ran out of {where} memory rendering a {width}×{height} picture.",
+                              hint=f"Use a smaller size (this model's native size is {native}×{native}), or close "
+                                   f"other programs using the {where}.") from None
         return result.images[0]
 
     def _infotext(self, request: GenerationRequest, choice: Any, seed: int, width: int, height: int,

@@ -82,6 +82,8 @@ def parse_prompt_lines(lines: Iterable[str], source: str) -> list[SamplePrompt]:
 def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
     """The prompts of a kohya-style ``.txt`` prompt file."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a prompt file.", hint="Give a .txt file with one prompt a line.")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from trainer.core.atomic import atomic_write_text
 from trainer.core.errors import ConfigError
+from trainer.core.output_paths import check_output_folder
 from trainer.generate.infotext import save_png
 from trainer.generate.requests import GenerationRequest
 from trainer.generate.schedulers import DEFAULT_SAMPLER
@@ -73,7 +74,7 @@ def make_reg_images(generator, request: RegImagesRequest, folder: str | Path,
     """Render the pictures ``request`` asks for into ``folder`` (those already there are kept);
     returns every picture of the request, made now or before. ``generator`` is a
     ``trainer.generate.Generator`` of the base model."""
-    folder = Path(folder)
+    folder = check_output_folder(folder, label="The regularization folder")
     folder.mkdir(parents=True, exist_ok=True)
     generator.prepare(request.generation(request.seed))  # a bad size fails before the first picture
     paths, started = [], time.perf_counter()

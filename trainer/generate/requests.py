@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.core.errors import ConfigError
+from trainer.core.output_paths import check_output_folder
 from trainer.generate.infotext import (
     Infotext,
     save_png,
@@ -123,6 +124,11 @@ def parse_lora_arg(text: str) -> LoraSpec:
         if not sep or not _is_number(tail) or len(parts) == 3:
             break
         head, parts = stem, [tail, *parts]
+    stem, _, tail = head.rpartition(":")
+    if stem and not Path(head).expanduser().exists() and (
+            stem.lower().endswith(".safetensors") or Path(stem).expanduser().is_file()):
+        raise ConfigError(f"--lora {text}: the weight '{tail}' is not a number.",
+                          hint=f"Give FILE:WEIGHT, e.g. {stem}:0.8.")
     values = [float(p) for p in parts]
     if len(values) == 2:
         raise ConfigError(f"--lora {text}: give FILE:WEIGHT or FILE:WEIGHT:TE:UNET.")
@@ -194,7 +200,7 @@ def _is_number(text: str) -> bool:
     return True
 def save_images(images: Sequence[GeneratedImage], folder: str | Path) -> list[Path]:
     """Save as A1111 names them (``00012-7.png``: running number, seed), each with its infotext."""
-    folder = Path(folder)
+    folder = check_output_folder(folder, label="The image folder")
     folder.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"^(\d{5,})-", p.name))]
     number = max(numbers, default=-1) + 1

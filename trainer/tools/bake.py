@@ -18,6 +18,7 @@ import torch
 
 from trainer.config.schema import ModelConfig
 from trainer.core.errors import ConfigError
+from trainer.core.output_paths import check_output_file
 from trainer.generate.generator import lora_short_hash
 from trainer.generate.matching import (
     block_multipliers,
@@ -73,9 +74,8 @@ def bake_loras(base: str, loras: Sequence[LoraSpec], out: str | Path, *, base_co
         raise ConfigError(f"Unknown checkpoint dtype {dtype!r}.", hint=f"Use one of {', '.join(EXPORT_DTYPES)}.")
     if not any(spec.enabled for spec in loras):
         raise ConfigError("Give at least one LoRA to bake (--lora FILE:WEIGHT).")
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise ConfigError(f"The checkpoint must be a .safetensors file, not {out.name}.")
+    out = check_output_file(out, suffix=".safetensors", label="The checkpoint",
+                            inputs=[("base model", base), *(("LoRA file", spec.path) for spec in loras)])
     model = load_base_model(ModelConfig(base=base, base_config=base_config), dtype=torch.float32,
                             supported=("sd1", "sd2", "sdxl"))
     baked = tuple(add_lora_to_weights(model, spec) for spec in loras if spec.enabled)

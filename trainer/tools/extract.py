@@ -15,6 +15,7 @@ import torch
 
 from trainer.config.schema import ModelConfig
 from trainer.core.errors import ModelLoadError
+from trainer.core.output_paths import check_output_file
 from trainer.lora.inject import text_encoder_target_modules, unet_target_modules
 from trainer.lora.names import kohya_module_name
 from trainer.lora.reading import LoraModule
@@ -53,6 +54,8 @@ def extract_lora(base: str, tuned: str, out: str | Path, *, rank: int | None = 3
     check_target(rank, energy, required=True)
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {list(EXPORT_DTYPES)}")
+    out = check_output_file(out, suffix=".safetensors", label="The extracted LoRA",
+                            inputs=[("base model", base), ("fine-tuned model", tuned)])
     families = ("sd1", "sd2", "sdxl")
     original = load_base_model(ModelConfig(base=base, base_config=base_config), supported=families)
     finetuned = load_base_model(ModelConfig(base=tuned, base_config=base_config), supported=families)
@@ -85,7 +88,6 @@ def extract_lora(base: str, tuned: str, out: str | Path, *, rank: int | None = 3
     if not modules:
         raise ModelLoadError("The two models have the same weights in every LoRA layer; there is nothing to extract.",
                              hint="Check that the second model is really the fine-tuned one.")
-    out = Path(out)
     ranks = sorted({m.rank for m in modules})
     metadata = output_metadata({}, original.family, out, ranks,
                                 f"extracted by LoRA Studio from {finetuned.name} minus {original.name}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.core.atomic import atomic_path
+from trainer.core.output_paths import check_output_file
 from trainer.lora.names import parse_kohya_module_name
 from trainer.lora.reading import LoraFile, read_lora_file
 from trainer.models.family import FAMILY_LABELS
@@ -117,6 +118,8 @@ def inspect_lora(path: str | Path, plot: str | Path | None = None, *, base: str 
 
     With ``base`` the file must fit that model (family and every layer's width, ``tools.fit``).
     """
+    if plot is not None:
+        plot = check_output_file(plot, suffix=".png", label="The plot", inputs=[("LoRA file", path)])
     file = read_lora_file(path)
     fit = check_fits(file, base, base_config)
     layers = tuple(_layer_stats(name, module) for name, module in sorted(file.modules.items(), key=_model_order))

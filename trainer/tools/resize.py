@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from trainer.core.errors import ConfigError, LoraFileError
+from trainer.core.output_paths import check_output_file
 from trainer.lora.reading import LoraModule, read_lora_file
 from trainer.lora.sidecars import derive_sidecars
 from trainer.lora.writing import (
@@ -98,10 +99,10 @@ def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None,
     The file must fit ``base`` when one is given, else its family's layout (``tools.fit``).
     """
     check_target(rank, energy, required=True)
+    out = check_output_file(out, suffix=".safetensors", label="The resized LoRA", inputs=[("LoRA file", source)])
     file = read_lora_file(source)
     check_fits(file, base, base_config)
     refuse_non_lora(file, "resized")
-    out = Path(out)
     modules, layers = [], []
     for name, module in sorted(file.modules.items()):
         svd = lowrank_svd(module.up, module.down, module.alpha / module.rank)
@@ -140,6 +141,8 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
     if not sources:
         raise ConfigError("Give at least one LoRA file to merge.")
     check_target(rank, energy, required=False)
+    out = check_output_file(out, suffix=".safetensors", label="The merged LoRA",
+                            inputs=[("LoRA file", path) for path, _ in sources])
     files = [(read_lora_file(path), float(weight)) for path, weight in sources]
     for file, _ in files:
         check_fits(file, base, base_config)
@@ -165,7 +168,6 @@ def merge_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *,
         modules.append(_truncated(name, svd, new_rank, parts[0][0]))
         kept += svd.energy * svd.energy_kept(new_rank)
         total += svd.energy
-    out = Path(out)
     ranks = sorted({m.rank for m in modules})
     names = [(file.path.name, weight) for file, weight in files]
     base_meta = {k: v for k, v in files[0][0].metadata.items() if k.startswith(("ss_base_model_version", "ss_v2",

@@ -15,6 +15,7 @@ import torch
 
 from trainer.config.schema import StudioConfig, save_toml
 from trainer.core.atomic import atomic_write_text, write_error
+from trainer.core.devices import is_out_of_memory
 from trainer.core.errors import CheckpointError, TrainingError
 from trainer.train.checkpoints import (
     damaged,
@@ -197,15 +198,6 @@ class ProgressTracker:
         rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
         return StepProgress(step, s.total_steps, s.epoch_at(step), loss, s.loss_ema, reading.context, rate,
                             (s.total_steps - step) / rate if rate else float("inf"))
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; the CPU and MPS allocators raise a plain RuntimeError."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        words in text for words in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
 @contextlib.contextmanager
