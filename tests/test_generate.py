@@ -546,6 +546,7 @@ def test_keys_that_match_nothing_are_reported(tiny_sd1_dir, tmp_path) -> None:
     ({"width": 60}, "width 60 is not a multiple of 8"),
     ({"height": 100}, "Use 96 or 104"),
     ({"width": 7}, r"Use 8 \(or another multiple of 8\)\.$"),  # not "Use 8 or 8": 0 is no width
+    ({"height": 100000}, r"height 100000 is larger than 4096 px.*Render at the model's size \(64×64\)"),
 ])
 def test_size_must_fit_the_model(tiny_sd1_dir, fields: dict, message: str) -> None:
     generator = Generator(load_model(tiny_sd1_dir))

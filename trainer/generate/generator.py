@@ -70,6 +70,7 @@ from trainer.lora.writing import tensor_data_sha256
 from trainer.models.text import check_clip_skip
 
 ADAPTER_PREFIX = "lsgen"  # + 3 digits: never a substring of a module path (DESIGN §7)
+MAX_SIDE = 4096  # px: twice SDXL's hires-fix sizes; beyond it one pass needs more memory than any consumer GPU has
 
 
 # --- the generator -------------------------------------------------------------------------------
@@ -343,6 +344,10 @@ class Generator:
         native = self.model.native_resolution
         width, height = request.width or native, request.height or native
         for label, value in (("width", width), ("height", height)):
+            if value > MAX_SIDE:  # refused before a many-GB allocation fails minutes later
+                raise ConfigError(f"The {label} {value} is larger than {MAX_SIDE} px, more than one pass renders.",
+                                  hint=f"Render at the model's size ({native}×{native}), or up to {MAX_SIDE} px, "
+                                       "and upscale the picture.")
             if value % factor:
                 low, high = value // factor * factor, (value // factor + 1) * factor
                 raise ConfigError(f"The {label} {value} is not a multiple of {factor}, which this model needs.",
