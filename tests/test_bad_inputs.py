@@ -1143,6 +1143,15 @@ ODD_VALUE_CASES = [  # (name, argv from (scratch, LoRA, tiny model), words)
      "The width 7 is not a multiple of 8, which this model needs. Use 8 (or another multiple of 8)."),
     ("tags --top -1", lambda s, lora, m: ["tags", str(s), "--top", "-1"],
      "--top -1 prints no rows. Give the number of rows to print, 1 or more (default 40)."),
+    ("generate --height 100000", lambda s, lora, m: ["generate", "--base", str(m), "--prompt", "zxq", "--steps", "1",
+                                                      "--height", "100000", "--out", str(s / "images")],
+     "The height 100000 is larger than 4096 px, more than one pass renders. Render at the model's size (64×64)"),
+    ("train --preset missing.toml", lambda s, lora, m: ["train", "--base", str(m), "--data", str(s),
+                                                         "--preset", str(s / "mine.toml")],
+     "The preset file {scratch}/mine.toml does not exist. Check the path, or use a built-in preset: "),
+    ("train --reg-data FILE", lambda s, lora, m: ["train", "--base", str(m), "--data", str(s), "--steps", "1",
+                                                   "--reg-data", str(lora), "--output", str(s / "out.safetensors")],
+     "The regularization folder {lora} is a file, not a folder. Point --reg-data at the folder"),
 ]
 
 

@@ -50,10 +50,14 @@ def load_preset(name_or_path: str) -> Preset:
     candidate = builtin_presets_dir().joinpath(f"{name_or_path}.toml")
     if "/" not in name_or_path and "\\" not in name_or_path and candidate.is_file():
         return _read_preset(candidate)
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix == ".toml" and path.is_file():
         return _read_preset(path)
     names = ", ".join(p.name for p in list_presets())
+    if path.suffix == ".toml":
+        problem = "is a folder, not a preset file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"The preset file {path} {problem}.",
+                          hint=f"Check the path, or use a built-in preset: {names}.")
     raise ConfigError(f"Unknown preset '{name_or_path}'.", hint=f"Use one of: {names}, or the path of a .toml preset.")
 
 

@@ -45,6 +45,9 @@ def scan_regularization(cfg: DataConfig) -> DatasetScan | None:
     if not cfg.reg_data.strip():
         return None
     root = Path(cfg.reg_data).expanduser()
+    if root.is_file():
+        raise DatasetError(f"The regularization folder {root} is a file, not a folder.",
+                           hint="Point --reg-data at the folder that holds the class pictures.")
     if not root.is_dir():
         raise DatasetError(f"The regularization folder {root} does not exist.",
                            hint="Check --reg-data, or make class pictures first ('lora-studio reg-images', or "
