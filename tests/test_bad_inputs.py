@@ -1117,6 +1117,19 @@ def test_train_refuses_to_save_the_lora_over_its_base_checkpoint(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model.safetensors"]
 
 
+def test_train_refuses_an_output_inside_the_dataset_folder(tmp_path: Path, tiny_sd1_dir: Path, capsys) -> None:
+    """The run's samples and the file's preview there would be training pictures on the next run."""
+    data = tmp_path / "pictures"
+    picture(data / "img00.png", "zxq, red")
+    before = sorted(p.name for p in data.rglob("*"))
+    code, out, err = _cli(["train", "--preset", "character-lite", "--base", str(tiny_sd1_dir), "--data", str(data),
+                           "--steps", "1", "--output", str(data / "loras" / "zxq.safetensors")], capsys)
+    assert code == 2, out + err
+    _one_error_line(err, f"is inside the dataset folder {data}; the run's sample pictures and the file's preview "
+                         "would be read as training pictures next time. Save the LoRA outside the dataset folder")
+    assert sorted(p.name for p in data.rglob("*")) == before
+
+
 # --- flags whose value is of the wrong kind, through main() -------------------------------------
 
 ODD_VALUE_CASES = [  # (name, argv from (scratch, LoRA, tiny model), words)

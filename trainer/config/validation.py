@@ -7,6 +7,7 @@ sees an out-of-range value; each message names the field and the fix. Imports on
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from trainer.core.devices import check_device_name
@@ -72,7 +73,16 @@ def validate(config: StudioConfig) -> None:
     if config.model.base.strip() and same_file(out.output, config.model.base.strip()):
         raise ConfigError(f"output.output = {out.output!r} is the base model's file; saving the LoRA there would "
                           "replace the checkpoint.", hint="Choose another output file, e.g. output/lora.safetensors.")
+    if d.data.strip() and _inside(out.output, d.data.strip()):
+        raise ConfigError(f"output.output = {out.output!r} is inside the dataset folder {d.data.strip()}; the run's "
+                          "sample pictures and the file's preview would be read as training pictures next time.",
+                          hint="Save the LoRA outside the dataset folder, e.g. next to it.")
     validate_epoch_outputs(config)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` or below it (names resolved; either may not exist yet)."""
+    return Path(folder).expanduser().resolve() in Path(path).expanduser().resolve().parents
 
 
 def validate_epoch_outputs(config: StudioConfig) -> None:
