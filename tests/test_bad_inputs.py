@@ -1163,7 +1163,7 @@ ODD_VALUE_CASES = [  # (name, argv from (scratch, LoRA, tiny model), words)
                                                          "--preset", str(s / "mine.toml")],
      "The preset file {scratch}/mine.toml does not exist. Check the path, or use a built-in preset: "),
     ("train --reg-data FILE", lambda s, lora, m: ["train", "--base", str(m), "--data", str(s), "--steps", "1",
-                                                   "--reg-data", str(lora), "--output", str(s / "out.safetensors")],
+                                                   "--reg-data", str(lora), "--output", str(s.parent / "out.safetensors")],
      "The regularization folder {lora} is a file, not a folder. Point --reg-data at the folder"),
 ]
 
