@@ -59,6 +59,12 @@ def switch_preset(old: str | None, new: str, current: dict[str, Any]) -> PresetS
     return PresetSwitch(values, from_preset, kept)
 
 
+def typed_fields(shown: dict[str, Any], preset: str | None) -> set[str]:
+    """The fields of the form ``shown`` whose value differs from preset ``preset``'s: what the artist typed."""
+    defaults = config_values(resolve_config(preset or None))
+    return {name for name, value in shown.items() if name in defaults and not _same(name, value, defaults[name])}
+
+
 def _same(name: str, a: Any, b: Any) -> bool:
     """Two widget values of field ``name`` mean the same setting (12 and 12.0; text lists by lines)."""
     return widget_to_value(name, a) == widget_to_value(name, b)

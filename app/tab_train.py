@@ -17,7 +17,7 @@ import gradio as gr
 
 from app.epoch_panel import build_epoch_panel, build_prompt_rows
 from app.errors import user_errors
-from app.preset_switch import switch_preset
+from app.preset_switch import switch_preset, typed_fields
 from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
 from app.run_records import resume_config
 from app.run_settings import config_from_file, pickers_for, settings_file
@@ -282,17 +282,32 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
 
     @user_errors
     def attach():
-        """On page load: show the run that is training (or the newest one) with its settings, and current lists."""
+        """On page load: show the run that is training (or the newest one), and current lists."""
         active = studio.runs.active_run()
         latest = studio.runs.runs()
         shown = active or (latest[0] if latest else None)
-        update = {run_select: gr.update(choices=run_choices(studio), value=shown.id if shown else None),
-                  dataset: gr.update(choices=studio.projects.list_datasets()),
-                  base: gr.update(choices=studio.projects.base_model_choices()),
-                  runs: runs_table(studio), resume_select: gr.update(choices=resumable_runs(studio))}
-        if shown is not None:
-            update.update(settings_view(shown.config, shown.name))
-        return update
+        return {run_select: gr.update(choices=run_choices(studio), value=shown.id if shown else None),
+                dataset: gr.update(choices=studio.projects.list_datasets()),
+                base: gr.update(choices=studio.projects.base_model_choices()),
+                runs: runs_table(studio), resume_select: gr.update(choices=resumable_runs(studio))}
+
+    @user_errors
+    def settings_on_load(values: dict[gr.components.Component, Any]) -> dict:
+        """Then the shown run's settings in the form, but not over what the artist typed or picked while
+        the page loaded (read now, after the lists came: the load's own inputs were taken before)."""
+        try:
+            run = studio.runs.get(values.get(run_select)) if values.get(run_select) else None
+        except StudioError:
+            run = None
+        if run is None:
+            return {component: gr.skip() for component in settings_outputs}
+        view = settings_view(run.config, run.name)
+        for name in typed_fields(form_now(values), DEFAULT_PRESET):
+            del view[form.components[name]]
+        for picker in (dataset, base, run_name_box):
+            if str(values.get(picker) or "").strip():
+                view.pop(picker, None)
+        return view
 
     @user_errors
     def plot_run(run_id: str, state: dict):
@@ -350,7 +365,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
         show_run, started, run_select, api_name=False)
     refresh.click(refresh_runs, None, [runs, resume_select, run_select], api_name="list_runs")
     settings_outputs = [*form.components.values(), dataset, base, run_name_box]
-    demo.load(attach, None, [run_select, runs, resume_select, *settings_outputs], api_name=False)
+    demo.load(attach, None, [run_select, runs, resume_select, dataset, base], api_name=False).then(
+        settings_on_load, {*form_inputs, run_select, dataset, base, run_name_box}, settings_outputs, api_name=False)
     load_run_settings.click(settings_of_run, run_select, [*settings_outputs, plan], api_name="run_settings")
     save_config.click(collect_settings, form_inputs, overrides, api_name=False).success(
         save_settings, [dataset, base, preset, run_name_box, overrides], config_file, api_name="save_settings")

@@ -7,6 +7,7 @@ and what is on disk: no caption lost, the view showing the run picked, settings 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,29 @@ def test_the_view_shows_the_picked_run_and_a_reload_brings_back_its_curve_and_se
     finally:
         app_server.studio.runs.stop(long)
         wait_run(app_server, long, lambda run: not run.active)
+
+
+def test_values_typed_while_the_page_loads_are_kept(pages, app_server, monkeypatch) -> None:
+    """The page load fills the form with the last run's settings; what the artist typed meanwhile stays."""
+    make_dataset(app_server.projects.root, "typed", {"a": "zxq, one", "b": "zxq, two"})
+    run = submit_run(app_server, "typed", "earlier", steps=2)
+    wait_run(app_server, run, lambda r: r.status == "finished")
+    runs, listed = app_server.studio.runs, app_server.studio.runs.runs
+
+    def slow_runs():  # a busy machine: the page-load answer comes seconds after the boxes appear
+        time.sleep(4)
+        return listed()
+
+    monkeypatch.setattr(runs, "runs", slow_runs)
+    page = pages.open()
+    page.get_by_role("tab", name="2 · Train").click()
+    number_box(page, "setting-steps").fill("77")
+    number_box(page, "setting-steps").press("Tab")
+    page.locator("#train-run-name textarea, #train-run-name input").first.fill("mine")
+    expect(page.locator("#train-run-select input")).to_have_value(re.compile("earlier"), timeout=30_000)
+    expect(number_box(page, "setting-rank")).to_have_value("4")  # untouched: the run's value
+    expect(number_box(page, "setting-steps")).to_have_value("77")
+    expect(page.locator("#train-run-name textarea, #train-run-name input").first).to_have_value("mine")
 
 
 def test_a_reload_shows_the_last_dataset_with_its_trigger_and_fresh_problems(pages, app_server) -> None:
