@@ -575,6 +575,16 @@ def test_parse_lora_arg(text: str, expected: LoraSpec) -> None:
     assert parse_lora_arg(text) == expected
 
 
+@pytest.mark.parametrize("text, message", [
+    ("a.safetensors:abc", r"--lora a.safetensors:abc: the weight 'abc' is not a number"),
+    ("a.safetensors:1:2", r"give FILE:WEIGHT or FILE:WEIGHT:TE:UNET"),
+    ("a.safetensors:1:2:3:4", r"--lora a.safetensors:1:2:3:4: too many numbers"),  # not "the weight '1'"
+])
+def test_a_bad_lora_arg_says_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_lora_arg(text)
+
+
 # --- images and infotext -------------------------------------------------------------------------
 
 

@@ -127,6 +127,8 @@ def parse_lora_arg(text: str) -> LoraSpec:
     stem, _, tail = head.rpartition(":")
     if stem and not Path(head).expanduser().exists() and (
             stem.lower().endswith(".safetensors") or Path(stem).expanduser().is_file()):
+        if _is_number(tail):  # FILE:1:2:3:4
+            raise ConfigError(f"--lora {text}: too many numbers.", hint="Give FILE:WEIGHT or FILE:WEIGHT:TE:UNET.")
         raise ConfigError(f"--lora {text}: the weight '{tail}' is not a number.",
                           hint=f"Give FILE:WEIGHT, e.g. {stem}:0.8.")
     values = [float(p) for p in parts]
