@@ -255,7 +255,11 @@ def epoch_grid(studio: Studio, name: str, weights_text: str, on_progress=None) -
     from trainer.generate.schedulers import parse_sampler
 
     output = studio.projects.run_output(name)
-    config = load_toml(output.parent / f"{output.stem}_run" / "config.toml")
+    config_file = output.parent / f"{output.stem}_run" / "config.toml"
+    if not config_file.is_file():
+        raise StudioError(f"There is no run '{name}' with saved settings in {output.parent}.",
+                          hint="Pick a run from the Run list (runs appear there once they have started).")
+    config = load_toml(config_file)
     cfg = config_from_dict(config)
     from trainer.train.epoch_files import list_saved_loras
 

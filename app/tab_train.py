@@ -308,6 +308,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
             return gr.skip(), state
         return loss_frame(run), {"points": list(points)}
 
+    @user_errors
     def settings_of_run(run_id: str) -> dict:
         run = studio.runs.get(_require_run(run_id))
         return {**settings_view(run.config, run.name), plan: f"Loaded the settings of run **{run.name}**."}

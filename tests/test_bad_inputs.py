@@ -1408,3 +1408,53 @@ def test_the_tools_tab_refuses_loras_that_do_not_fit(endpoint: str, arguments, w
     before = set(app_server.projects.outputs_dir.glob("*.safetensors"))
     assert words in app_error(app_client.predict, *arguments(stored), api_name=endpoint)
     assert set(app_server.projects.outputs_dir.glob("*.safetensors")) == before
+
+
+def _toml_upload(text: str) -> Callable[[Path], list]:
+    def write(scratch: Path) -> list:
+        from gradio_client import handle_file
+
+        path = scratch / "settings.toml"
+        path.write_text(text, encoding="utf-8")
+        return [handle_file(path)]
+    return write
+
+
+ODD_ENDPOINT_CASES = [  # (name, endpoint, arguments from the scratch folder, words of the page's message)
+    ("run settings of no run", "/run_settings", lambda s: [""],
+     "No run is selected. Start a run, or pick one under 'Showing run'."),
+    ("run settings of an unknown run id", "/run_settings", lambda s: ["nope"], "No run with id 'nope' in this session."),
+    ("settings TOML with a number past 64 bits", "/load_settings", _toml_upload("[train]\nsteps = 100000000000000000000\n"),
+     "train.steps = 100000000000000000000 is too large. Use a whole number below 2^63"),
+    ("settings that are not a dict", "/save_settings",
+     lambda s: ["plan-two", "Demo model (tiny, random: makes noise, for trying the app)", "character-lite", "x", "abc"],
+     "The settings must be a dict of setting names and values, not 'abc'."),
+    ("LoRA slots that are not JSON", "/generate",
+     lambda s: ["Demo model (tiny, random: makes noise, for trying the app)", "not json", "zxq", "", 1, 1, 5.0, 0, 0,
+                "Euler a", 1, False], "The LoRA slots 'not json' are not JSON."),
+    ("inspect with no LoRA file", "/inspect_lora", lambda s: [""], "No LoRA file is chosen."),
+    ("resize with no LoRA file", "/resize_lora", lambda s: ["", 2, None, ""], "No LoRA file is chosen."),
+    ("reg pictures with 0 steps", "/make_reg_images",
+     lambda s: ["Demo model (tiny, random: makes noise, for trying the app)", "a cat", 1, 0, 0, ""],
+     "The steps must be at least 1."),
+    ("epoch grid of a run that does not exist", "/epoch_grid", lambda s: ["nope", "1.0"],
+     "There is no run 'nope' with saved settings"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "arguments", "words"), [c[1:] for c in ODD_ENDPOINT_CASES],
+                         ids=[c[0] for c in ODD_ENDPOINT_CASES])
+def test_an_odd_value_sent_to_an_endpoint_gets_its_own_message(endpoint: str, arguments, words: str, tmp_path: Path,
+                                                               app_server, app_client) -> None:
+    """Values a script (or a stale page) can send: the answer says what to do, and nothing is written."""
+    from gradio_client import handle_file
+
+    for i in range(2):  # the dataset /save_settings names
+        picture(tmp_path / f"good{i}.png", f"zxq, good picture {i}", seed=100 + i)
+    app_client.predict("plan-two", [handle_file(tmp_path / f"good{i}.png") for i in range(2)], "", 64,
+                       api_name="/upload_images")
+    root = app_server.projects.root
+    before = sorted(p for p in root.rglob("*") if "outputs" in p.parts or "reg" in p.parts)
+    message = app_error(app_client.predict, *arguments(tmp_path), api_name=endpoint)
+    assert words in message, message
+    assert sorted(p for p in root.rglob("*") if "outputs" in p.parts or "reg" in p.parts) == before
