@@ -179,7 +179,7 @@ def use_epoch(studio: Studio, name: str, epoch_path: str) -> Path:
     from trainer.lora.sidecars import copy_sidecars, move_sidecars
     from trainer.train.epoch_files import list_saved_loras
 
-    output = studio.projects.run_output(name)
+    output = studio.projects.run_output(_chosen_run(name))
     chosen = Path(epoch_path or "")
     if chosen not in [s.path for s in list_saved_loras(output)]:
         raise StudioError("Choose one of the run's epoch files first.",
@@ -192,6 +192,12 @@ def use_epoch(studio: Studio, name: str, epoch_path: str) -> Path:
         shutil.copyfile(chosen, tmp)
     copy_sidecars(chosen, output)
     return output
+
+
+def _chosen_run(name: str | None) -> str:
+    if not str(name or "").strip():
+        raise StudioError("No run is chosen.", hint="Pick a run in the Run list first.")
+    return str(name).strip()
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -210,10 +216,12 @@ def continue_config(studio: Studio, name: str, amount: float, unit: str) -> Stud
     epochs longer than it was."""
     from trainer.train.checkpoints import list_checkpoints
 
+    name = _chosen_run(name)
     amount = int(amount or 0)
     if amount < 1:
         raise ConfigError("Continue for how many? The number must be 1 or more.")
-    folder = studio.projects.runs_dir / f"{name}_run"
+    output = studio.projects.run_output(name)  # a plain name: '../x' cannot reach outside the runs folder
+    folder = output.parent / f"{output.stem}_run"
     config_file = folder / "config.toml"
     found = list_checkpoints(folder / "checkpoints") if (folder / "checkpoints").is_dir() else []
     if not name or not config_file.is_file() or not found:
@@ -254,7 +262,7 @@ def epoch_grid(studio: Studio, name: str, weights_text: str, on_progress=None) -
     from trainer.generate.prompt_file import SamplePrompt, sample_prompt_list
     from trainer.generate.schedulers import parse_sampler
 
-    output = studio.projects.run_output(name)
+    output = studio.projects.run_output(_chosen_run(name))
     config_file = output.parent / f"{output.stem}_run" / "config.toml"
     if not config_file.is_file():
         raise StudioError(f"There is no run '{name}' with saved settings in {output.parent}.",

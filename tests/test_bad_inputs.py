@@ -1439,6 +1439,14 @@ ODD_ENDPOINT_CASES = [  # (name, endpoint, arguments from the scratch folder, wo
      "The steps must be at least 1."),
     ("epoch grid of a run that does not exist", "/epoch_grid", lambda s: ["nope", "1.0"],
      "There is no run 'nope' with saved settings"),
+    ("use this epoch with no run", "/use_epoch", lambda s: ["", None], "No run is chosen. Pick a run in the Run list"),
+    ("continue with no run", "/continue_run", lambda s: ["", 2, "epochs"], "No run is chosen."),
+    ("dataset checked at a negative resolution", "/show_dataset", lambda s: ["plan-two", "zxq", -1],
+     "\"Check against resolution\" = -1 px is out of range. Use 64 to 4096 px"),
+    ("dataset checked at a million pixels", "/show_dataset", lambda s: ["plan-two", "zxq", 10**6],
+     "\"Check against resolution\" = 1000000 px is out of range."),
+    ("resize to a rank above the file's", "/resize_lora", lambda s: [str(_tiny_lora(s)), 5, None, ""],
+     "tiny.safetensors has rank 2; resizing it to rank 5 would not make it smaller. Choose a rank below 2"),
 ]
 
 
