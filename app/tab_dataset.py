@@ -282,6 +282,7 @@ def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
                                hint="Type a name in the Dataset box, then drop the pictures again.")
         if not files:
             raise DatasetError("No files were received.", hint="Drop pictures onto the upload area.")
+        lint_resolution(check_resolution)  # before any file is stored: a refused upload leaves nothing behind
         summary = studio.projects.add_files(dataset, [Path(f) for f in files])
         return (*show(dataset_view(studio, dataset, trigger_word, check_resolution), summary.text()),
                 gr.update(choices=studio.projects.list_datasets(), value=safe_name(dataset, "dataset name")), None)

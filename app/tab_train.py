@@ -20,7 +20,7 @@ from app.errors import user_errors
 from app.preset_switch import switch_preset
 from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
 from app.run_records import resume_config
-from app.run_settings import config_from_file, pickers_for, settings_file
+from app.run_settings import config_from_file, loaded_file_notes, pickers_for, settings_file
 from app.run_view import (
     RUN_HEADERS,
     format_bytes,
@@ -322,7 +322,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     @user_errors
     def settings_from_file(path: str) -> dict:
         config = config_from_file(path)
-        return {**settings_view(config), plan: f"Loaded the settings of **{Path(path).name}**."}
+        notes = "".join(f"\n\n⚠ {note}" for note in loaded_file_notes(studio.projects, config))
+        return {**settings_view(config), plan: f"Loaded the settings of **{Path(path).name}**.{notes}"}
 
     # --- wiring ---
 

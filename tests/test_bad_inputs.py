@@ -1466,3 +1466,30 @@ def test_an_odd_value_sent_to_an_endpoint_gets_its_own_message(endpoint: str, ar
     message = app_error(app_client.predict, *arguments(tmp_path), api_name=endpoint)
     assert words in message, message
     assert sorted(p for p in root.rglob("*") if "outputs" in p.parts or "reg" in p.parts) == before
+
+
+def test_an_upload_refused_for_its_check_size_stores_nothing(tmp_path: Path, app_server, app_client) -> None:
+    from gradio_client import handle_file
+
+    picture(tmp_path / "good.png", "zxq, good picture", seed=100)
+    message = app_error(app_client.predict, "refused-upload", [handle_file(tmp_path / "good.png")], "", -1,
+                        api_name="/upload_images")
+    assert "\"Check against resolution\" = -1 px is out of range" in message
+    assert not (app_server.projects.datasets_dir / "refused-upload").exists()
+
+
+def test_loading_settings_says_when_their_picture_folder_is_not_a_dataset(tmp_path: Path, app_server,
+                                                                            app_client) -> None:
+    """The Dataset box keeps its choice: without a word the run would train on another dataset."""
+    from gradio_client import handle_file
+
+    elsewhere = tmp_path / "my pictures"
+    picture(elsewhere / "img00.png", "zxq, red")
+    picture(tmp_path / "good.png", "zxq, good picture", seed=100)
+    app_client.predict("loaded-set", [handle_file(tmp_path / "good.png")], "", 64, api_name="/upload_images")
+    for data, noted in ((elsewhere, True), (app_server.projects.dataset_dir("loaded-set"), False)):
+        path = tmp_path / "settings.toml"
+        path.write_text(f"[data]\ndata = '{data}'\n", encoding="utf-8")
+        *_, plan = app_client.predict(handle_file(path), api_name="/load_settings")
+        assert plan.startswith("Loaded the settings of **settings.toml**.")
+        assert (f"The file's picture folder `{data}` is not one of this project's datasets" in plan) is noted, plan
