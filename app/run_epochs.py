@@ -16,8 +16,10 @@ from typing import Any
 from app.run_records import runs_on_disk
 from app.studio import Studio
 from trainer.config.schema import StudioConfig, config_from_dict, load_toml
+from trainer.config.validation import MAX_TRAINING_SEED
 from trainer.core.atomic import atomic_path
 from trainer.core.errors import ConfigError, StudioError
+from trainer.generate.prompt_file import MAX_SIDE
 
 PROMPT_HEADERS = ["prompt", "negative", "seed", "width", "height"]
 DEFAULT_NEGATIVE = "lowres, blurry"
@@ -126,6 +128,9 @@ def _int(value: str, where: str, label: str) -> int:
         raise ConfigError(f"{where}: the {label} must be a whole number of 0 or more, got {value!r}.")
     if label in ("width", "height") and number and number % 8:
         raise ConfigError(f"{where}: the {label} {int(number)} is not a multiple of 8.")
+    high = MAX_TRAINING_SEED if label == "seed" else MAX_SIDE
+    if number > high:
+        raise ConfigError(f"{where}: the {label} {int(number)} is too large.", hint=f"Use 0 to {high}.")
     return int(number)
 
 

@@ -54,6 +54,12 @@ def test_prompt_rows_default_from_the_trigger_and_captions_and_become_kohya_line
     (["zxq", "", "x", None, None], "Sample prompt row 1: the seed must be a whole number"),
     (["zxq", "", None, 100, None], "Sample prompt row 1: the width 100 is not a multiple of 8"),
     (["zxq --q 2", "", None, None, None], "Sample prompt row 1: unknown option --q"),
+    (["zxq", "", 10**30, None, None], "Sample prompt row 1: the seed 1000000000000000019884624838656 is too large. "
+                                      "Use 0 to 4294967295."),  # a training run would crash on it at the first sample
+    (["zxq", "", None, 10**9, None], "Sample prompt row 1: the width 1000000000 is too large. Use 0 to 4096."),
+    (["zxq --d 99999999999", "", None, None, None], "Sample prompt row 1: --d = 99999999999 is out of range. "
+                                                    "Use 0 to 4294967295."),
+    (["zxq --h 100000", "", None, None, None], "Sample prompt row 1: --h = 100000 is out of range. Use 8 to 4096."),
 ])
 def test_a_bad_prompt_cell_names_its_row(row, message):
     with pytest.raises(ConfigError, match=message):
