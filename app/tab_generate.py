@@ -278,6 +278,9 @@ def open_in_generate(path: str, base: str, slots: list[dict[str, Any]],
     """Put ``path`` into the first empty LoRA slot (or a new one) and choose the base it was trained on."""
     if not path:
         raise StudioError("There is no finished LoRA to open yet.")
+    if not isinstance(slots or [], list) or not all(isinstance(s, dict) for s in slots or []):
+        raise ConfigError(f"The LoRA slots must be a list of objects with 'file' and 'weight', not {slots!r:.60}.")
+    version = float(version or 0)
     slots = [dict(s) for s in (slots or [])]
     if not any(s.get("file") == path for s in slots):
         for slot in slots:

@@ -40,7 +40,7 @@ from trainer.config.presets import (
     resolve_config,
 )
 from trainer.config.schema import StudioConfig
-from trainer.core.errors import StudioError
+from trainer.core.errors import ConfigError, StudioError
 
 WATCH_INTERVAL_S = 0.25  # at most four page updates a second, however fast the steps are
 WATCH_HEARTBEAT_S = 10.0
@@ -155,6 +155,9 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     def apply_preset(preset_name: str, shown: dict[str, Any] | None, previous: str | None):
         """Move the settings the artist left as the previous preset had them; keep the ones they changed."""
         previous = previous or DEFAULT_PRESET
+        if shown is not None and not isinstance(shown, dict):
+            raise ConfigError(f"The settings shown must be a dict of setting names and values, not {shown!r:.60}.",
+                              hint='Send the fields to keep, e.g. {"rank": 8}, or an empty dict.')
         current = {**config_values(resolve_config(previous)), **(shown or {})}  # an API call may send a few fields
         switch = switch_preset(previous, preset_name, current)
         updates = {component: switch.values[name] for name, component in form.components.items()}

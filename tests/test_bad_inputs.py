@@ -1445,6 +1445,10 @@ ODD_ENDPOINT_CASES = [  # (name, endpoint, arguments from the scratch folder, wo
      "\"Check against resolution\" = -1 px is out of range. Use 64 to 4096 px"),
     ("dataset checked at a million pixels", "/show_dataset", lambda s: ["plan-two", "zxq", 10**6],
      "\"Check against resolution\" = 1000000 px is out of range."),
+    ("preset switch with settings that are not a dict", "/preset_settings", lambda s: ["character", "abc"],
+     "The settings shown must be a dict of setting names and values, not 'abc'."),
+    ("open in Generate with slots that are not a list", "/open_in_generate",
+     lambda s: ["x.safetensors", "", "abc", 0], "The LoRA slots must be a list of objects with 'file' and 'weight'"),
     ("resize to a rank above the file's", "/resize_lora", lambda s: [str(_tiny_lora(s)), 5, None, ""],
      "tiny.safetensors has rank 2; resizing it to rank 5 would not make it smaller. Choose a rank below 2"),
 ]
