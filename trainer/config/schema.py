@@ -348,8 +348,6 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             raise ConfigError(f"{label} must be a whole number, got {value!r}.") from None
         if not as_float.is_integer():
             raise ConfigError(f"{label} must be a whole number, got {value!r}.")
-        if abs(as_float) >= 2**63:  # past 64 bits: no setting means it, and the page cannot carry it
-            raise ConfigError(f"{label} = {value!r} is too large.", hint="Use a whole number below 2^63 (9.2e18).")
         return int(as_float)
     if hint is float:
         if isinstance(value, bool):
