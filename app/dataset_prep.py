@@ -178,7 +178,7 @@ def make_reg_pictures(studio: Studio, base_choice: str, class_prompt: str, count
 
     if not str(base_choice or "").strip():
         raise StudioError("No base model is chosen.", hint="Pick the model you will train on.")
-    request = RegImagesRequest(str(class_prompt or ""), int(count or 0), seed=int(seed or 0), steps=int(steps or 1),
+    request = RegImagesRequest(str(class_prompt or ""), int(count or 0), seed=int(seed or 0), steps=int(steps or 0),
                                negative_prompt=str(negative or ""))
     folder = reg_folder(studio, request.class_prompt)
 

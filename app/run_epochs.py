@@ -16,8 +16,10 @@ from typing import Any
 from app.run_records import runs_on_disk
 from app.studio import Studio
 from trainer.config.schema import StudioConfig, config_from_dict, load_toml
+from trainer.config.validation import MAX_TRAINING_SEED
 from trainer.core.atomic import atomic_path
 from trainer.core.errors import ConfigError, StudioError
+from trainer.generate.prompt_file import MAX_SIDE
 
 PROMPT_HEADERS = ["prompt", "negative", "seed", "width", "height"]
 DEFAULT_NEGATIVE = "lowres, blurry"
@@ -126,6 +128,9 @@ def _int(value: str, where: str, label: str) -> int:
         raise ConfigError(f"{where}: the {label} must be a whole number of 0 or more, got {value!r}.")
     if label in ("width", "height") and number and number % 8:
         raise ConfigError(f"{where}: the {label} {int(number)} is not a multiple of 8.")
+    high = MAX_TRAINING_SEED if label == "seed" else MAX_SIDE
+    if number > high:
+        raise ConfigError(f"{where}: the {label} {int(number)} is too large.", hint=f"Use 0 to {high}.")
     return int(number)
 
 
@@ -179,7 +184,7 @@ def use_epoch(studio: Studio, name: str, epoch_path: str) -> Path:
     from trainer.lora.sidecars import copy_sidecars, move_sidecars
     from trainer.train.epoch_files import list_saved_loras
 
-    output = studio.projects.run_output(name)
+    output = studio.projects.run_output(_chosen_run(name))
     chosen = Path(epoch_path or "")
     if chosen not in [s.path for s in list_saved_loras(output)]:
         raise StudioError("Choose one of the run's epoch files first.",
@@ -192,6 +197,12 @@ def use_epoch(studio: Studio, name: str, epoch_path: str) -> Path:
         shutil.copyfile(chosen, tmp)
     copy_sidecars(chosen, output)
     return output
+
+
+def _chosen_run(name: str | None) -> str:
+    if not str(name or "").strip():
+        raise StudioError("No run is chosen.", hint="Pick a run in the Run list first.")
+    return str(name).strip()
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -210,10 +221,12 @@ def continue_config(studio: Studio, name: str, amount: float, unit: str) -> Stud
     epochs longer than it was."""
     from trainer.train.checkpoints import list_checkpoints
 
+    name = _chosen_run(name)
     amount = int(amount or 0)
     if amount < 1:
         raise ConfigError("Continue for how many? The number must be 1 or more.")
-    folder = studio.projects.runs_dir / f"{name}_run"
+    output = studio.projects.run_output(name)  # a plain name: '../x' cannot reach outside the runs folder
+    folder = output.parent / f"{output.stem}_run"
     config_file = folder / "config.toml"
     found = list_checkpoints(folder / "checkpoints") if (folder / "checkpoints").is_dir() else []
     if not name or not config_file.is_file() or not found:
@@ -254,8 +267,12 @@ def epoch_grid(studio: Studio, name: str, weights_text: str, on_progress=None) -
     from trainer.generate.prompt_file import SamplePrompt, sample_prompt_list
     from trainer.generate.schedulers import parse_sampler
 
-    output = studio.projects.run_output(name)
-    config = load_toml(output.parent / f"{output.stem}_run" / "config.toml")
+    output = studio.projects.run_output(_chosen_run(name))
+    config_file = output.parent / f"{output.stem}_run" / "config.toml"
+    if not config_file.is_file():
+        raise StudioError(f"There is no run '{name}' with saved settings in {output.parent}.",
+                          hint="Pick a run from the Run list (runs appear there once they have started).")
+    config = load_toml(config_file)
     cfg = config_from_dict(config)
     from trainer.train.epoch_files import list_saved_loras
 

@@ -28,6 +28,9 @@ def run_config(studio: Studio, dataset: str, base: str, preset: str, run_name: s
     """The validated config a Start would queue: preset ⊕ form overrides ⊕ the tab's pickers."""
     if not str(dataset or "").strip():
         raise DatasetError("No dataset is chosen.", hint="Pick one in the Dataset box (make one in the Dataset tab).")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"The settings must be a dict of setting names and values, not {overrides!r:.60}.",
+                          hint='Send them as the form does, e.g. {"rank": 8, "steps": 500}.')
     folder = studio.projects.dataset_dir(dataset)
     picked = {"base": studio.projects.resolve_base(base) if base else "", "data": str(folder),
               "output": str(studio.projects.run_output(run_name or "run"))}

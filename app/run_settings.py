@@ -39,6 +39,16 @@ def pickers_for(projects: Projects, config: StudioConfig) -> TabPickers:
     return TabPickers(dataset, projects.base_choice_for(config.model.base) if config.model.base else "", output)
 
 
+def loaded_file_notes(projects: Projects, config: StudioConfig) -> list[str]:
+    """What a loaded config names that the tab's pickers cannot show, so the run would not use it."""
+    data = config.data.data.strip()
+    if data and pickers_for(projects, config).dataset is None:
+        return [f"The file's picture folder `{data}` is not one of this project's datasets, so the Dataset box "
+                "keeps its choice and training would use that dataset. Copy the folder in on the Dataset tab "
+                "(*Copy folder into the dataset*), then pick that dataset here."]
+    return []
+
+
 def settings_file(projects: Projects, config: StudioConfig) -> Path:
     """Write ``config`` (every field) as ``outputs/configs/<run name>.toml``; returns the path."""
     folder = projects.outputs_dir / "configs"

@@ -28,7 +28,7 @@ from app.projects import THUMB_SIDE, safe_name
 from app.studio import Studio
 from app.tab_dataset_prep import build_dataset_prep_panel
 from trainer.config.schema import DataConfig
-from trainer.core.errors import DatasetError, StudioError
+from trainer.core.errors import ConfigError, DatasetError, StudioError
 from trainer.data.caption_undo import CaptionUndo
 from trainer.data.captions import has_trigger, read_caption_file
 from trainer.data.images import image_extensions
@@ -41,6 +41,7 @@ ISSUE_HEADERS = ["", "File", "Problem", "What to do"]
 CAPTION_COLUMN, FILE_COLUMN = 2, 1
 SEVERITY_ICON = {"error": "✖", "warning": "⚠", "info": "ℹ"}
 DEFAULT_LINT_RESOLUTION = 512
+MIN_LINT_RESOLUTION, MAX_LINT_RESOLUTION = 64, 4096  # as data.resolution
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,21 @@ def dataset_view(studio: Studio, name: str, trigger: str, resolution: int | floa
 
 
 def lint(studio: Studio, folder: Path, trigger: str, resolution: int | float | None) -> LintReport:
+    size = lint_resolution(resolution)
     data = DataConfig(data=str(folder), trigger=str(trigger or "").strip())
     scan = scan_dataset(data)
-    return lint_dataset(scan, data, int(resolution or DEFAULT_LINT_RESOLUTION), studio.count_tokens,
-                        epochs=1, batch_size=1)
+    return lint_dataset(scan, data, size, studio.count_tokens, epochs=1, batch_size=1)
+
+
+def lint_resolution(resolution: int | float | None) -> int:
+    """The 'Check against resolution' box as pixels, in the range training takes (a huge value
+    would make millions of aspect buckets and take the server's memory)."""
+    size = int(resolution or DEFAULT_LINT_RESOLUTION)
+    if not MIN_LINT_RESOLUTION <= size <= MAX_LINT_RESOLUTION:
+        raise ConfigError(f"\"Check against resolution\" = {size} px is out of range.",
+                          hint=f"Use {MIN_LINT_RESOLUTION} to {MAX_LINT_RESOLUTION} px: the size you will train at "
+                               "(512 for SD 1.x, 1024 for SDXL, 64 for the demo model).")
+    return size
 
 
 def report_markdown(name: str, report: LintReport) -> str:
@@ -270,6 +282,7 @@ def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
                                hint="Type a name in the Dataset box, then drop the pictures again.")
         if not files:
             raise DatasetError("No files were received.", hint="Drop pictures onto the upload area.")
+        lint_resolution(check_resolution)  # before any file is stored: a refused upload leaves nothing behind
         summary = studio.projects.add_files(dataset, [Path(f) for f in files])
         return (*show(dataset_view(studio, dataset, trigger_word, check_resolution), summary.text()),
                 gr.update(choices=studio.projects.list_datasets(), value=safe_name(dataset, "dataset name")), None)

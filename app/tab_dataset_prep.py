@@ -124,7 +124,7 @@ def build_dataset_prep_panel(studio: Studio, *, name: gr.Dropdown, trigger: gr.T
     @user_errors
     def make_reg(base: str, class_prompt: str, count: float, seed: float, steps: float, negative: str,
                  progress: gr.Progress = gr.Progress()):
-        return prep.make_reg_pictures(studio, base, class_prompt, int(count or 0), int(seed or 0), int(steps or 1),
+        return prep.make_reg_pictures(studio, base, class_prompt, int(count or 0), int(seed or 0), int(steps or 0),
                                       negative, lambda f, text: progress(f, desc=text))
 
     kind.change(switch_kind, kind, [model, model_info, tagger_row, captioner_row], api_name=False)

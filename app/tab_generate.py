@@ -57,6 +57,9 @@ def lora_specs(studio: Studio, slots: list[dict[str, Any]] | None) -> list[Any]:
 
 def resolve_lora_path(studio: Studio, file: str) -> Path:
     """A slot's file: a path on this computer, or the name of a LoRA this app knows."""
+    if not str(file or "").strip():
+        raise LoraFileError("No LoRA file is chosen.",
+                            hint="Pick one from the list, upload it, or type the full path of a .safetensors file.")
     path = Path(file).expanduser()
     allowed = studio.projects.paths.allows(path)  # checked before the file is touched (--listen)
     if str(file).strip() and allowed and (path.is_file() or path.is_dir()):  # a folder: a PEFT export (name-peft/)
@@ -202,7 +205,11 @@ def build_generate_tab(studio: Studio, demo: gr.Blocks) -> GenerateTab:
             raise ConfigError("No base model is chosen.",
                               hint="Pick the demo model or the model your LoRA was trained on.")
         if isinstance(lora_slots, str):
-            lora_slots = json.loads(lora_slots or "[]")
+            try:
+                lora_slots = json.loads(lora_slots or "[]")
+            except json.JSONDecodeError:
+                raise ConfigError(f"The LoRA slots {lora_slots[:60]!r} are not JSON.",
+                                  hint='Send a list such as [{"file": "name.safetensors", "weight": 0.8}].') from None
         request = GenerationRequest(
             prompt=str(prompt_text or ""), negative_prompt=str(negative_prompt or ""),
             seed=int(seed_value if seed_value is not None else -1), steps=int(sampling_steps),
@@ -271,6 +278,9 @@ def open_in_generate(path: str, base: str, slots: list[dict[str, Any]],
     """Put ``path`` into the first empty LoRA slot (or a new one) and choose the base it was trained on."""
     if not path:
         raise StudioError("There is no finished LoRA to open yet.")
+    if not isinstance(slots or [], list) or not all(isinstance(s, dict) for s in slots or []):
+        raise ConfigError(f"The LoRA slots must be a list of objects with 'file' and 'weight', not {slots!r:.60}.")
+    version = float(version or 0)
     slots = [dict(s) for s in (slots or [])]
     if not any(s.get("file") == path for s in slots):
         for slot in slots:

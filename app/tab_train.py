@@ -20,7 +20,7 @@ from app.errors import user_errors
 from app.preset_switch import switch_preset, typed_fields
 from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
 from app.run_records import resume_config
-from app.run_settings import config_from_file, pickers_for, settings_file
+from app.run_settings import config_from_file, loaded_file_notes, pickers_for, settings_file
 from app.run_view import (
     RUN_HEADERS,
     format_bytes,
@@ -40,7 +40,7 @@ from trainer.config.presets import (
     resolve_config,
 )
 from trainer.config.schema import StudioConfig
-from trainer.core.errors import StudioError
+from trainer.core.errors import ConfigError, StudioError
 
 WATCH_INTERVAL_S = 0.25  # at most four page updates a second, however fast the steps are
 WATCH_HEARTBEAT_S = 10.0
@@ -155,6 +155,9 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     def apply_preset(preset_name: str, shown: dict[str, Any] | None, previous: str | None):
         """Move the settings the artist left as the previous preset had them; keep the ones they changed."""
         previous = previous or DEFAULT_PRESET
+        if shown is not None and not isinstance(shown, dict):
+            raise ConfigError(f"The settings shown must be a dict of setting names and values, not {shown!r:.60}.",
+                              hint='Send the fields to keep, e.g. {"rank": 8}, or an empty dict.')
         current = {**config_values(resolve_config(previous)), **(shown or {})}  # an API call may send a few fields
         switch = switch_preset(previous, preset_name, current)
         updates = {component: switch.values[name] for name, component in form.components.items()}
@@ -323,6 +326,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
             return gr.skip(), state
         return loss_frame(run), {"points": list(points)}
 
+    @user_errors
     def settings_of_run(run_id: str) -> dict:
         run = studio.runs.get(_require_run(run_id))
         return {**settings_view(run.config, run.name), plan: f"Loaded the settings of run **{run.name}**."}
@@ -336,7 +340,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks) -> TrainTab:
     @user_errors
     def settings_from_file(path: str) -> dict:
         config = config_from_file(path)
-        return {**settings_view(config), plan: f"Loaded the settings of **{Path(path).name}**."}
+        notes = "".join(f"\n\n⚠ {note}" for note in loaded_file_notes(studio.projects, config))
+        return {**settings_view(config), plan: f"Loaded the settings of **{Path(path).name}**.{notes}"}
 
     # --- wiring ---
 

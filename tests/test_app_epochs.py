@@ -3,6 +3,7 @@ Use this epoch, Continue for N more, the epoch grid, and the validation curve in
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,12 @@ def test_prompt_rows_default_from_the_trigger_and_captions_and_become_kohya_line
     (["zxq", "", "x", None, None], "Sample prompt row 1: the seed must be a whole number"),
     (["zxq", "", None, 100, None], "Sample prompt row 1: the width 100 is not a multiple of 8"),
     (["zxq --q 2", "", None, None, None], "Sample prompt row 1: unknown option --q"),
+    (["zxq", "", 10**30, None, None], "Sample prompt row 1: the seed 1000000000000000019884624838656 is too large. "
+                                      "Use 0 to 4294967295."),  # a training run would crash on it at the first sample
+    (["zxq", "", None, 10**9, None], "Sample prompt row 1: the width 1000000000 is too large. Use 0 to 4096."),
+    (["zxq --d 99999999999", "", None, None, None], "Sample prompt row 1: --d = 99999999999 is out of range. "
+                                                    "Use 0 to 4294967295."),
+    (["zxq --h 100000", "", None, None, None], "Sample prompt row 1: --h = 100000 is out of range. Use 8 to 4096."),
 ])
 def test_a_bad_prompt_cell_names_its_row(row, message):
     with pytest.raises(ConfigError, match=message):
@@ -92,6 +99,21 @@ def test_continue_for_more_resumes_the_run_longer(studio_run, amount, unit, epoc
         run_epochs.continue_config(studio, RUN, 0, unit)
     with pytest.raises(StudioError, match="no checkpoint"):
         run_epochs.continue_config(studio, "nothing", 1, unit)
+
+
+def test_continue_reads_only_runs_of_the_project(studio_run):
+    """A run name with '../' names a run in the runs folder, never a folder elsewhere on the computer."""
+    studio, _, _ = studio_run
+    elsewhere = studio.projects.runs_dir.parent.parent / f"{RUN}_run"
+    shutil.copytree(studio.projects.runs_dir / f"{RUN}_run", elsewhere)
+    settings = elsewhere / "config.toml"
+    settings.write_text(settings.read_text(encoding="utf-8").replace("epochs = 2\n", "epochs = 50\n"), encoding="utf-8")
+    try:
+        config = run_epochs.continue_config(studio, f"../../{RUN}", 1, "steps")
+        assert config.train.epochs == 2  # the project's run, not the copy beside the project with 50 epochs
+        assert Path(config.output.output) == studio.projects.run_output(RUN)
+    finally:
+        shutil.rmtree(elsewhere)
 
 
 def test_the_loss_plot_has_the_validation_curve(studio_run):

@@ -1408,3 +1408,92 @@ def test_the_tools_tab_refuses_loras_that_do_not_fit(endpoint: str, arguments, w
     before = set(app_server.projects.outputs_dir.glob("*.safetensors"))
     assert words in app_error(app_client.predict, *arguments(stored), api_name=endpoint)
     assert set(app_server.projects.outputs_dir.glob("*.safetensors")) == before
+
+
+def _toml_upload(text: str) -> Callable[[Path], list]:
+    def write(scratch: Path) -> list:
+        from gradio_client import handle_file
+
+        path = scratch / "settings.toml"
+        path.write_text(text, encoding="utf-8")
+        return [handle_file(path)]
+    return write
+
+
+ODD_ENDPOINT_CASES = [  # (name, endpoint, arguments from the scratch folder, words of the page's message)
+    ("run settings of no run", "/run_settings", lambda s: [""],
+     "No run is selected. Start a run, or pick one under 'Showing run'."),
+    ("run settings of an unknown run id", "/run_settings", lambda s: ["nope"], "No run with id 'nope' in this session."),
+    ("settings TOML with a number past 64 bits", "/load_settings", _toml_upload("[train]\nsteps = 100000000000000000000\n"),
+     "train.steps = 100000000000000000000 is too large. Use a whole number below 2^63"),
+    ("settings that are not a dict", "/save_settings",
+     lambda s: ["plan-two", "Demo model (tiny, random: makes noise, for trying the app)", "character-lite", "x", "abc"],
+     "The settings must be a dict of setting names and values, not 'abc'."),
+    ("LoRA slots that are not JSON", "/generate",
+     lambda s: ["Demo model (tiny, random: makes noise, for trying the app)", "not json", "zxq", "", 1, 1, 5.0, 0, 0,
+                "Euler a", 1, False], "The LoRA slots 'not json' are not JSON."),
+    ("inspect with no LoRA file", "/inspect_lora", lambda s: [""], "No LoRA file is chosen."),
+    ("resize with no LoRA file", "/resize_lora", lambda s: ["", 2, None, ""], "No LoRA file is chosen."),
+    ("reg pictures with 0 steps", "/make_reg_images",
+     lambda s: ["Demo model (tiny, random: makes noise, for trying the app)", "a cat", 1, 0, 0, ""],
+     "The steps must be at least 1."),
+    ("epoch grid of a run that does not exist", "/epoch_grid", lambda s: ["nope", "1.0"],
+     "There is no run 'nope' with saved settings"),
+    ("use this epoch with no run", "/use_epoch", lambda s: ["", None], "No run is chosen. Pick a run in the Run list"),
+    ("continue with no run", "/continue_run", lambda s: ["", 2, "epochs"], "No run is chosen."),
+    ("dataset checked at a negative resolution", "/show_dataset", lambda s: ["plan-two", "zxq", -1],
+     "\"Check against resolution\" = -1 px is out of range. Use 64 to 4096 px"),
+    ("dataset checked at a million pixels", "/show_dataset", lambda s: ["plan-two", "zxq", 10**6],
+     "\"Check against resolution\" = 1000000 px is out of range."),
+    ("preset switch with settings that are not a dict", "/preset_settings", lambda s: ["character", "abc"],
+     "The settings shown must be a dict of setting names and values, not 'abc'."),
+    ("open in Generate with slots that are not a list", "/open_in_generate",
+     lambda s: ["x.safetensors", "", "abc", 0], "The LoRA slots must be a list of objects with 'file' and 'weight'"),
+    ("resize to a rank above the file's", "/resize_lora", lambda s: [str(_tiny_lora(s)), 5, None, ""],
+     "tiny.safetensors has rank 2; resizing it to rank 5 would not make it smaller. Choose a rank below 2"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "arguments", "words"), [c[1:] for c in ODD_ENDPOINT_CASES],
+                         ids=[c[0] for c in ODD_ENDPOINT_CASES])
+def test_an_odd_value_sent_to_an_endpoint_gets_its_own_message(endpoint: str, arguments, words: str, tmp_path: Path,
+                                                               app_server, app_client) -> None:
+    """Values a script (or a stale page) can send: the answer says what to do, and nothing is written."""
+    from gradio_client import handle_file
+
+    for i in range(2):  # the dataset /save_settings names
+        picture(tmp_path / f"good{i}.png", f"zxq, good picture {i}", seed=100 + i)
+    app_client.predict("plan-two", [handle_file(tmp_path / f"good{i}.png") for i in range(2)], "", 64,
+                       api_name="/upload_images")
+    root = app_server.projects.root
+    before = sorted(p for p in root.rglob("*") if "outputs" in p.parts or "reg" in p.parts)
+    message = app_error(app_client.predict, *arguments(tmp_path), api_name=endpoint)
+    assert words in message, message
+    assert sorted(p for p in root.rglob("*") if "outputs" in p.parts or "reg" in p.parts) == before
+
+
+def test_an_upload_refused_for_its_check_size_stores_nothing(tmp_path: Path, app_server, app_client) -> None:
+    from gradio_client import handle_file
+
+    picture(tmp_path / "good.png", "zxq, good picture", seed=100)
+    message = app_error(app_client.predict, "refused-upload", [handle_file(tmp_path / "good.png")], "", -1,
+                        api_name="/upload_images")
+    assert "\"Check against resolution\" = -1 px is out of range" in message
+    assert not (app_server.projects.datasets_dir / "refused-upload").exists()
+
+
+def test_loading_settings_says_when_their_picture_folder_is_not_a_dataset(tmp_path: Path, app_server,
+                                                                            app_client) -> None:
+    """The Dataset box keeps its choice: without a word the run would train on another dataset."""
+    from gradio_client import handle_file
+
+    elsewhere = tmp_path / "my pictures"
+    picture(elsewhere / "img00.png", "zxq, red")
+    picture(tmp_path / "good.png", "zxq, good picture", seed=100)
+    app_client.predict("loaded-set", [handle_file(tmp_path / "good.png")], "", 64, api_name="/upload_images")
+    for data, noted in ((elsewhere, True), (app_server.projects.dataset_dir("loaded-set"), False)):
+        path = tmp_path / "settings.toml"
+        path.write_text(f"[data]\ndata = '{data}'\n", encoding="utf-8")
+        *_, plan = app_client.predict(handle_file(path), api_name="/load_settings")
+        assert plan.startswith("Loaded the settings of **settings.toml**.")
+        assert (f"The file's picture folder `{data}` is not one of this project's datasets" in plan) is noted, plan

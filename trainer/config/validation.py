@@ -7,6 +7,7 @@ sees an out-of-range value; each message names the field and the fix. Imports on
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,19 @@ def validate(config: StudioConfig) -> None:
                           "sample pictures and the file's preview would be read as training pictures next time.",
                           hint="Save the LoRA outside the dataset folder, e.g. next to it.")
     validate_epoch_outputs(config)
+    _refuse_past_64_bits(config)  # last: a field's own range (seeds) names the fix better
+
+
+def _refuse_past_64_bits(config: StudioConfig) -> None:
+    """Whole numbers without a bound of their own (steps, repeats, ...): past 64 bits no setting
+    means them, torch cannot take them, and the page cannot carry them back (its JSON is 64-bit)."""
+    for section in dataclasses.fields(config):
+        part = getattr(config, section.name)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+                raise ConfigError(f"{section.name}.{f.name} = {value} is too large.",
+                                  hint="Use a whole number below 2^63 (9.2e18).")
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -15,11 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from trainer.config.validation import MAX_TRAINING_SEED
 from trainer.core.errors import ConfigError
 
 _OPTION_SPLIT = re.compile(r"(?:^|\s+)--(?=[A-Za-z])")
 _OPTIONS = "--n (negative), --w/--h (size), --d (seed), --l (CFG scale), --s (steps), --ss (sampler)"
 SIZE_MULTIPLE = 8  # the VAE's scale factor of every supported family
+MAX_SIDE = 4096  # px, as trainer.generate.generator.MAX_SIDE (importing it here would load torch)
 
 
 @dataclass(frozen=True)
@@ -113,18 +115,19 @@ def _is_prompt_file(entry: str) -> bool:
     return text.lower().endswith(".txt") and (Path(text).expanduser().is_file() or " " not in text)
 
 
-def _whole(value: str, label: str, low: int = 1) -> int:
+def _whole(value: str, label: str, low: int = 1, high: int | None = None) -> int:
     try:
         number = int(value)
     except ValueError:
         raise ConfigError(f"{label} needs a whole number, got {value!r}.") from None
-    if number < low:
-        raise ConfigError(f"{label} = {number} is out of range.", hint=f"Use {low} or more.")
+    if number < low or (high is not None and number > high):
+        raise ConfigError(f"{label} = {number} is out of range.",
+                          hint=f"Use {low} or more." if high is None else f"Use {low} to {high}.")
     return number
 
 
 def _size(value: str, label: str) -> int:
-    number = _whole(value, label, low=SIZE_MULTIPLE)
+    number = _whole(value, label, low=SIZE_MULTIPLE, high=MAX_SIDE)
     if number % SIZE_MULTIPLE:
         low = number // SIZE_MULTIPLE * SIZE_MULTIPLE
         raise ConfigError(f"{label} = {number} is not a multiple of {SIZE_MULTIPLE}.", hint=f"Use {low} or {low + SIZE_MULTIPLE}.")
@@ -154,7 +157,7 @@ _PARSERS = {
     "n": ("negative", lambda value, label: value),
     "w": ("width", _size),
     "h": ("height", _size),
-    "d": ("seed", lambda value, label: _whole(value, label, low=0)),
+    "d": ("seed", lambda value, label: _whole(value, label, low=0, high=MAX_TRAINING_SEED)),
     "l": ("cfg", _cfg),
     "s": ("steps", _whole),
     "ss": ("sampler", _sampler),

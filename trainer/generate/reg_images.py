@@ -75,8 +75,8 @@ def make_reg_images(generator, request: RegImagesRequest, folder: str | Path,
     returns every picture of the request, made now or before. ``generator`` is a
     ``trainer.generate.Generator`` of the base model."""
     folder = check_output_folder(folder, label="The regularization folder")
+    generator.prepare(request.generation(request.seed))  # a bad size or step count fails before any folder is made
     folder.mkdir(parents=True, exist_ok=True)
-    generator.prepare(request.generation(request.seed))  # a bad size fails before the first picture
     paths, started = [], time.perf_counter()
     for i in range(request.count):
         if should_stop is not None and should_stop():

@@ -103,6 +103,10 @@ def resize_lora(source: str | Path, out: str | Path, *, rank: int | None = None,
     file = read_lora_file(source)
     check_fits(file, base, base_config)
     refuse_non_lora(file, "resized")
+    top = max(module.rank for module in file.modules.values())
+    if rank is not None and energy is None and rank > top:  # it would write a same-size copy under a new rank's name
+        raise ConfigError(f"{file.path.name} has rank {top}; resizing it to rank {rank} would not make it smaller.",
+                          hint=f"Choose a rank below {top}, or an energy to keep such as 0.95.")
     modules, layers = [], []
     for name, module in sorted(file.modules.items()):
         svd = lowrank_svd(module.up, module.down, module.alpha / module.rank)
