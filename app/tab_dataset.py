@@ -261,7 +261,8 @@ def build_dataset_tab(studio: Studio, demo: gr.Blocks) -> DatasetTab:
         """A dataset picked (or typed): its remembered trigger word comes back with it (a new one keeps the box's)."""
         word = remembered_trigger(studio.projects, dataset) or typed
         remember_dataset(studio.projects, dataset)
-        return (*show(dataset_view(studio, dataset, word, check_resolution)), word)
+        # The box is only written when the word changes: an answer arriving late must not undo a word typed since.
+        return (*show(dataset_view(studio, dataset, word, check_resolution)), word if word != typed else gr.skip())
 
     @user_errors
     def reopen(shown: str | None, typed_word: str | None, check_resolution: float):
