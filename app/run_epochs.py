@@ -20,6 +20,7 @@ from trainer.config.validation import MAX_TRAINING_SEED
 from trainer.core.atomic import atomic_path
 from trainer.core.errors import ConfigError, StudioError
 from trainer.generate.prompt_file import MAX_SIDE
+from trainer.train.session import run_dir_for
 
 PROMPT_HEADERS = ["prompt", "negative", "seed", "width", "height"]
 DEFAULT_NEGATIVE = "lowres, blurry"
@@ -151,7 +152,7 @@ def epoch_table(studio: Studio, name: str) -> tuple[list[tuple[str, str]], str]:
     if not name:
         return [], ""
     output = studio.projects.run_output(name)
-    rows = read_metrics(output.parent / f"{output.stem}_run")
+    rows = read_metrics(run_dir_for(output))
     losses = {row["step"]: row["val_loss"] for row in rows if "val_loss" in row}
     choices, scored = [], []
     for entry in list_saved_loras(output):
@@ -226,10 +227,10 @@ def continue_config(studio: Studio, name: str, amount: float, unit: str) -> Stud
     if amount < 1:
         raise ConfigError("Continue for how many? The number must be 1 or more.")
     output = studio.projects.run_output(name)  # a plain name: '../x' cannot reach outside the runs folder
-    folder = output.parent / f"{output.stem}_run"
+    folder = run_dir_for(output)
     config_file = folder / "config.toml"
     found = list_checkpoints(folder / "checkpoints") if (folder / "checkpoints").is_dir() else []
-    if not name or not config_file.is_file() or not found:
+    if not config_file.is_file() or not found:
         raise StudioError(f"The run '{name}' has no checkpoint to continue from.",
                           hint="Only runs that saved a checkpoint (every run does at its end) can continue.")
     data = copy.deepcopy(load_toml(config_file))
@@ -268,7 +269,7 @@ def epoch_grid(studio: Studio, name: str, weights_text: str, on_progress=None) -
     from trainer.generate.schedulers import parse_sampler
 
     output = studio.projects.run_output(_chosen_run(name))
-    config_file = output.parent / f"{output.stem}_run" / "config.toml"
+    config_file = run_dir_for(output) / "config.toml"
     if not config_file.is_file():
         raise StudioError(f"There is no run '{name}' with saved settings in {output.parent}.",
                           hint="Pick a run from the Run list (runs appear there once they have started).")

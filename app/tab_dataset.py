@@ -28,6 +28,7 @@ from app.projects import THUMB_SIDE, safe_name
 from app.studio import Studio
 from app.tab_dataset_prep import build_dataset_prep_panel
 from trainer.config.schema import DataConfig
+from trainer.config.validation import MAX_RESOLUTION, MIN_RESOLUTION
 from trainer.core.errors import ConfigError, DatasetError, StudioError
 from trainer.data.caption_undo import CaptionUndo
 from trainer.data.captions import has_trigger, read_caption_file
@@ -41,7 +42,6 @@ ISSUE_HEADERS = ["", "File", "Problem", "What to do"]
 CAPTION_COLUMN, FILE_COLUMN = 2, 1
 SEVERITY_ICON = {"error": "✖", "warning": "⚠", "info": "ℹ"}
 DEFAULT_LINT_RESOLUTION = 512
-MIN_LINT_RESOLUTION, MAX_LINT_RESOLUTION = 64, 4096  # as data.resolution
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,9 @@ def lint_resolution(resolution: int | float | None) -> int:
     """The 'Check against resolution' box as pixels, in the range training takes (a huge value
     would make millions of aspect buckets and take the server's memory)."""
     size = int(resolution or DEFAULT_LINT_RESOLUTION)
-    if not MIN_LINT_RESOLUTION <= size <= MAX_LINT_RESOLUTION:
+    if not MIN_RESOLUTION <= size <= MAX_RESOLUTION:
         raise ConfigError(f"\"Check against resolution\" = {size} px is out of range.",
-                          hint=f"Use {MIN_LINT_RESOLUTION} to {MAX_LINT_RESOLUTION} px: the size you will train at "
+                          hint=f"Use {MIN_RESOLUTION} to {MAX_RESOLUTION} px: the size you will train at "
                                "(512 for SD 1.x, 1024 for SDXL, 64 for the demo model).")
     return size
 

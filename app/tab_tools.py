@@ -71,8 +71,8 @@ def build_tools_tab(studio: Studio) -> ToolsTab:
                 f"`{studio.projects.models_dir}`, with the base models.", elem_id="tools-intro")
     with gr.Row():
         uploads = gr.File(file_count="multiple", file_types=[".safetensors"], type="filepath",
-                          label="Upload LoRA files to use here (.safetensors)", elem_id="tools-upload", elem_classes="ls-upload", height=140,
-                          scale=3)
+                          label="Upload LoRA files to use here (.safetensors)", elem_id="tools-upload",
+                          elem_classes="ls-upload", height=140, scale=3)
         refresh = gr.Button("Refresh file lists", elem_id="tools-refresh", scale=1)
     status = gr.Markdown(elem_id="tools-status")
 

@@ -20,7 +20,12 @@ from app.errors import user_errors
 from app.preset_switch import switch_preset, typed_fields
 from app.run_plan import check_base_exists, plan_markdown, run_config, unique_run_name
 from app.run_records import resume_config
-from app.run_settings import config_from_file, loaded_file_notes, pickers_for, settings_file
+from app.run_settings import (
+    config_from_file,
+    loaded_file_notes,
+    pickers_for,
+    settings_file,
+)
 from app.run_view import (
     RUN_HEADERS,
     format_bytes,
@@ -46,7 +51,7 @@ WATCH_INTERVAL_S = 0.25  # at most four page updates a second, however fast the 
 WATCH_HEARTBEAT_S = 10.0
 # The loss plot is redrawn from scratch by the browser on every update; on a CPU busy training, a
 # redraw four times a second never finishes, so the curve follows at a calmer pace.
-PLOT_INTERVAL_S = 2.0  # the loss plot is redrawn at most this often (a busy CPU cannot redraw it 4x a second)
+PLOT_INTERVAL_S = 2.0
 NO_OUTPUT_LABEL = "The trained LoRA appears here"
 
 

@@ -8,14 +8,14 @@ sees an out-of-range value; each message names the field and the fix. Imports on
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from trainer.core.devices import check_device_name
 from trainer.core.errors import ConfigError
-from trainer.core.output_paths import same_file
+from trainer.core.output_paths import is_inside, same_file
 
 MAX_TRAINING_SEED = 2**32 - 1  # numpy's seed range; torch and Python take it as well
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096  # px: data.resolution's range (0 = the model's own)
 
 # ``config`` below is a ``schema.StudioConfig``; it is typed ``Any`` because schema calls into this
 # module, and an import back (even under TYPE_CHECKING) would be a cycle the layout test refuses.
@@ -44,9 +44,9 @@ def validate(config: StudioConfig) -> None:
     _require(t.min_snr_gamma >= 0, "train.min_snr_gamma", t.min_snr_gamma, "Use 0 (off) or a positive gamma such as 5.")
     _require(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "Use 0 (off) or a small value such as 0.05.")
     _require(d.repeats >= 1, "data.repeats", d.repeats, "Use 1 or more.")
-    _require(d.resolution == 0 or d.resolution >= 64, "data.resolution", d.resolution,
-             "Use 0 (the model's native size) or at least 64 pixels.")
-    _require(d.resolution <= 4096, "data.resolution", d.resolution, "Use 4096 pixels or less.")
+    _require(d.resolution == 0 or d.resolution >= MIN_RESOLUTION, "data.resolution", d.resolution,
+             f"Use 0 (the model's native size) or at least {MIN_RESOLUTION} pixels.")
+    _require(d.resolution <= MAX_RESOLUTION, "data.resolution", d.resolution, f"Use {MAX_RESOLUTION} pixels or less.")
     _require(d.min_bucket_side >= 64, "data.min_bucket_side", d.min_bucket_side, "Use at least 64 pixels.")
     _require(d.max_bucket_side == 0 or d.max_bucket_side >= d.min_bucket_side, "data.max_bucket_side",
              d.max_bucket_side, "Use 0 (twice the resolution) or at least data.min_bucket_side.")
@@ -74,7 +74,7 @@ def validate(config: StudioConfig) -> None:
     if config.model.base.strip() and same_file(out.output, config.model.base.strip()):
         raise ConfigError(f"output.output = {out.output!r} is the base model's file; saving the LoRA there would "
                           "replace the checkpoint.", hint="Choose another output file, e.g. output/lora.safetensors.")
-    if d.data.strip() and _inside(out.output, d.data.strip()):
+    if d.data.strip() and is_inside(out.output, d.data.strip()):
         raise ConfigError(f"output.output = {out.output!r} is inside the dataset folder {d.data.strip()}; the run's "
                           "sample pictures and the file's preview would be read as training pictures next time.",
                           hint="Save the LoRA outside the dataset folder, e.g. next to it.")
@@ -92,11 +92,6 @@ def _refuse_past_64_bits(config: StudioConfig) -> None:
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
                 raise ConfigError(f"{section.name}.{f.name} = {value} is too large.",
                                   hint="Use a whole number below 2^63 (9.2e18).")
-
-
-def _inside(path: str, folder: str) -> bool:
-    """Whether ``path`` lies in ``folder`` or below it (names resolved; either may not exist yet)."""
-    return Path(folder).expanduser().resolve() in Path(path).expanduser().resolve().parents
 
 
 def validate_epoch_outputs(config: StudioConfig) -> None:

@@ -24,6 +24,11 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` lies in ``folder`` or below it (names resolved; either may not exist yet)."""
+    return Path(folder).expanduser().resolve() in Path(path).expanduser().resolve().parents
+
+
 def check_output_file(out: str | Path, *, suffix: str, label: str,
                       inputs: Iterable[tuple[str, str | Path | None]] = ()) -> Path:
     """``out`` as a Path, if it is a ``suffix`` file other than every ``(what, path)`` of ``inputs``.

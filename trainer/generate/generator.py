@@ -56,6 +56,7 @@ from trainer.generate.matching import (
     module_factors,
 )
 from trainer.generate.packed import PackedAdapters, pack_adapters
+from trainer.generate.prompt_file import MAX_SIDE
 from trainer.generate.requests import (
     BlockWeights,
     GeneratedImage,
@@ -70,7 +71,6 @@ from trainer.lora.writing import tensor_data_sha256
 from trainer.models.text import check_clip_skip
 
 ADAPTER_PREFIX = "lsgen"  # + 3 digits: never a substring of a module path (DESIGN §7)
-MAX_SIDE = 4096  # px: twice SDXL's hires-fix sizes; beyond it one pass needs more memory than any consumer GPU has
 
 
 # --- the generator -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from trainer.core.errors import ConfigError
 _OPTION_SPLIT = re.compile(r"(?:^|\s+)--(?=[A-Za-z])")
 _OPTIONS = "--n (negative), --w/--h (size), --d (seed), --l (CFG scale), --s (steps), --ss (sampler)"
 SIZE_MULTIPLE = 8  # the VAE's scale factor of every supported family
-MAX_SIDE = 4096  # px, as trainer.generate.generator.MAX_SIDE (importing it here would load torch)
+MAX_SIDE = 4096  # px a side: twice SDXL's hires-fix sizes; beyond it one pass needs more memory than any consumer GPU has
 
 
 @dataclass(frozen=True)
